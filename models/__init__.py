@@ -1,0 +1,1 @@
+"""What a model is: architectures, the checkpoint contract, preprocessing and prediction."""

@@ -1,0 +1,165 @@
+"""Architectures: one table of ResNet factories and their ImageNet weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models import WeightsEnum
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownArchitectureError(ValueError):
+    """The architecture name is not in the table."""
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build one architecture and which ImageNet weights it fine-tunes from."""
+
+    factory: Callable[..., nn.Module]
+    imagenet: WeightsEnum
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "resnet18": ArchSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": ArchSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": ArchSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+    "resnet101": ArchSpec(tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V2),
+    "resnet152": ArchSpec(tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V2),
+}
+
+
+def arch_spec(arch: str) -> ArchSpec:
+    """The spec for `arch`, or a clear error listing the known ones."""
+    try:
+        return ARCHITECTURES[arch]
+    except KeyError:
+        raise UnknownArchitectureError(
+            f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}"
+        ) from None
+
+
+def imagenet_weights(arch: str) -> WeightsEnum:
+    """torchvision's ImageNet weights entry for `arch`."""
+    return arch_spec(arch).imagenet
+
+
+def imagenet_categories(arch: str) -> list[str]:
+    """The 1000 ImageNet class names, from the weights' own metadata."""
+    return list(imagenet_weights(arch).meta["categories"])
+
+
+def cached_weights_path(weights: WeightsEnum) -> Path:
+    """Where torchvision's weights API caches (or would cache) this weights file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def load_imagenet_state_dict(arch: str, *, download: bool = True) -> dict[str, torch.Tensor]:
+    """Load ImageNet weights through torchvision's weights API and its cache.
+
+    Raises WeightsUnavailableError at once (no long network wait) when the file is not cached
+    and cannot be fetched, with a message that says where to put it.
+    """
+    weights = imagenet_weights(arch)
+    path = cached_weights_path(weights)
+    if not path.is_file() and not download:
+        raise WeightsUnavailableError(_missing_weights_message(arch, weights, path, None))
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20.0)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not available"
+        raise WeightsUnavailableError(
+            _missing_weights_message(arch, weights, path, exc)) from exc
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _missing_weights_message(arch: str, weights: WeightsEnum, path: Path,
+                             exc: Exception | None) -> str:
+    reason = f" ({type(exc).__name__}: {exc})" if exc else ""
+    return (
+        f"ImageNet weights for {arch} ({weights}) are not cached and could not be "
+        f"downloaded{reason}. Put {os.path.basename(weights.url)} (from {weights.url}) at "
+        f"{path} (the directory follows $TORCH_HOME), or pass --weights none to train from "
+        "scratch, or --weights /path/to/weights.pth|.safetensors for a local file."
+    )
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a local .safetensors or .pth state dict without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"weights file {path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def build(arch: str, *, num_classes: int, weights: str | Path | None = None) -> nn.Module:
+    """Build `arch` with a fresh `num_classes` head.
+
+    `weights` is None/"none" (random init), "imagenet" (torchvision's weights), or a path to a
+    local .pth/.safetensors state dict. Backbone weights are loaded strictly; the classifier is
+    kept only when its shape already fits `num_classes`.
+    """
+    spec = arch_spec(arch)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    model = spec.factory(weights=None, num_classes=num_classes)
+    if weights is None or str(weights) == "none":
+        return model
+    if str(weights) == "imagenet":
+        state = load_imagenet_state_dict(arch)
+    else:
+        state = load_weights_file(weights)
+    _load_backbone(model, state, source=str(weights))
+    return model
+
+
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    own = model.state_dict()
+    head = {k: v for k, v in state.items() if k.startswith("fc.")}
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    head_fits = all(k in own and own[k].shape == v.shape for k, v in head.items()) and head
+    try:
+        missing, unexpected = model.load_state_dict(
+            {**body, **(head if head_fits else {})}, strict=False)
+    except RuntimeError as exc:
+        raise WeightsUnavailableError(f"weights from {source} do not fit: {exc}") from exc
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise WeightsUnavailableError(
+            f"weights from {source} do not fit this architecture: "
+            f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+    logger.info("loaded backbone weights from %s (head %s)", source,
+                "kept" if head_fits else "new")
+
+
+def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the classification head (for head-only warm-up and higher LR)."""
+    return list(model.fc.parameters())

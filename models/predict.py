@@ -1,0 +1,125 @@
+"""Predictor: a uint8 image batch in, per-image predictions out (softmax top-k or sigmoid)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.checkpoint import ModelCard
+from models.device import Runtime, free_cuda_cache, is_out_of_memory
+from models.preprocessing import Normalize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One label and its probability."""
+
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The predictions for one image; `scores` holds every label when asked for."""
+
+    predictions: list[Prediction]
+    scores: dict[str, float] | None = None
+
+
+class Predictor:
+    """Runs a checkpoint's model on batches and turns outputs into labelled predictions."""
+
+    def __init__(self, model: nn.Module, card: ModelCard, runtime: Runtime) -> None:
+        self.card = card
+        self.runtime = runtime
+        self.model = runtime.prepare_model(model).eval()
+        self.normalize = Normalize(card.preprocessing).to(runtime.device)
+        self.input_shape = (3, card.preprocessing.crop, card.preprocessing.crop)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,3,H,W] -> float32 [N,C] probabilities on the CPU.
+
+        On CUDA out-of-memory the batch is split in halves and retried before giving up.
+        """
+        if batch.dim() != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            shape = ", ".join(map(str, self.input_shape))
+            raise ValueError(f"expected a batch of shape [N, {shape}], got {list(batch.shape)}")
+        try:
+            return self._forward(batch)
+        except RuntimeError as exc:
+            if not (self.runtime.is_cuda and is_out_of_memory(exc)) or batch.shape[0] == 1:
+                raise
+            logger.warning("CUDA out of memory at batch %d; splitting and retrying",
+                           batch.shape[0])
+            with free_cuda_cache():
+                pass
+            half = batch.shape[0] // 2
+            return torch.cat([self.probabilities(batch[:half]),
+                              self.probabilities(batch[half:])])
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(self.runtime.to_device(batch))
+        if self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.runtime.autocast():
+            logits = self.model(x)
+        logits = logits.float()
+        probs = (torch.softmax(logits, dim=1) if self.card.task == "single_label"
+                 else torch.sigmoid(logits))
+        return probs.cpu()
+
+    def postprocess(self, probs: torch.Tensor, *, top_k: int = 5,
+                    threshold: float | None = None, all_scores: bool = False
+                    ) -> list[ImageResult]:
+        """Turn [N,C] probabilities into one ImageResult per row."""
+        if self.card.task == "single_label":
+            return self._top_k(probs, top_k, all_scores)
+        return self._thresholded(probs, threshold, all_scores)
+
+    def predict(self, batch: torch.Tensor, **options: object) -> list[ImageResult]:
+        """Probabilities then post-processing, for one batch with one set of options."""
+        return self.postprocess(self.probabilities(batch), **options)  # type: ignore[arg-type]
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        """Run each batch size once so kernels and allocator pools are ready."""
+        for size in sorted(set(batch_sizes)):
+            self.probabilities(torch.zeros((size, *self.input_shape), dtype=torch.uint8))
+        self.runtime.synchronize()
+
+    def _top_k(self, probs: torch.Tensor, top_k: int, all_scores: bool) -> list[ImageResult]:
+        k = max(1, min(int(top_k), probs.shape[1]))
+        scores, indices = probs.topk(k, dim=1)
+        classes = self.card.classes
+        out = []
+        for row_scores, row_idx, row in zip(scores.tolist(), indices.tolist(), probs,
+                                            strict=True):
+            preds = [Prediction(classes[i], s) for s, i in zip(row_scores, row_idx, strict=True)]
+            out.append(ImageResult(preds, self._all(row) if all_scores else None))
+        return out
+
+    def _thresholded(self, probs: torch.Tensor, threshold: float | None,
+                     all_scores: bool) -> list[ImageResult]:
+        if threshold is not None:
+            cut = torch.full((probs.shape[1],), float(threshold))
+        elif self.card.thresholds is not None:
+            cut = torch.tensor(self.card.thresholds, dtype=probs.dtype)
+        else:
+            cut = torch.full((probs.shape[1],), 0.5)
+        classes = self.card.classes
+        out = []
+        for row in probs:
+            hits = (row >= cut).nonzero().flatten().tolist()
+            preds = sorted((Prediction(classes[i], float(row[i])) for i in hits),
+                           key=lambda p: p.score, reverse=True)
+            out.append(ImageResult(preds, self._all(row) if all_scores else None))
+        return out
+
+    def _all(self, row: torch.Tensor) -> dict[str, float]:
+        return dict(zip(self.card.classes, row.tolist(), strict=True))
