@@ -1,0 +1,161 @@
+"""An async HTTP load generator for the service (loopback only, bounded in requests and time).
+
+    python -m bench.load --url http://127.0.0.1:8000 --concurrency 1,4,16,64 --images 1,8
+
+Posts real web-size JPEG photos; reports req/s, images/s, p50/p95/p99 latency, errors, the
+mean batch size the server ran (from /metrics) and this process's own CPU use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+
+from bench.common import web_jpegs
+
+logger = logging.getLogger(__name__)
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass
+class Tally:
+    """What one load level saw."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    images: int = 0
+    transport_errors: int = 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank; nan when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def batch_stats(metrics_text: str) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram from Prometheus text."""
+    total = count = 0.0
+    for line in metrics_text.splitlines():
+        m = re.match(r"^(\w*batch_size\w*)_(sum|count)(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if m:
+            if m.group(2) == "sum":
+                total += float(m.group(4))
+            else:
+                count += float(m.group(4))
+    return total, count
+
+
+async def _worker(client: httpx.AsyncClient, url: str, bodies: list[list[tuple]],
+                  deadline: float, budget: list[int], tally: Tally, n_images: int) -> None:
+    i = 0
+    while time.perf_counter() < deadline and budget[0] > 0:
+        budget[0] -= 1
+        files = bodies[i % len(bodies)]
+        i += 1
+        start = time.perf_counter()
+        try:
+            response = await client.post(url, files=files)
+        except httpx.HTTPError:
+            tally.transport_errors += 1
+            continue
+        tally.statuses[response.status_code] = tally.statuses.get(response.status_code, 0) + 1
+        if response.status_code == 200:
+            tally.latencies.append(time.perf_counter() - start)
+            tally.images += n_images
+
+
+async def run_level(base: str, *, concurrency: int, images: int, seconds: float,
+                    max_requests: int, jpegs: list[bytes], params: str = "") -> dict:
+    """Drive one (concurrency, images per request) level and summarise it."""
+    bodies = [[("file", (f"img{j}.jpg", jpegs[(i + j) % len(jpegs)], "image/jpeg"))
+               for j in range(images)] for i in range(len(jpegs))]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        before = batch_stats((await client.get("/metrics")).text)
+        tally, budget = Tally(), [max_requests]
+        cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        deadline = t0 + seconds
+        await asyncio.gather(*(
+            _worker(client, f"/predict{params}", bodies, deadline, budget, tally, images)
+            for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        after = batch_stats((await client.get("/metrics")).text)
+    ok = tally.statuses.get(200, 0)
+    batches = after[1] - before[1]
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {
+        "concurrency": concurrency, "images_per_request": images,
+        "requests": sum(tally.statuses.values()) + tally.transport_errors, "ok": ok,
+        "errors": sum(v for k, v in tally.statuses.items() if k != 200) + tally.transport_errors,
+        "statuses": tally.statuses, "seconds": round(wall, 2),
+        "req_per_s": round(ok / wall, 2), "images_per_s": round(tally.images / wall, 2),
+        "p50_ms": round(1000 * percentile(tally.latencies, 50), 1),
+        "p95_ms": round(1000 * percentile(tally.latencies, 95), 1),
+        "p99_ms": round(1000 * percentile(tally.latencies, 99), 1),
+        "mean_batch": round((after[0] - before[0]) / batches, 2) if batches else None,
+        "loadgen_cpu_pct": round(100 * cpu / wall, 1),
+    }
+
+
+def check_loopback(url: str) -> None:
+    """Refuse any target that is not on this machine."""
+    host = urlparse(url).hostname or ""
+    if host not in LOOPBACK and not host.startswith("127."):
+        raise SystemExit(f"refusing to load {host!r}: loopback addresses only")
+
+
+async def run(url: str, concurrencies: list[int], images: list[int], seconds: float,
+              max_requests: int, params: str = "", warmup_s: float = 2.0) -> list[dict]:
+    """All levels in order, each after a short unmeasured warm-up."""
+    check_loopback(url)
+    jpegs = web_jpegs()
+    results = []
+    for n_images in images:
+        for c in concurrencies:
+            if warmup_s:
+                await run_level(url, concurrency=c, images=n_images, seconds=warmup_s,
+                                max_requests=max_requests, jpegs=jpegs, params=params)
+            level = await run_level(url, concurrency=c, images=n_images, seconds=seconds,
+                                    max_requests=max_requests, jpegs=jpegs, params=params)
+            logger.info("c=%d images=%d: %.1f img/s p50 %.0f ms p99 %.0f ms errors %d",
+                        c, n_images, level["images_per_s"], level["p50_ms"], level["p99_ms"],
+                        level["errors"])
+            results.append(level)
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse arguments, run, print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--images", default="1,8", help="images per request")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per level")
+    parser.add_argument("--max-requests", type=int, default=5000, help="per level")
+    parser.add_argument("--params", default="", help="query string, e.g. ?top_k=1")
+    args = parser.parse_args(argv)
+    results = asyncio.run(run(args.url, [int(c) for c in args.concurrency.split(",")],
+                              [int(i) for i in args.images.split(",")], args.seconds,
+                              args.max_requests, args.params))
+    json.dump(results, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    main()

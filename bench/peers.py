@@ -1,0 +1,115 @@
+"""Peer servers for the same model and preprocessing, to benchmark the service against.
+
+    python -m bench.peers litserve --checkpoint DIR --port 8101 [--max-batch-size 16]
+    python -m bench.peers naive    --checkpoint DIR --port 8102
+
+`litserve`: LitServe (FastAPI + dynamic batching in a worker process), the closest peer.
+`naive`: a plain FastAPI endpoint that runs the model once per request.
+Both accept the service's multipart upload (field `file`, repeatable) on POST /predict.
+"""
+
+# no `from __future__ import annotations`: LitServe reads decode_request's annotation at run time
+import argparse
+import asyncio
+import logging
+import sys
+
+import torch
+
+from models.checkpoint import load
+from models.device import Runtime
+from models.predict import Predictor
+from models.preprocessing import decode, eval_transform
+
+logger = logging.getLogger(__name__)
+
+
+class _Model:
+    """The service's own model path, loaded the same way."""
+
+    def __init__(self, checkpoint: str, device: str, precision: str) -> None:
+        model, card = load(checkpoint)
+        self.predictor = Predictor(model, card, Runtime.create(device, precision))
+        self.pre = card.preprocessing
+        self.transform = eval_transform(self.pre)
+
+    def tensor(self, data: bytes) -> torch.Tensor:
+        return self.transform(decode(data, target_size=self.pre.resize))
+
+    def respond(self, probs: torch.Tensor) -> list[dict]:
+        return [{"predictions": [{"label": p.label, "score": p.score} for p in r.predictions]}
+                for r in self.predictor.postprocess(probs, top_k=5)]
+
+
+def serve_litserve(args: argparse.Namespace) -> None:
+    """Run a LitServe server around the same model."""
+    import litserve as ls
+    from fastapi import Request
+
+    class ResNetAPI(ls.LitAPI):
+        def setup(self, device: str) -> None:
+            self.model = _Model(args.checkpoint, args.device, args.precision)
+
+        def decode_request(self, request: Request) -> torch.Tensor:
+            files = request.getlist("file")
+            return torch.stack([self.model.tensor(f.file.read()) for f in files])
+
+        def batch(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+            return torch.cat(inputs), [len(x) for x in inputs]
+
+        def predict(self, x: tuple[torch.Tensor, list[int]]) -> tuple[torch.Tensor, list[int]]:
+            return self.model.predictor.probabilities(x[0]), x[1]
+
+        def unbatch(self, output: tuple[torch.Tensor, list[int]]) -> list[torch.Tensor]:
+            return list(output[0].split(output[1]))
+
+        def encode_response(self, output: torch.Tensor) -> dict:
+            return {"results": self.model.respond(output)}
+
+    api = ResNetAPI(max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
+    server = ls.LitServer(api, accelerator="cpu" if args.device == "cpu" else "auto",
+                          workers_per_device=1, timeout=60)
+    server.run(host="127.0.0.1", port=args.port, generate_client_file=False)
+
+
+def serve_naive(args: argparse.Namespace) -> None:
+    """Run a FastAPI endpoint that calls the model once per request."""
+    import uvicorn
+    from fastapi import FastAPI, UploadFile
+
+    model = _Model(args.checkpoint, args.device, args.precision)
+    app = FastAPI()
+    lock = asyncio.Lock()
+
+    @app.post("/predict")
+    async def predict(file: list[UploadFile]) -> dict:
+        datas = [await f.read() for f in file]
+        batch = torch.stack([model.tensor(d) for d in datas])
+        async with lock:  # one forward at a time, like a model that is not thread-safe
+            probs = await asyncio.to_thread(model.predictor.probabilities, batch)
+        return {"results": model.respond(probs)}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments and run the chosen peer until killed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("peer", choices=["litserve", "naive"])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--port", type=int, default=8101)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-timeout", type=float, default=0.01, help="seconds")
+    args = parser.parse_args(argv)
+    {"litserve": serve_litserve, "naive": serve_naive}[args.peer](args)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    main()
