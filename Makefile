@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint demo clean-demo
+.PHONY: setup test lint demo stop
 
 $(BIN)/.installed: pyproject.toml
 	@echo ">> creating $(VENV) and installing the project (torch 2.14.1, torchvision 0.29.1)"
@@ -20,3 +20,9 @@ lint: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+demo: setup
+	./scripts/demo.sh
+
+stop:
+	@if [ -f .demo/server.pid ]; then kill $$(cat .demo/server.pid) 2>/dev/null && echo "stopped"; rm -f .demo/server.pid; else echo "no demo server"; fi
