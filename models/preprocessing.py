@@ -69,7 +69,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except ImageTooLargeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(str(exc)) from exc
+        raise ImageTooLargeError(f"image is too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError,

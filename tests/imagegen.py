@@ -1,0 +1,91 @@
+"""Image bytes of every kind a client may send, good and bad, made on the fly."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def _save(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(size: tuple[int, int] = (320, 240), color: tuple[int, int, int] = (200, 40, 40),
+          seed: int = 0) -> Image.Image:
+    """A noisy, mostly `color` RGB image."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color, dtype=np.int16) + rng.integers(-30, 30, (size[1], size[0], 3)),
+                  0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def good_images(color: tuple[int, int, int] = (200, 40, 40)) -> dict[str, bytes]:
+    """One of every real-world format and mode that must decode to a sensible RGB image."""
+    img = photo(color=color)
+    sixteen = (np.asarray(img.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    frames = [photo(color=color, seed=1), photo(color=(0, 0, 0), seed=2)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    rgba = img.convert("RGBA")
+    rgba.putalpha(200)
+    return {
+        "baseline.jpg": _save(img, "JPEG", quality=90),
+        "progressive.jpg": _save(img, "JPEG", quality=90, progressive=True),
+        "cmyk.jpg": _save(img.convert("CMYK"), "JPEG"),
+        "rgb.png": _save(img, "PNG"),
+        "gray16.png": _save(Image.fromarray(sixteen), "PNG"),
+        "gray.png": _save(img.convert("L"), "PNG"),
+        "rgba.png": _save(rgba, "PNG"),
+        "palette.png": _save(img.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "animated.gif": gif.getvalue(),
+        "image.webp": _save(img, "WEBP"),
+        "image.bmp": _save(img, "BMP"),
+        "image.tiff": _save(img, "TIFF"),
+        "tiny.png": _save(photo((1, 1), color=color), "PNG"),
+        "wide.jpg": _save(photo((4000, 60), color=color), "JPEG"),
+        "rotated.jpg": exif_rotated(color),
+    }
+
+
+def exif_rotated(color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    """A 200x100 JPEG stored sideways: left half `color`, right half blue; EXIF orientation 6
+    (displayed rotated 90 degrees clockwise, so `color` ends up on top, image 100x200)."""
+    arr = np.zeros((100, 200, 3), dtype=np.uint8)
+    arr[:, :100] = color
+    arr[:, 100:] = (20, 20, 230)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _save(Image.fromarray(arr, "RGB"), "JPEG", quality=95, exif=exif)
+
+
+def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A tiny PNG that claims width x height 1-bit pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def bad_images() -> dict[str, bytes]:
+    """Bytes that are not a decodable image."""
+    jpeg = _save(photo(), "JPEG")
+    rng = np.random.default_rng(3)
+    return {
+        "empty.jpg": b"",
+        "text.jpg": b"hello, this is not an image\n" * 10,
+        "page.png": b"<!doctype html><html><body><img src=x></body></html>",
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "random.bin": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "header-only.png": b"\x89PNG\r\n\x1a\n",
+    }
