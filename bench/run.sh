@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The whole benchmark in one go: raw ceiling, the service, LitServe and a naive FastAPI
+# endpoint, for each architecture, under the same allocator and thread settings. Loopback only.
+#   bench/run.sh                       # resnet34 and resnet50, CPU (or CUDA when present)
+#   ARCHS=resnet50 CONC=1,16,32 SECONDS_PER_LEVEL=5 bench/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PY:-.venv/bin/python}"
+ARCHS="${ARCHS:-resnet34 resnet50}"
+CONC="${CONC:-1,4,16,32,64}"
+IMAGES="${IMAGES:-1,8}"
+PEER_IMAGES="${PEER_IMAGES:-1}"
+SECS="${SECONDS_PER_LEVEL:-10}"
+DEVICE="${DEVICE:-auto}"
+PORT="${PORT:-8190}"
+OUT="bench/results/$(date -u +%Y-%m-%dT%H%M)"
+mkdir -p "$OUT"
+
+# the fast allocator, for every process of the run (service, peers and raw alike)
+if [ -z "${LD_PRELOAD:-}" ]; then
+  TCMALLOC="$(ldconfig -p | grep -o '/[^ ]*libtcmalloc_minimal\.so\.4' | head -n 1 || true)"
+  if [ -n "$TCMALLOC" ]; then export LD_PRELOAD="$TCMALLOC"; else
+    echo "tcmalloc not found (apt-get install libtcmalloc-minimal4): using glibc malloc" >&2
+  fi
+fi
+echo "results in $OUT (LD_PRELOAD=${LD_PRELOAD:-none})" >&2
+
+SERVER_PID=""
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  SERVER_PID=""
+}
+trap stop_server EXIT
+
+wait_for() {  # url, seconds
+  for _ in $(seq 1 "$2"); do
+    if "$PY" -c "import httpx,sys; sys.exit(httpx.get('$1', timeout=2).status_code != 200)" 2>/dev/null; then return 0; fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "server died" >&2; return 1; fi
+    sleep 1
+  done
+  echo "timed out waiting for $1" >&2; return 1
+}
+
+for ARCH in $ARCHS; do
+  ROOT="bench/results/checkpoints/$ARCH"
+  CKPT="$("$PY" -c "from bench.common import benchmark_checkpoint; print(benchmark_checkpoint('$ARCH', '$ROOT'))")"
+  echo "== $ARCH: raw ceiling" >&2
+  "$PY" -m bench.raw --checkpoint "$CKPT" --device "$DEVICE" --seconds "$SECS" >"$OUT/raw-$ARCH.json"
+  BEST="$("$PY" -c "import json; print(json.load(open('$OUT/raw-$ARCH.json'))['best_batch'])")"
+
+  echo "== $ARCH: service (max batch $BEST)" >&2
+  "$PY" -m app --checkpoint-dir "$ROOT" --port "$PORT" --device "$DEVICE" \
+    --max-batch-size "$BEST" --max-queue 1024 --max-images-per-request 64 \
+    --log-level warning >"$OUT/service-$ARCH.log" 2>&1 &
+  SERVER_PID=$!
+  wait_for "http://127.0.0.1:$PORT/ready" 300
+  "$PY" -m bench.load --url "http://127.0.0.1:$PORT" --concurrency "$CONC" --images "$IMAGES" \
+    --seconds "$SECS" >"$OUT/load-service-$ARCH.json"
+  stop_server
+
+  echo "== $ARCH: LitServe (batch 16, 10 ms wait)" >&2
+  "$PY" -m bench.peers litserve --checkpoint "$CKPT" --port "$PORT" --device cpu \
+    --max-batch-size "${LITSERVE_BATCH:-16}" --batch-timeout "${LITSERVE_WAIT:-0.01}" \
+    >"$OUT/litserve-$ARCH.log" 2>&1 &
+  SERVER_PID=$!
+  wait_for "http://127.0.0.1:$PORT/health" 300
+  "$PY" -m bench.load --url "http://127.0.0.1:$PORT" --concurrency "$CONC" \
+    --images "$PEER_IMAGES" --seconds "$SECS" >"$OUT/load-litserve-$ARCH.json"
+  stop_server
+
+  echo "== $ARCH: naive FastAPI" >&2
+  "$PY" -m bench.peers naive --checkpoint "$CKPT" --port "$PORT" \
+    >"$OUT/naive-$ARCH.log" 2>&1 &
+  SERVER_PID=$!
+  wait_for "http://127.0.0.1:$PORT/health" 300
+  "$PY" -m bench.load --url "http://127.0.0.1:$PORT" --concurrency "$CONC" \
+    --images "$PEER_IMAGES" --seconds "$SECS" >"$OUT/load-naive-$ARCH.json"
+  stop_server
+done
+
+"$PY" -m bench.report "$OUT"
