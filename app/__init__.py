@@ -1,0 +1,1 @@
+"""How a model is served: settings, model registry, dynamic batching and the HTTP API."""

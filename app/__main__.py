@@ -1,0 +1,103 @@
+"""`python -m app`: parse flags (over RESNET_SERVE_* variables), configure logging, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Literal, get_args, get_origin
+
+import uvicorn
+from pydantic import ValidationError
+
+from app.config import ENV_PREFIX, Settings
+from app.logs import configure_logging
+from app.main import begin_shutdown, create_app
+
+logger = logging.getLogger("app")
+
+_FLAG_NAMES = {"api_keys": "--api-key"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Settings field; unset flags fall back to the environment, then defaults."""
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Serve image-classification checkpoints over HTTP with dynamic batching. "
+                    f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>.")
+    for name, field in Settings.model_fields.items():
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        env = ENV_PREFIX + name.upper()
+        default = "" if field.is_required() else f"; default {_show_default(name, field)}"
+        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS,
+                        "help": f"{field.description} [env {env}{default}]"}
+        annotation = field.annotation
+        if name == "api_keys":
+            kwargs.update(action="append", metavar="KEY",
+                          help=f"{field.description}; repeat for several [env {env}]")
+        elif annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(annotation) is Literal:
+            kwargs["choices"] = get_args(annotation)
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def _show_default(name: str, field: object) -> str:
+    if name == "decode_workers":
+        return "min(4, CPUs)"
+    value = getattr(field, "default", None)
+    return "none" if value is None or value == [] else str(value)
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Flags override environment variables; the whole set is validated together."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        return Settings(**args)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        parser.error(f"invalid settings: {problems}")
+        raise  # unreachable: parser.error exits
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(map(str, error["loc"])) or "settings"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, turning not-ready the moment SIGTERM/SIGINT arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_exit_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit_signal = on_exit_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Refuse new work at once, then let uvicorn finish the requests in flight."""
+        self._on_exit_signal()
+        super().handle_exit(sig, frame)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status."""
+    settings = parse_settings(argv)
+    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    logger.info("settings: %s", settings.public_dict())
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None,
+        log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        lifespan="on", server_header=False)
+    server = _Server(config, lambda: begin_shutdown(app))
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

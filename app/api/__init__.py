@@ -1,0 +1,1 @@
+"""The HTTP layer: thin routers, response schemas and the one error map."""

@@ -1,0 +1,35 @@
+"""Dependency aliases: what a router may ask for."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.config import Settings
+from app.exceptions import NotReadyError
+from app.metrics import Metrics
+from app.registry import ModelRegistry
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's settings."""
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    """The app's metrics."""
+    return request.app.state.metrics
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    """The app's model registry (503 before the lifespan has built it)."""
+    registry = getattr(request.app.state, "registry", None)
+    if registry is None:
+        raise NotReadyError("the service is starting")
+    return registry
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]

@@ -1,0 +1,125 @@
+"""The one place where errors become HTTP statuses and JSON bodies."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.batching import (
+    BatcherClosedError,
+    BatchFailedError,
+    DeadlineExceededError,
+    QueueFullError,
+)
+from app.exceptions import (
+    AuthenticationError,
+    ClientDisconnectedError,
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidRequestError,
+    MalformedRequestError,
+    ModelRequiredError,
+    NotReadyError,
+    PayloadTooLargeError,
+    ShuttingDownError,
+    UnknownModelError,
+    UnsupportedMediaTypeError,
+)
+from app.logs import request_id_var
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+STATUS_BY_ERROR: dict[type[Exception], int] = {
+    InvalidImageError: 400,
+    MalformedRequestError: 400,
+    AuthenticationError: 401,
+    UnknownModelError: 404,
+    PayloadTooLargeError: 413,
+    ImageTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    InvalidRequestError: 422,
+    ModelRequiredError: 422,
+    QueueFullError: 429,
+    ClientDisconnectedError: 499,
+    BatchFailedError: 500,
+    NotReadyError: 503,
+    ShuttingDownError: 503,
+    BatcherClosedError: 503,
+    DeadlineExceededError: 504,
+}
+
+
+def error_response(status: int, detail: str, *, request_id: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON error body `{"detail", "request_id"}` carrying the request id header."""
+    rid = request_id or request_id_var.get()
+    return JSONResponse({"detail": detail, "request_id": rid}, status_code=status,
+                        headers={**(headers or {}), REQUEST_ID_HEADER: rid})
+
+
+def response_for(exc: Exception) -> JSONResponse:
+    """Map a known error to its response; anything else is a bare 500."""
+    status = next((code for kind, code in STATUS_BY_ERROR.items() if isinstance(exc, kind)),
+                  500)
+    headers: dict[str, str] = {}
+    detail = str(exc)
+    if isinstance(exc, QueueFullError):
+        headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, (ShuttingDownError, BatcherClosedError, NotReadyError)):
+        headers["Retry-After"] = "1"
+    elif isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    if status == 500:
+        detail = f"internal error while serving the request (request id {request_id_var.get()})"
+        logger.error("request failed: %s", exc, exc_info=not isinstance(exc, BatchFailedError))
+    elif status >= 500:
+        logger.warning("%d %s", status, exc)
+    else:
+        logger.info("%d %s", status, exc)
+    return error_response(status, detail, headers=headers)
+
+
+def internal_error_response() -> JSONResponse:
+    """The 500 for an unexpected exception (logged by the caller, never shown)."""
+    return error_response(
+        500, f"internal error while serving the request (request id {request_id_var.get()})")
+
+
+def _format_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path"))
+        parts.append(f"{where}: {err.get('msg', 'invalid value')}" if where
+                     else str(err.get("msg")))
+    return "invalid parameters: " + "; ".join(parts)
+
+
+async def _known_error(request: Request, exc: Exception) -> JSONResponse:
+    return response_for(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = _format_validation(exc)
+    logger.info("422 %s", detail)
+    return error_response(422, detail)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    logger.info("%d %s", exc.status_code, exc.detail)
+    return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+
+def install(app: FastAPI) -> None:
+    """Register the error handlers on an app."""
+    for kind in STATUS_BY_ERROR:
+        app.add_exception_handler(kind, _known_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

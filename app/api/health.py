@@ -1,0 +1,35 @@
+"""GET /health, GET /ready, GET /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import MetricsDep, RegistryDep
+from app.api.schemas import Health, Readiness, error_responses
+from app.exceptions import NotReadyError, ShuttingDownError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    """Liveness: the process answers."""
+    return Health()
+
+
+@router.get("/ready", response_model=Readiness, responses=error_responses(503))
+async def ready(registry: RegistryDep) -> Readiness:
+    """Readiness: 200 once a model is loaded and warmed up; 503 before and while stopping."""
+    if registry.closing:
+        raise ShuttingDownError("shutting down")
+    if not registry.ready:
+        raise NotReadyError("no model is loaded and warmed up yet")
+    return Readiness(models=registry.loaded_names())
+
+
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+    **error_responses(401)})
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus metrics: requests, latency, batch sizes, queue depth, drops."""
+    return Response(metrics.render(), media_type=metrics.content_type)

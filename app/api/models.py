@@ -1,0 +1,39 @@
+"""GET /models, GET /models/{name}, POST /models/reload."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import RegistryDep
+from app.api.schemas import ModelInfo, ModelList, ReloadResponse, error_responses
+from app.registry import ModelEntry
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def _info(entry: ModelEntry) -> ModelInfo:
+    return ModelInfo(
+        name=entry.name, status=entry.status, error=entry.error,  # type: ignore[arg-type]
+        loaded_at=entry.served.loaded_at if entry.served else None,
+        card=entry.card.to_dict() if entry.card else None)
+
+
+@router.get("", response_model=ModelList, responses=error_responses(401, 503))
+async def list_models(registry: RegistryDep) -> ModelList:
+    """Every checkpoint found, loaded or failed (with its error)."""
+    return ModelList(default=registry.default_name(),
+                     models=[_info(e) for e in registry.entries()])
+
+
+@router.get("/{name}", response_model=ModelInfo, responses=error_responses(401, 404, 503))
+async def get_model(name: str, registry: RegistryDep) -> ModelInfo:
+    """One checkpoint's card and status."""
+    return _info(registry.entry(name))
+
+
+@router.post("/reload", response_model=ReloadResponse, responses=error_responses(401, 503))
+async def reload_models(registry: RegistryDep) -> ReloadResponse:
+    """Rescan the checkpoint folder; new versions swap in without dropping requests."""
+    report = await registry.reload()
+    return ReloadResponse(loaded=report.loaded, unchanged=report.unchanged,
+                          removed=report.removed, failed=report.failed)

@@ -1,0 +1,68 @@
+"""POST /predict: classify one or more uploaded images."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from app.api.deps import RegistryDep, SettingsDep
+from app.api.schemas import ImageResultOut, PredictionOut, PredictResponse, error_responses
+from app.api.transport import FILE_FIELD, read_uploads, unless_disconnected
+
+router = APIRouter(tags=["predict"])
+
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": f"one or more images in the multipart field `{FILE_FIELD}` "
+                       "(repeat it for several), or one image as the raw body",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": [FILE_FIELD],
+                "properties": {FILE_FIELD: {
+                    "type": "array", "items": {"type": "string", "format": "binary"}}},
+            }},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+
+
+@router.post(
+    "/predict", response_model=PredictResponse, response_model_exclude_none=True,
+    openapi_extra=_UPLOAD_BODY,
+    responses=error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503, 504),
+    summary="Classify uploaded images",
+)
+async def predict(
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    model: Annotated[str | None, Query(
+        max_length=128, description="model name (default: the configured or only model)",
+        examples=["pets"])] = None,
+    top_k: Annotated[int, Query(
+        ge=1, description="single-label: how many labels per image (clamped to the class "
+                         "count)")] = 5,
+    threshold: Annotated[float | None, Query(
+        ge=0.0, le=1.0, allow_inf_nan=False,
+        description="multi-label: one score cut-off for every label (default: the "
+                    "card's tuned per-class thresholds)")] = None,
+    all_scores: Annotated[bool, Query(
+        description="add every label's score to each result")] = False,
+) -> PredictResponse:
+    """Classify every uploaded image; one result per image, in upload order."""
+    served = registry.get(model)
+    with served.lease():
+        uploads = await read_uploads(request, settings)
+        results = await unless_disconnected(request, served.predict(
+            uploads, timeout=settings.request_timeout, top_k=top_k, threshold=threshold,
+            all_scores=all_scores))
+    return PredictResponse(
+        model=served.name, task=served.card.task,  # type: ignore[arg-type]
+        results=[ImageResultOut(
+            filename=upload.filename,
+            predictions=[PredictionOut(label=p.label, score=p.score) for p in result.predictions],
+            scores=result.scores) for upload, result in zip(uploads, results, strict=True)])

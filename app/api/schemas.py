@@ -1,0 +1,113 @@
+"""Response models (with the examples shown in the OpenAPI docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PredictionOut(BaseModel):
+    """One label and its probability."""
+
+    label: str
+    score: float = Field(ge=0.0, le=1.0)
+
+
+class ImageResultOut(BaseModel):
+    """The answer for one uploaded image."""
+
+    filename: str
+    predictions: list[PredictionOut]
+    scores: dict[str, float] | None = Field(
+        None, description="every label's score; only with all_scores=true")
+
+
+class PredictResponse(BaseModel):
+    """The answer to POST /predict: one result per image, in upload order."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "pets", "task": "single_label",
+        "results": [{"filename": "cat.jpg", "predictions": [
+            {"label": "cat", "score": 0.962}, {"label": "dog", "score": 0.031}]}],
+    }]})
+
+    model: str
+    task: Literal["single_label", "multi_label"]
+    results: list[ImageResultOut]
+
+
+class ModelInfo(BaseModel):
+    """A checkpoint found in the checkpoint folder: its card (no weights) and its status."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "pets", "status": "loaded", "error": None, "loaded_at": "2024-05-01T12:00:00+00:00",
+        "card": {"name": "pets", "arch": "resnet34", "task": "single_label",
+                 "classes": ["cat", "dog"],
+                 "preprocessing": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
+                                   "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}},
+    }]})
+
+    name: str
+    status: Literal["loaded", "failed"]
+    error: str | None = None
+    loaded_at: str | None = None
+    card: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    """Every checkpoint found, and the model used when a request names none."""
+
+    default: str | None
+    models: list[ModelInfo]
+
+
+class ReloadResponse(BaseModel):
+    """What a rescan of the checkpoint folder changed."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "loaded": ["pets"], "unchanged": ["birds"], "removed": [],
+        "failed": {"broken": "checkpoints/broken/card.json: file is missing"},
+    }]})
+
+    loaded: list[str]
+    unchanged: list[str]
+    removed: list[str]
+    failed: dict[str, str]
+
+
+class Health(BaseModel):
+    """Liveness: the process answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """Readiness: at least one model is loaded and warmed up."""
+
+    status: Literal["ready"] = "ready"
+    models: list[str]
+
+
+class ErrorOut(BaseModel):
+    """Every error body."""
+
+    detail: str
+    request_id: str
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the given error statuses."""
+    meaning = {
+        400: "an image cannot be decoded (the message names the file)",
+        401: "missing or wrong API key",
+        404: "unknown model (the message lists the loaded ones)",
+        413: "body, image count or image pixels over the limit",
+        415: "neither multipart/form-data nor an image/* body",
+        422: "bad parameters",
+        429: "queue full; retry after the Retry-After header's seconds",
+        500: "inference failed (the message carries the request id)",
+        503: "not ready yet, or shutting down",
+        504: "no answer within the request timeout",
+    }
+    return {s: {"model": ErrorOut, "description": meaning[s]} for s in statuses}

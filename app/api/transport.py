@@ -1,0 +1,125 @@
+"""Reading uploads from a request (multipart or raw image body) within the limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import Request, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Message
+
+from app.config import Settings
+from app.exceptions import (
+    ClientDisconnectedError,
+    InvalidRequestError,
+    MalformedRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from app.imaging import Upload
+
+T = TypeVar("T")
+
+FILE_FIELD = "file"
+RAW_FILENAME = "body"
+
+
+async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
+    """The request's images: every file in field `file`, or the raw image/* body."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "multipart/form-data" and not media.startswith("image/"):
+        raise UnsupportedMediaTypeError(
+            f"unsupported content type {media or 'none'!r}: send multipart/form-data with "
+            f"files in the field {FILE_FIELD!r}, or a raw body with an image/* content type")
+    body = await _read_body(request, settings.max_upload_bytes)
+    if media.startswith("image/"):
+        return [Upload(RAW_FILENAME, body)]
+    return await _parse_multipart(request, body, settings.max_images_per_request)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise MalformedRequestError(f"invalid Content-Length {declared!r}") from None
+        if size > limit:
+            raise PayloadTooLargeError(f"request body of {size:,} bytes is over the limit "
+                                       f"of {limit:,} bytes")
+    chunks, total = [], 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise PayloadTooLargeError(f"request body is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnectedError("client disconnected during upload") from None
+    return b"".join(chunks)
+
+
+async def _parse_multipart(request: Request, body: bytes, max_images: int) -> list[Upload]:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=max_images + 1,
+                                                         max_fields=100)
+    except StarletteHTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise PayloadTooLargeError(f"more than {max_images} images in one request") \
+                from None
+        raise MalformedRequestError(f"cannot parse the multipart body: {exc.detail}") from None
+    try:
+        items = form.getlist(FILE_FIELD)
+        files = [item for item in items if isinstance(item, UploadFile)]
+        if len(files) != len(items):
+            raise InvalidRequestError(f"the field {FILE_FIELD!r} must hold files, not text")
+        if not files:
+            others = sorted(set(form.keys()))
+            hint = f" (got fields {others})" if others else ""
+            raise InvalidRequestError(f"no image files in the multipart field "
+                                      f"{FILE_FIELD!r}{hint}")
+        if len(files) > max_images:
+            raise PayloadTooLargeError(f"{len(files)} images in one request; the limit is "
+                                       f"{max_images}")
+        return [Upload(f.filename or f"{FILE_FIELD}{i}", await f.read())
+                for i, f in enumerate(files)]
+    finally:
+        await form.close()
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (so its queued images are dropped) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnectedError("client disconnected before the answer was ready")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

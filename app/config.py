@@ -1,0 +1,117 @@
+"""Service settings: one typed class, read from flags or `RESNET_SERVE_*` variables."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "RESNET_SERVE_"
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _default_decode_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; validated together when created."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore",
+                                      validate_default=True)
+
+    checkpoint_dir: Path = Field(
+        Path("checkpoints"), description="folder of checkpoints (one subfolder per model)")
+    default_model: str | None = Field(
+        None, description="model used when a request names none (default: the only one)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where models run; auto picks CUDA when present")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="autocast dtype; auto = fp32 on CPU, bf16 (else fp16) on CUDA")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="most images run in one batch")
+    max_wait_ms: float = Field(
+        5.0, ge=0.0, le=10_000.0,
+        description="longest wait for more images when a batch is not full and more are due")
+    max_queue: int = Field(
+        256, ge=1, description="most images waiting per model; beyond it requests get 429")
+    request_timeout: float = Field(
+        30.0, gt=0.0, le=3600.0, description="seconds a request may take before it gets 504")
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="largest request body in bytes (413 beyond)")
+    max_images_per_request: int = Field(
+        32, ge=1, description="most images in one request (413 beyond)")
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="most pixels in one decoded image (413 beyond)")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="accepted API keys (comma-separated in the environment); empty: no auth")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="lowest level logged")
+    decode_workers: int = Field(
+        default_factory=_default_decode_workers, ge=1, le=256,
+        description="threads decoding and resizing uploads (default: min(4, CPUs))")
+    torch_threads: int = Field(
+        0, ge=0, le=1024, description="torch intra-op threads (0: torch's default)")
+    warmup: bool = Field(True, description="run every batch size once before turning ready")
+    reload_on_sighup: bool = Field(True, description="rescan the checkpoint folder on SIGHUP")
+    shutdown_timeout: float = Field(
+        30.0, gt=0.0, le=3600.0,
+        description="seconds to finish in-flight requests on shutdown before giving up")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value().strip() for key in value):
+            raise ValueError("an API key must not be empty")
+        return value
+
+    @field_validator("default_model")
+    @classmethod
+    def _sane_model_name(cls, value: str | None) -> str | None:
+        if value is not None and not MODEL_NAME_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid model name")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        problems = []
+        if self.max_queue < self.max_batch_size:
+            problems.append(
+                f"max_queue ({self.max_queue} images) is smaller than max_batch_size "
+                f"({self.max_batch_size} images): a full batch could never be queued; "
+                "raise max_queue or lower max_batch_size")
+        if self.max_images_per_request > self.max_queue:
+            problems.append(
+                f"max_images_per_request ({self.max_images_per_request}) is larger than "
+                f"max_queue ({self.max_queue}): such a request could never be accepted")
+        if self.max_wait_ms / 1000.0 >= self.request_timeout:
+            problems.append(
+                f"max_wait_ms ({self.max_wait_ms} ms) must be well below request_timeout "
+                f"({self.request_timeout} s)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def api_key_values(self) -> list[bytes]:
+        """The configured keys as bytes, for constant-time comparison."""
+        return [key.get_secret_value().encode() for key in self.api_keys]
+
+    def public_dict(self) -> dict[str, object]:
+        """Settings safe to log (API keys replaced by their count)."""
+        data = self.model_dump(mode="json", exclude={"api_keys"})
+        data["api_keys"] = f"{len(self.api_keys)} configured"
+        return data

@@ -1,0 +1,74 @@
+"""Errors of the serving layer; `app/api/errors.py` maps each to an HTTP status."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of the errors a request can meet in the serving layer."""
+
+
+class UnknownModelError(ServiceError):
+    """The requested model is not loaded."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        listing = ", ".join(known) if known else "none"
+        super().__init__(f"unknown model {name!r}; loaded models: {listing}")
+
+
+class ModelRequiredError(ServiceError):
+    """Several models are loaded and the request did not say which one."""
+
+    def __init__(self, known: list[str]) -> None:
+        self.known = known
+        super().__init__("several models are loaded; choose one with ?model= "
+                         f"(one of: {', '.join(known)})")
+
+
+class NotReadyError(ServiceError):
+    """No model is loaded and warmed up yet."""
+
+
+class ShuttingDownError(ServiceError):
+    """The service is shutting down and takes no new work."""
+
+
+class InvalidImageError(ServiceError):
+    """An uploaded file could not be decoded as an image."""
+
+    def __init__(self, filename: str, problem: str) -> None:
+        self.filename = filename
+        super().__init__(f"file {filename!r}: {problem}")
+
+
+class ImageTooLargeError(ServiceError):
+    """An uploaded image has more pixels than allowed."""
+
+    def __init__(self, filename: str, problem: str) -> None:
+        self.filename = filename
+        super().__init__(f"file {filename!r}: {problem}")
+
+
+class PayloadTooLargeError(ServiceError):
+    """The request body or the number of images is over the limit."""
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """The request's content type is neither multipart nor image/*."""
+
+
+class MalformedRequestError(ServiceError):
+    """The request body cannot be parsed (broken multipart, body cut short)."""
+
+
+class InvalidRequestError(ServiceError):
+    """The request is well-typed but unusable (no files, wrong field, bad multipart)."""
+
+
+class AuthenticationError(ServiceError):
+    """A required API key is missing or wrong."""
+
+
+class ClientDisconnectedError(ServiceError):
+    """The client went away before its answer was ready."""

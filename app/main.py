@@ -1,0 +1,107 @@
+"""create_app: the one place where settings, registry, metrics and routers are wired."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import torch
+from fastapi import FastAPI
+
+from app.api import errors, health, models, predict
+from app.api.middleware import RequestContextMiddleware
+from app.config import Settings
+from app.imaging import ImageDecoder
+from app.metrics import Metrics
+from app.registry import ModelRegistry
+from models.device import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the FastAPI app; models load in its lifespan, never at import time."""
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        runtime = Runtime.create(settings.device, settings.precision)
+        decoder = ImageDecoder(workers=settings.decode_workers, max_pixels=settings.max_pixels)
+        registry = ModelRegistry(settings, runtime=runtime, decoder=decoder, metrics=metrics)
+        app.state.registry = registry
+        logger.info("serving from %s on %s (%s)", settings.checkpoint_dir,
+                    runtime.describe(), runtime.precision_name)
+        loading = asyncio.create_task(_initial_load(registry), name="initial-load")
+        sighup = _install_sighup(registry) if settings.reload_on_sighup else False
+        try:
+            yield
+        finally:
+            registry.begin_shutdown()
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await registry.close(settings.shutdown_timeout)
+            decoder.close()
+            logger.info("stopped")
+
+    app = FastAPI(
+        title="resnet-serve",
+        description="Image classification with fine-tuned ResNets, dynamically batched.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    errors.install(app)
+    app.include_router(predict.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics,
+                       api_keys=settings.api_key_values())
+    return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Mark the app not-ready and refuse new requests (called on SIGTERM)."""
+    registry = getattr(app.state, "registry", None)
+    if registry is not None:
+        registry.begin_shutdown()
+
+
+async def _initial_load(registry: ModelRegistry) -> None:
+    try:
+        report = await registry.reload()
+    except Exception:  # noqa: BLE001 - the service stays up (not ready) and says why
+        logger.exception("loading models failed")
+        return
+    if not registry.ready and not registry.closing:
+        logger.warning("no model could be loaded from %s; /ready stays 503 (failed: %s)",
+                       registry.settings.checkpoint_dir, report.failed or "none found")
+
+
+def _install_sighup(registry: ModelRegistry) -> bool:
+    def on_sighup() -> None:
+        logger.info("SIGHUP: rescanning %s", registry.settings.checkpoint_dir)
+        asyncio.ensure_future(_reload_logged(registry))
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        logger.debug("SIGHUP reload not available here")
+        return False
+    return True
+
+
+async def _reload_logged(registry: ModelRegistry) -> None:
+    try:
+        await registry.reload()
+    except Exception:  # noqa: BLE001 - a failed rescan must not kill the server
+        logger.exception("reload failed")

@@ -1,0 +1,288 @@
+"""ModelRegistry: finds checkpoints, loads and warms them up, serves and reloads them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from app.batching import DynamicBatcher
+from app.config import Settings
+from app.exceptions import (
+    ModelRequiredError,
+    NotReadyError,
+    ShuttingDownError,
+    UnknownModelError,
+)
+from app.imaging import ImageDecoder, Upload
+from app.metrics import Metrics
+from models import checkpoint
+from models.checkpoint import ModelCard
+from models.device import Runtime
+from models.predict import ImageResult, Predictor
+from models.preprocessing import Transform, eval_transform
+
+logger = logging.getLogger(__name__)
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """What identifies one version of a checkpoint on disk (name, size, mtime per file)."""
+    out = []
+    for name in (checkpoint.CARD_FILE, checkpoint.WEIGHTS_FILE):
+        try:
+            st = (path / name).stat()
+            out.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, -1, -1))
+    return tuple(out)
+
+
+class ServedModel:
+    """A loaded checkpoint with its transform, predictor and batcher."""
+
+    def __init__(self, *, name: str, card: ModelCard, predictor: Predictor,
+                 decoder: ImageDecoder, settings: Settings,
+                 on_event: Callable[[str, int], None] | None = None) -> None:
+        self.name = name
+        self.card = card
+        self.predictor = predictor
+        self.transform: Transform = eval_transform(card.preprocessing)
+        self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._decoder = decoder
+        self._settings = settings
+        self._leases = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.batcher = DynamicBatcher(
+            self._run_batch, max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, name=name,
+            on_event=on_event)
+
+    def _run_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return self.predictor.probabilities(torch.stack(images))
+
+    def start(self) -> None:
+        """Start the batcher's worker (on the event loop)."""
+        self.batcher.start()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[ServedModel]:
+        """Hold the model for one request; retiring waits for every lease to end."""
+        self._leases += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._leases -= 1
+            if self._leases == 0:
+                self._idle.set()
+
+    async def predict(self, uploads: list[Upload], *, timeout: float, top_k: int = 5,
+                      threshold: float | None = None, all_scores: bool = False
+                      ) -> list[ImageResult]:
+        """Decode, batch, run and post-process one request's images."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with self.batcher.announce(len(uploads)):
+            tensors = await self._decoder.to_tensors(
+                uploads, self.transform, target_size=self.card.preprocessing.resize)
+        remaining = max(1e-3, timeout - (loop.time() - started))
+        rows = await self.batcher.submit(tensors, timeout=remaining)
+        return self.predictor.postprocess(torch.stack(rows), top_k=top_k, threshold=threshold,
+                                          all_scores=all_scores)
+
+    async def retire(self, timeout: float) -> None:
+        """Wait (bounded) for requests holding this model, then drain and stop the batcher."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            logger.warning("model %s: %d requests still running after %g s; stopping anyway",
+                           self.name, self._leases, timeout)
+        await self.batcher.stop(timeout)
+
+
+@dataclass
+class ModelEntry:
+    """One checkpoint folder as the registry sees it: loaded or failed, and why."""
+
+    name: str
+    path: Path
+    fingerprint: Fingerprint
+    card: ModelCard | None = None
+    served: ServedModel | None = None
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "loaded" if self.served is not None else "failed"
+
+
+@dataclass
+class ReloadReport:
+    """What a rescan changed."""
+
+    loaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class ModelRegistry:
+    """Every checkpoint found under the checkpoint folder, by folder name."""
+
+    def __init__(self, settings: Settings, *, runtime: Runtime, decoder: ImageDecoder,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.decoder = decoder
+        self.metrics = metrics
+        self.closing = False
+        self._entries: dict[str, ModelEntry] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """True when at least one model is loaded and warmed up, and not shutting down."""
+        return not self.closing and any(e.served for e in self._entries.values())
+
+    def entries(self) -> list[ModelEntry]:
+        """Every checkpoint found, loaded or failed, sorted by name."""
+        return [self._entries[name] for name in sorted(self._entries)]
+
+    def entry(self, name: str) -> ModelEntry:
+        """One checkpoint by name (loaded or failed)."""
+        found = self._entries.get(name)
+        if found is None:
+            raise UnknownModelError(name, sorted(self._entries))
+        return found
+
+    def loaded_names(self) -> list[str]:
+        """Names of the models serving now."""
+        return sorted(n for n, e in self._entries.items() if e.served)
+
+    def default_name(self) -> str | None:
+        """The model used when a request names none."""
+        if self.settings.default_model:
+            return self.settings.default_model
+        loaded = self.loaded_names()
+        return loaded[0] if len(loaded) == 1 else None
+
+    def get(self, name: str | None = None) -> ServedModel:
+        """The serving model `name` (or the default one) for a new request."""
+        if self.closing:
+            raise ShuttingDownError("the service is shutting down")
+        loaded = self.loaded_names()
+        if not loaded:
+            raise NotReadyError("no model is loaded yet")
+        if name is None:
+            name = self.default_name()
+            if name is None:
+                raise ModelRequiredError(loaded)
+        found = self._entries.get(name)
+        if found is None or found.served is None:
+            raise UnknownModelError(name, loaded)
+        return found.served
+
+    async def reload(self) -> ReloadReport:
+        """Rescan the folder: load new or changed checkpoints, retire removed ones.
+
+        A checkpoint that fails to load keeps its previous version serving. New versions are
+        swapped in at once; retired versions finish their requests in flight before stopping.
+        """
+        async with self._lock:
+            if self.closing:
+                raise ShuttingDownError("the service is shutting down")
+            report, retired = ReloadReport(), []
+            paths = await asyncio.to_thread(checkpoint.find_checkpoints,
+                                            self.settings.checkpoint_dir)
+            entries: dict[str, ModelEntry] = {}
+            for path in paths:
+                entries[path.name] = await self._refresh(path, self._entries.get(path.name),
+                                                         report)
+            for name, old in self._entries.items():
+                new = entries.get(name)
+                if old.served is not None and (new is None or new.served is not old.served):
+                    retired.append(old.served)
+                if new is None:
+                    report.removed.append(name)
+                    self.metrics.forget_model(name)
+            self._entries = entries
+            for entry in entries.values():
+                if entry.served is not None:
+                    self.metrics.watch_queue(entry.name,
+                                             lambda s=entry.served: s.batcher.queued)
+            self.metrics.models_loaded.set(len(self.loaded_names()))
+            self.metrics.reloads.inc()
+        logger.info("models: loaded %s, unchanged %s, removed %s, failed %s",
+                    report.loaded, report.unchanged, report.removed, sorted(report.failed))
+        await asyncio.gather(*(s.retire(self.settings.request_timeout) for s in retired))
+        return report
+
+    async def _refresh(self, path: Path, old: ModelEntry | None,
+                       report: ReloadReport) -> ModelEntry:
+        name = path.name
+        stamp = await asyncio.to_thread(fingerprint, path)
+        if old is not None and old.fingerprint == stamp and old.path == path:
+            report.unchanged.append(name)
+            return old
+        try:
+            served = await asyncio.to_thread(self._load, name, path)
+        except Exception as exc:  # noqa: BLE001 - any broken checkpoint must not stop the rest
+            error = str(exc) or type(exc).__name__
+            report.failed[name] = error
+            if old is not None and old.served is not None:
+                logger.error("model %s: new version failed to load, keeping the previous "
+                             "one: %s", name, error)
+                return replace(old, error=f"reload failed, previous version serving: {error}")
+            logger.error("model %s failed to load: %s", name, error)
+            return ModelEntry(name, path, stamp, card=_try_card(path), error=error)
+        served.start()
+        report.loaded.append(name)
+        return ModelEntry(name, path, stamp, card=served.card, served=served)
+
+    def _load(self, name: str, path: Path) -> ServedModel:
+        model, card = checkpoint.load(path)
+        predictor = Predictor(model, card, self.runtime)
+        if self.settings.warmup:
+            predictor.warmup(warmup_sizes(self.settings.max_batch_size))
+        logger.info("model %s loaded from %s (%s, %s, %d classes) on %s, %s", name, path,
+                    card.arch, card.task, card.num_classes, self.runtime.describe(),
+                    self.runtime.precision_name)
+        return ServedModel(name=name, card=card, predictor=predictor, decoder=self.decoder,
+                           settings=self.settings, on_event=self.metrics.batcher_hook(name))
+
+    def begin_shutdown(self) -> None:
+        """Turn not-ready and refuse new requests (safe to call from a signal handler)."""
+        self.closing = True
+
+    async def close(self, timeout: float) -> None:
+        """Refuse new requests, let those in flight finish (bounded), stop every worker."""
+        self.closing = True
+        async with self._lock:
+            served = [e.served for e in self._entries.values() if e.served is not None]
+        await asyncio.gather(*(s.retire(timeout) for s in served))
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """Batch sizes to run before serving: 1, the full batch, and the powers of two between."""
+    sizes = {1, max_batch_size}
+    size = 2
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+def _try_card(path: Path) -> ModelCard | None:
+    try:
+        return checkpoint.read_card(path)
+    except checkpoint.CheckpointError:
+        return None
