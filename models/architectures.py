@@ -119,17 +119,46 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def build(arch: str, *, num_classes: int, weights: str | Path | None = None) -> nn.Module:
+def _imagenet_stem(model: nn.Module) -> None:
+    """Keep torchvision's stem: 7x7 stride-2 conv + 3x3 stride-2 max-pool (input / 4)."""
+
+
+def _small_stem(model: nn.Module) -> None:
+    """3x3 stride-1 conv, no max-pool: layer1 sees the full input (for ~32 px images)."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def _small_stride2_stem(model: nn.Module) -> None:
+    """3x3 stride-2 conv, no max-pool: layer1 sees input / 2 (for ~48-96 px images)."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=2, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+# The stem decides how much the first layers downsample; the rest of the network is unchanged.
+STEMS: dict[str, Callable[[nn.Module], None]] = {
+    "imagenet": _imagenet_stem,
+    "small": _small_stem,
+    "small_stride2": _small_stride2_stem,
+}
+
+
+def build(arch: str, *, num_classes: int, weights: str | Path | None = None,
+          stem: str = "imagenet") -> nn.Module:
     """Build `arch` with a fresh `num_classes` head.
 
     `weights` is None/"none" (random init), "imagenet" (torchvision's weights), or a path to a
     local .pth/.safetensors state dict. Backbone weights are loaded strictly; the classifier is
-    kept only when its shape already fits `num_classes`.
+    kept only when its shape already fits `num_classes`. `stem` is a key of STEMS; with a stem
+    other than "imagenet", a pretrained first convolution (another shape) is left fresh.
     """
     spec = arch_spec(arch)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
     model = spec.factory(weights=None, num_classes=num_classes)
+    STEMS[stem](model)
     if weights is None or str(weights) == "none":
         return model
     if str(weights) == "imagenet":
@@ -142,6 +171,8 @@ def build(arch: str, *, num_classes: int, weights: str | Path | None = None) -> 
 
 def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
     own = model.state_dict()
+    if "conv1.weight" in state and own["conv1.weight"].shape != state["conv1.weight"].shape:
+        state = {k: v for k, v in state.items() if k != "conv1.weight"}
     head = {k: v for k, v in state.items() if k.startswith("fc.")}
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}
     head_fits = all(k in own and own[k].shape == v.shape for k, v in head.items()) and head
@@ -150,7 +181,7 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], *, source: 
             {**body, **(head if head_fits else {})}, strict=False)
     except RuntimeError as exc:
         raise WeightsUnavailableError(f"weights from {source} do not fit: {exc}") from exc
-    missing = [k for k in missing if not k.startswith("fc.")]
+    missing = [k for k in missing if not k.startswith("fc.") and k != "conv1.weight"]
     if missing or unexpected:
         raise WeightsUnavailableError(
             f"weights from {source} do not fit this architecture: "

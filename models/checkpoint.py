@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.architectures import ARCHITECTURES, build
+from models.architectures import ARCHITECTURES, STEMS, build
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     allow_half: bool = True
+    stem: str = "imagenet"
     created_at: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
@@ -102,6 +103,8 @@ class ModelCard:
                        f"(this code reads {FORMAT_VERSION})")
         if self.arch not in ARCHITECTURES:
             out.append(f"unknown arch {self.arch!r} (known: {', '.join(ARCHITECTURES)})")
+        if self.stem not in STEMS:
+            out.append(f"unknown stem {self.stem!r} (known: {', '.join(STEMS)})")
         if self.task not in TASKS:
             out.append(f"task must be one of {TASKS}, got {self.task!r}")
         if not self.classes or not all(isinstance(c, str) and c for c in self.classes):
@@ -199,7 +202,7 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu"
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(weights_path, f"cannot be read ({exc})") from exc
-    model = build(card.arch, num_classes=card.num_classes, weights=None)
+    model = build(card.arch, num_classes=card.num_classes, weights=None, stem=card.stem)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

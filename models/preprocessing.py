@@ -107,8 +107,13 @@ def eval_transform(pre: Preprocessing) -> Transform:
 
 
 def train_transform(pre: Preprocessing, *, min_scale: float = 0.08, hflip: bool = True,
-                    trivial_augment: bool = True) -> Transform:
-    """Random-resized crop, flip, TrivialAugmentWide: PIL image -> uint8 CHW tensor."""
+                    trivial_augment: bool = True, augment_probability: float = 1.0
+                    ) -> Transform:
+    """Random-resized crop, flip, TrivialAugmentWide: PIL image -> uint8 CHW tensor.
+
+    `augment_probability` < 1 applies TrivialAugmentWide to only that share of the images
+    (a gentler policy for short runs from scratch).
+    """
     interpolation = _INTERPOLATION[pre.interpolation]
     steps: list[Callable] = [
         T.RandomResizedCrop(pre.crop, scale=(min_scale, 1.0), interpolation=interpolation,
@@ -116,8 +121,10 @@ def train_transform(pre: Preprocessing, *, min_scale: float = 0.08, hflip: bool 
     ]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
-    if trivial_augment:
-        steps.append(T.TrivialAugmentWide(interpolation=interpolation))
+    if trivial_augment and augment_probability > 0:
+        augment = T.TrivialAugmentWide(interpolation=interpolation)
+        steps.append(augment if augment_probability >= 1
+                     else T.RandomApply([augment], p=augment_probability))
     steps.append(T.PILToTensor())
     return T.Compose(steps)
 

@@ -1,0 +1,1 @@
+"""How a model is made: data loading, the training loop, metrics, reports and export."""

@@ -1,0 +1,121 @@
+"""Validation metrics from scores and targets (numpy; no extra dependencies)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts[true, predicted]."""
+    out = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(out, (target, pred), 1)
+    return out
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b > 0)
+
+
+def _per_class(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, support: np.ndarray,
+               classes: Sequence[str]) -> dict[str, dict[str, float]]:
+    precision = _safe_div(tp.astype(float), (tp + fp).astype(float))
+    recall = _safe_div(tp.astype(float), (tp + fn).astype(float))
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    return {c: {"precision": float(precision[i]), "recall": float(recall[i]),
+                "f1": float(f1[i]), "support": int(support[i])}
+            for i, c in enumerate(classes)}
+
+
+def single_label_metrics(scores: np.ndarray, target: np.ndarray,
+                         classes: Sequence[str]) -> dict[str, Any]:
+    """accuracy, top5_accuracy, balanced_accuracy, per_class, confusion_matrix."""
+    n, c = scores.shape
+    pred = scores.argmax(axis=1)
+    cm = confusion_matrix(pred, target, c)
+    tp = np.diag(cm)
+    support = cm.sum(axis=1)
+    k = min(5, c)
+    topk = np.argpartition(-scores, k - 1, axis=1)[:, :k] if n else np.zeros((0, k), int)
+    recall = _safe_div(tp.astype(float), support.astype(float))
+    present = support > 0
+    return {
+        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "top5_accuracy": float((topk == target[:, None]).any(axis=1).mean()) if n else 0.0,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "num_samples": int(n),
+        "per_class": _per_class(tp, cm.sum(axis=0) - tp, support - tp, support, classes),
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def precision_recall_curve(scores: np.ndarray, positive: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and threshold at every distinct score, highest threshold first."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], positive[order].astype(float)
+    tp = np.cumsum(y)
+    fp = np.cumsum(1 - y)
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.array([], int)
+    tp, fp = tp[last], fp[last]
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / max(y.sum(), 1.0)
+    return precision, recall, s[last]
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the step precision-recall curve (sum of precision at each recall gain)."""
+    if not positive.any():
+        return float("nan")
+    precision, recall, _ = precision_recall_curve(scores, positive)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def tune_thresholds(scores: np.ndarray, target: np.ndarray, *, default: float = 0.5
+                    ) -> list[float]:
+    """Per-class threshold that maximises F1 on these scores (default where a class is absent)."""
+    out = []
+    for j in range(scores.shape[1]):
+        positive = target[:, j] > 0.5
+        if not positive.any():
+            out.append(default)
+            continue
+        precision, recall, thresholds = precision_recall_curve(scores[:, j], positive)
+        f1 = _safe_div(2 * precision * recall, precision + recall)
+        best = int(np.argmax(f1))
+        # Halfway to the next lower score generalises better than the exact score.
+        lower = thresholds[best + 1] if best + 1 < len(thresholds) else thresholds[best] / 2
+        out.append(float(np.clip((thresholds[best] + lower) / 2, 1e-4, 1.0)))
+    return out
+
+
+def multi_label_metrics(scores: np.ndarray, target: np.ndarray, classes: Sequence[str],
+                        thresholds: Sequence[float]) -> dict[str, Any]:
+    """mAP, f1_micro, f1_macro and per_class (precision, recall, f1, support, ap, threshold)."""
+    positive = target > 0.5
+    pred = scores >= np.asarray(thresholds)[None, :]
+    tp = (pred & positive).sum(axis=0)
+    fp = (pred & ~positive).sum(axis=0)
+    fn = (~pred & positive).sum(axis=0)
+    per_class = _per_class(tp, fp, fn, positive.sum(axis=0), classes)
+    aps = [average_precision(scores[:, j], positive[:, j]) for j in range(len(classes))]
+    for j, c in enumerate(classes):
+        per_class[c]["ap"] = None if np.isnan(aps[j]) else aps[j]
+        per_class[c]["threshold"] = float(thresholds[j])
+    valid = [a for a in aps if not np.isnan(a)]
+    f1s = [per_class[c]["f1"] for c, s in zip(classes, positive.sum(axis=0), strict=True) if s]
+    denom = 2 * tp.sum() + fp.sum() + fn.sum()
+    return {
+        "mAP": float(np.mean(valid)) if valid else 0.0,
+        "f1_micro": float(2 * tp.sum() / denom) if denom else 0.0,
+        "f1_macro": float(np.mean(f1s)) if f1s else 0.0,
+        "num_samples": int(len(scores)),
+        "per_class": per_class,
+    }
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar figures of a metrics dict (for logs, history and the card)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -1,0 +1,86 @@
+"""The recipe: defaults resolved from the run's shape (pretrained or not, image size, epochs).
+
+Fine-tuning a pretrained network and training a small network from scratch for a few epochs
+want different settings; the user passes neither and gets the right one. Every value can still
+be pinned on the command line, and the resolved values are written to the card.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from training.config import TrainConfig
+
+SMALL_STEM_MAX = 40  # crops up to this size keep full resolution into layer1
+STRIDE2_STEM_MAX = 96  # crops up to this size halve once before layer1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Concrete hyper-parameters for one run."""
+
+    stem: str
+    batch_size: int
+    lr: float
+    backbone_lr_scale: float
+    weight_decay: float
+    warmup_epochs: float
+    label_smoothing: float
+    min_scale: float
+    trivial_augment: float
+    eval_resize_ratio: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for the card."""
+        return asdict(self)
+
+
+def default_stem(cfg: TrainConfig) -> str:
+    """A stem that keeps small images from being downsampled to nothing (from scratch only)."""
+    if cfg.pretrained or cfg.image_size > STRIDE2_STEM_MAX:
+        return "imagenet"
+    return "small" if cfg.image_size <= SMALL_STEM_MAX else "small_stride2"
+
+
+def default_min_scale(cfg: TrainConfig) -> float:
+    """RandomResizedCrop's smallest area: aggressive for large pretrained crops, mild when small.
+
+    A 32 px image cropped to 8% keeps ~9x9 pixels of the object, which teaches nothing in a
+    short run; so the floor rises as the crop shrinks and as the run gets shorter.
+    """
+    if cfg.pretrained and cfg.image_size >= 128:
+        return 0.08
+    size_term = min(1.0, max(0.0, math.log2(224 / cfg.image_size) / math.log2(224 / 32)))
+    base = 0.08 + 0.27 * size_term  # 224 px -> 0.08, 32 px -> 0.35
+    short_run = max(0.0, (15 - cfg.epochs) / 15) * 0.15  # <= +0.15 for very short runs
+    return round(min(0.6, base + short_run), 3)
+
+
+def default_trivial_augment(cfg: TrainConfig) -> float:
+    """Share of images given TrivialAugmentWide: all when fine-tuning, few in short scratch runs."""
+    if cfg.pretrained:
+        return 1.0
+    return round(min(1.0, max(0.0, (cfg.epochs - 10) / 30)), 3)
+
+
+def resolve(cfg: TrainConfig, *, weights_ratio: float = 256 / 224) -> Recipe:
+    """Fill every unset option of `cfg` with the default for this kind of run."""
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    stem = default_stem(cfg) if cfg.stem == "auto" else cfg.stem
+    return Recipe(
+        stem=stem,
+        batch_size=pick(cfg.batch_size, 64),
+        lr=pick(cfg.lr, 1e-3 if cfg.pretrained else 2e-3),
+        backbone_lr_scale=pick(cfg.backbone_lr_scale, 0.1 if cfg.pretrained else 1.0),
+        weight_decay=cfg.weight_decay,
+        warmup_epochs=pick(cfg.warmup_epochs, min(1.0, 0.1 * cfg.epochs)),
+        label_smoothing=cfg.label_smoothing,
+        min_scale=pick(cfg.min_scale, default_min_scale(cfg)),
+        trivial_augment=pick(cfg.trivial_augment, default_trivial_augment(cfg)),
+        eval_resize_ratio=pick(cfg.eval_resize_ratio,
+                               weights_ratio if cfg.pretrained else 1.0),
+    )

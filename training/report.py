@@ -1,0 +1,100 @@
+"""Report files beside a checkpoint: metrics.json, history.csv, curves and diagnostic figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+
+from training.metrics import precision_recall_curve  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json: the best epoch's full validation metrics."""
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def write_history(path: Path, history: Sequence[dict[str, Any]]) -> None:
+    """history.csv: one row per epoch."""
+    if not history:
+        return
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_curves(path: Path, history: Sequence[dict[str, Any]], monitor: str) -> None:
+    """curves.png: train/val loss and the monitored validation metric per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_metric.plot(epochs, [r[f"val_{monitor}"] for r in history], marker="o", color="C2")
+    ax_metric.set(xlabel="epoch", ylabel=monitor, title=f"validation {monitor}", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(path: Path, matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> None:
+    """confusion_matrix.png: rows are true classes, columns predictions (row-normalised colour)."""
+    cm = np.asarray(matrix, dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    n = len(classes)
+    size = min(20, max(4, 0.45 * n + 2))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if n <= 40:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), classes, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (validation)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_pr_curves(path: Path, scores: np.ndarray, targets: np.ndarray,
+                   classes: Sequence[str], thresholds: Sequence[float]) -> None:
+    """pr_curves.png: one precision-recall curve per class, its tuned threshold marked."""
+    n = len(classes)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)
+    for j, ax in enumerate(axes.flat):
+        if j >= n:
+            ax.axis("off")
+            continue
+        positive = targets[:, j] > 0.5
+        if positive.any():
+            precision, recall, cut = precision_recall_curve(scores[:, j], positive)
+            ax.step(recall, precision, where="post")
+            k = int(np.argmin(np.abs(cut - thresholds[j])))
+            ax.plot(recall[k], precision[k], "o", color="C3")
+        ax.set(title=classes[j], xlim=(0, 1.02), ylim=(0, 1.02), xlabel="recall",
+               ylabel="precision")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,132 @@
+"""A generated, learnable dataset: shapes of random colour, size and place on noisy backgrounds.
+
+The class is the shape, never the colour, so mean colour alone does not separate classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]
+
+
+def _ellipse(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
+    d.ellipse(b, fill=c)
+
+
+def _square(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
+    d.rectangle(b, fill=c)
+
+
+def _triangle(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
+    x0, y0, x1, y1 = b
+    d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=c)
+
+
+def _cross(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
+    x0, y0, x1, y1 = b
+    w = (x1 - x0) / 3.5
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    d.rectangle((cx - w / 2, y0, cx + w / 2, y1), fill=c)
+    d.rectangle((x0, cy - w / 2, x1, cy + w / 2), fill=c)
+
+
+def _ring(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
+    d.ellipse(b, outline=c, width=max(2, round((b[2] - b[0]) / 6)))
+
+
+def _stripes(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
+    x0, y0, x1, y1 = b
+    step = (x1 - x0) / 5
+    for i in range(0, 5, 2):
+        d.rectangle((x0 + i * step, y0, x0 + (i + 1) * step, y1), fill=c)
+
+
+SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, Box, tuple[int, ...]], None]] = {
+    "circle": _ellipse, "square": _square, "triangle": _triangle,
+    "cross": _cross, "ring": _ring, "stripes": _stripes,
+}
+SUPERSAMPLE = 4
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    t = np.linspace(0, 1, size)[:, None, None]
+    grad = a * (1 - t) + b * t
+    if rng.random() < 0.5:
+        grad = grad.transpose(1, 0, 2)
+    img = np.broadcast_to(grad, (size, size, 3)) + rng.normal(0, 18, (size, size, 3))
+    return np.clip(img, 0, 255)
+
+
+def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> tuple[int, ...]:
+    mean = background.reshape(-1, 3).mean(axis=0)
+    for _ in range(20):
+        colour = rng.integers(0, 256, 3)
+        if np.abs(colour - mean).sum() > 180:
+            break
+    return tuple(int(v) for v in colour)
+
+
+def render(shapes: list[str], *, size: int, rng: np.random.Generator) -> Image.Image:
+    """One image with each named shape at a random place, scale and colour."""
+    background = _background(rng, size)
+    big = size * SUPERSAMPLE
+    layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    scale_hi = 0.75 if len(shapes) == 1 else 0.5
+    for name in shapes:
+        side = big * rng.uniform(0.35, scale_hi)
+        x0 = rng.uniform(0, big - side)
+        y0 = rng.uniform(0, big - side)
+        aspect = rng.uniform(0.8, 1.25)
+        h = min(side * aspect, big - y0)
+        SHAPES[name](draw, (x0, y0, x0 + side, y0 + h), (*_contrasting_colour(rng, background),
+                                                          255))
+    layer = layer.rotate(float(rng.uniform(-30, 30)), resample=Image.BILINEAR)
+    base = Image.fromarray(background.astype(np.uint8)).resize((big, big), Image.NEAREST)
+    base = Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+    return base.resize((size, size), Image.LANCZOS)
+
+
+def generate(out: Path, *, task: str = "single", size: int = 32, per_class: int = 100,
+             seed: int = 0, classes: int | None = None) -> Path:
+    """Write a class-folder tree (single) or images/ + labels.csv (multi); return DATA's path."""
+    if size < 16:
+        raise ValueError(f"--size must be at least 16, got {size}")
+    names = list(SHAPES)[: classes or len(SHAPES)]
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if task == "single":
+        for name in names:
+            (out / name).mkdir(exist_ok=True)
+            for i in range(per_class):
+                render([name], size=size, rng=rng).save(out / name / f"{i:05d}.png")
+        logger.info("wrote %d images in %d class folders under %s",
+                    per_class * len(names), len(names), out)
+        return out
+    (out / "images").mkdir(exist_ok=True)
+    rows = []
+    total = math.ceil(per_class * len(names) / 2)  # ~2 labels per image
+    for i in range(total):
+        k = int(rng.integers(1, 4))
+        chosen = sorted(rng.choice(len(names), size=k, replace=False).tolist())
+        labels = [names[j] for j in chosen]
+        render(labels, size=size, rng=rng).save(out / "images" / f"{i:05d}.png")
+        rows.append((f"images/{i:05d}.png", " ".join(labels)))
+    csv_path = out / "labels.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "labels"])
+        writer.writerows(rows)
+    logger.info("wrote %d multi-label images and %s", total, csv_path)
+    return csv_path
