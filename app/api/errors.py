@@ -78,7 +78,7 @@ def response_for(exc: Exception) -> JSONResponse:
     if status == 500:
         detail = f"internal error while serving the request (request id {request_id_var.get()})"
         logger.error("request failed: %s", exc, exc_info=not isinstance(exc, BatchFailedError))
-    elif status >= 500:
+    elif status >= 500 and not isinstance(exc, (NotReadyError, ShuttingDownError)):
         logger.warning("%d %s", status, exc)
     else:
         logger.info("%d %s", status, exc)

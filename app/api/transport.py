@@ -7,7 +7,8 @@ import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from fastapi import Request, UploadFile
+from fastapi import Request
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Message
