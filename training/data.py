@@ -154,7 +154,8 @@ def stratified_split(samples: Sequence[Sample], *, fraction: float, seed: int
         train.extend(members[n_val:])
     if not val:
         raise DataError("the validation split is empty: add images or pass --val")
-    return train, val
+    # One canonical order, so a split read back from split.json batches identically.
+    return sorted(train, key=lambda s: str(s.path)), sorted(val, key=lambda s: str(s.path))
 
 
 def write_split(path: Path, root: Path, train: Sequence[Sample], val: Sequence[Sample],
@@ -176,7 +177,9 @@ def read_split(path: Path, samples: Sequence[Sample], root: Path
     if missing:
         raise DataError(f"{path}: {len(missing)} images of the recorded split are gone, "
                         f"e.g. {missing[0]}")
-    return [by_rel[r] for r in payload["train"]], [by_rel[r] for r in payload["val"]]
+    def ordered(rels: list[str]) -> list[Sample]:
+        return sorted((by_rel[r] for r in rels), key=lambda s: str(s.path))
+    return ordered(payload["train"]), ordered(payload["val"])
 
 
 class ImageDataset(Dataset):

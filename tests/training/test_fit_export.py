@@ -1,0 +1,101 @@
+"""A short run exports a checkpoint that loads back and behaves identically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from models import checkpoint
+from models.preprocessing import Normalize, eval_transform
+from training.evaluation import build_eval_dataset
+
+
+def test_export_loads_back_with_identical_outputs(trained):
+    run, out = trained
+    model, card = checkpoint.load(out)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    norm = Normalize(card.preprocessing)
+    live = run.model.float().cpu().eval()
+    with torch.no_grad():
+        expected = live(norm(x).contiguous(memory_format=torch.channels_last))
+        got = model(norm(x))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert card.classes == run.data.classes
+    assert card.stem == "small"  # 32 px from scratch gets the small-image stem
+    assert card.task == "single_label"
+
+
+def test_card_records_the_run(trained):
+    _, out = trained
+    card = checkpoint.read_card(out)
+    t = card.training
+    assert t["dataset"]["train"] + t["dataset"]["val"] == 36
+    assert t["epochs_run"] == 2 and t["seconds"] > 0
+    assert t["config"]["arch"] == "resnet18" and t["recipe"]["stem"] == "small"
+    assert set(t["versions"]) == {"torch", "torchvision"}
+    assert "accuracy" in card.metrics and 0.0 <= card.metrics["accuracy"] <= 1.0
+    assert (card.preprocessing.resize, card.preprocessing.crop) == (32, 32)
+    for name in ("metrics.json", "history.csv", "curves.png", "confusion_matrix.png",
+                 "split.json", "last.pt"):
+        assert (out / name).is_file(), name
+    history = (out / "history.csv").read_text().splitlines()
+    assert len(history) == 3 and history[0].startswith("epoch,")
+
+
+def test_eval_transform_is_the_cards(trained, single_data):
+    run, out = trained
+    card = checkpoint.read_card(out)
+    dataset = build_eval_dataset(single_data, card)
+    assert repr(dataset.transform) == repr(eval_transform(card.preprocessing))
+    assert repr(run.data.val.transform) == repr(eval_transform(card.preprocessing))
+
+
+def test_evaluate_prints_only_json_matching_a_manual_pass(trained, single_data):
+    _, out = trained
+    proc = subprocess.run(
+        [sys.executable, "-m", "training", "evaluate", str(out), str(single_data),
+         "--device", "cpu"], capture_output=True, text=True, check=True, timeout=120)
+    metrics = json.loads(proc.stdout)
+    assert set(metrics) >= {"accuracy", "top5_accuracy", "balanced_accuracy", "per_class"}
+    assert metrics["num_samples"] == 36
+    assert metrics["top5_accuracy"] == 1.0  # 3 classes
+    assert set(metrics["per_class"]["circle"]) == {"precision", "recall", "f1", "support"}
+    # The same numbers by hand: card transform, loaded model, argmax.
+    model, card = checkpoint.load(out)
+    ds = build_eval_dataset(single_data, card)
+    norm = Normalize(card.preprocessing)
+    correct = 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            image, target, _ = ds[i]
+            correct += int(model(norm(image[None])).argmax(1).item() == int(target))
+    assert metrics["accuracy"] == pytest.approx(correct / len(ds))
+
+
+def test_corrupt_card_and_truncated_weights_are_named(trained, tmp_path):
+    _, out = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "card.json").write_text("{not json")
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load(broken)
+    assert err.value.path.endswith("card.json") and "JSON" in err.value.problem
+
+    shutil.copy(out / "card.json", broken / "card.json")
+    data = (out / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load(broken)
+    assert err.value.path.endswith("model.safetensors")
+
+    card = json.loads((out / "card.json").read_text())
+    card["stem"] = "imagenet"  # weights of the small stem no longer fit
+    (broken / "card.json").write_text(json.dumps(card))
+    shutil.copy(out / "model.safetensors", broken / "model.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="wrong shapes"):
+        checkpoint.load(broken)
