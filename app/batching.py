@@ -161,7 +161,7 @@ class DynamicBatcher:
         except TimeoutError:
             self._drop(request, "expired")
             raise DeadlineExceededError(
-                f"no result within the request timeout of {timeout:g} s") from None
+                f"no result within the request timeout ({timeout:.2f} s left)") from None
         except asyncio.CancelledError:
             self._drop(request, "disconnected")
             raise

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -84,3 +86,24 @@ async def wait_until_ready(client: httpx.AsyncClient, timeout: float = 60.0,
         if loop.time() > give_up:
             raise AssertionError(f"not ready after {timeout} s: {response.text}")
         await asyncio.sleep(0.05)
+
+
+def slow_down(app, name: str, seconds: float) -> None:
+    """Make a model's batches take at least `seconds` (the real model still runs)."""
+    batcher = app.state.registry.get(name).batcher
+    real = batcher.fn
+
+    def slow(items):
+        time.sleep(seconds)
+        return real(items)
+
+    batcher.fn = slow
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = rf"^{re.escape(name)}\{{{re.escape(want)}\}} (\S+)$" if labels \
+        else rf"^{re.escape(name)} (\S+)$"
+    found = re.search(pattern, text, re.M)
+    return float(found.group(1)) if found else 0.0

@@ -116,7 +116,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     finally:
         watcher.cancel()
         if not task.done():
-            task.cancel()
+            task.cancel()  # drop its queued images now, before this request is gone
+            await asyncio.wait({task})
 
 
 async def _disconnected(request: Request) -> None:

@@ -1,0 +1,118 @@
+"""Reload without loss, a checkpoint breaking on reload, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.main import create_app
+from tests.serving_helpers import (
+    CLASSES,
+    fast_settings,
+    jpeg,
+    running_app,
+    slow_down,
+    wait_until_ready,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def bump_card(path: Path, **changes: object) -> None:
+    """Rewrite a checkpoint's card so the registry sees a new version."""
+    card = json.loads((path / "card.json").read_text())
+    card.update(changes)
+    (path / "card.json").write_text(json.dumps(card))
+
+
+async def test_reload_adds_swaps_and_removes(make_checkpoint_dir, checkpoint_root: Path
+                                             ) -> None:
+    root = make_checkpoint_dir("colors")
+    async with running_app(fast_settings(root)) as (http, app):
+        old = app.state.registry.get("colors")
+        r = await http.post("/models/reload")
+        assert r.json() == {"loaded": [], "unchanged": ["colors"], "removed": [], "failed": {}}
+        shutil.copytree(checkpoint_root / "tags", root / "tags")
+        bump_card(root / "colors", metrics={"accuracy": 0.99})
+        r = await http.post("/models/reload")
+        assert r.status_code == 200
+        assert sorted(r.json()["loaded"]) == ["colors", "tags"]
+        new = app.state.registry.get("colors")
+        assert new is not old and not old.batcher.running and new.batcher.running
+        model = (await http.get("/models/colors")).json()
+        assert model["card"]["metrics"] == {"accuracy": 0.99}
+        shutil.rmtree(root / "tags")
+        r = await http.post("/models/reload")
+        assert r.json()["removed"] == ["tags"]
+        assert (await http.get("/models/tags")).status_code == 404
+
+
+async def test_checkpoint_broken_on_reload_keeps_old_version(make_checkpoint_dir) -> None:
+    root = make_checkpoint_dir("colors")
+    async with running_app(fast_settings(root)) as (http, app):
+        served = app.state.registry.get("colors")
+        (root / "colors" / "model.safetensors").write_bytes(b"truncated")
+        r = await http.post("/models/reload")
+        assert "model.safetensors" in r.json()["failed"]["colors"]
+        info = (await http.get("/models/colors")).json()
+        assert info["status"] == "loaded" and "previous version serving" in info["error"]
+        assert app.state.registry.get("colors") is served
+        ok = await http.post("/predict", files={"file": ("g.jpg", jpeg("green"))})
+        assert ok.status_code == 200
+        assert ok.json()["results"][0]["predictions"][0]["label"] == "green"
+
+
+async def test_reload_under_load_loses_nothing(make_checkpoint_dir) -> None:
+    root = make_checkpoint_dir("colors")
+    async with running_app(fast_settings(root)) as (http, app):
+        slow_down(app, "colors", 0.05)
+
+        async def client_loop(i: int) -> list[int]:
+            statuses = []
+            for j in range(6):
+                colour = CLASSES[(i + j) % 3]
+                r = await http.post("/predict", files={"file": ("x.jpg", jpeg(colour, seed=j))})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    assert r.json()["results"][0]["predictions"][0]["label"] == colour
+            return statuses
+
+        async def reloads() -> None:
+            for k in range(3):
+                await asyncio.sleep(0.1)
+                bump_card(root / "colors", metrics={"round": k})
+                r = await http.post("/models/reload")
+                assert r.json()["loaded"] == ["colors"]
+
+        *statuses, _ = await asyncio.gather(*(client_loop(i) for i in range(6)), reloads())
+        assert all(s == 200 for per_client in statuses for s in per_client), statuses
+
+
+async def test_graceful_shutdown_finishes_requests_in_flight(checkpoint_root: Path) -> None:
+    app = create_app(fast_settings(checkpoint_root, default_model="colors", max_wait_ms=0))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        await wait_until_ready(http)
+        slow_down(app, "colors", 0.3)
+        in_flight = [asyncio.create_task(http.post(
+            "/predict", files={"file": (f"{i}.jpg", jpeg(CLASSES[i % 3], seed=i))}))
+            for i in range(4)]
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(lifespan.__aexit__(None, None, None))
+        await asyncio.sleep(0.05)
+        assert (await http.get("/ready")).status_code == 503
+        refused = await http.post("/predict", files={"file": ("late.jpg", jpeg("red"))})
+        assert refused.status_code == 503
+        results = await asyncio.gather(*in_flight)
+        assert [r.status_code for r in results] == [200] * 4
+        assert [r.json()["results"][0]["predictions"][0]["label"] for r in results] == \
+            [CLASSES[i % 3] for i in range(4)]
+        await asyncio.wait_for(stopping, 10)
+        assert all(not e.served.batcher.running for e in app.state.registry.entries())
