@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
@@ -84,6 +85,10 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _already_stopped(sig: int, frame: FrameType | None) -> None:
+    logger.debug("signal %d after shutdown", sig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status."""
     settings = parse_settings(argv)
@@ -95,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_timeout),
         lifespan="on", server_header=False)
     server = _Server(config, lambda: begin_shutdown(app))
+    # uvicorn re-raises the stop signal once it has shut down gracefully; handle it as
+    # "done" so a requested stop exits with status 0 instead of dying by the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _already_stopped)
     server.run()
     return 0 if server.started else 1
 
