@@ -12,6 +12,7 @@ from typing import Literal, get_args, get_origin
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from app.config import ENV_PREFIX, Settings
 from app.logs import configure_logging
@@ -48,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_default(name: str, field: object) -> str:
+def _show_default(name: str, field: FieldInfo) -> str:
     if name == "decode_workers":
         return "min(4, CPUs)"
-    value = getattr(field, "default", None)
+    value = field.get_default(call_default_factory=True)
     return "none" if value is None or value == [] else str(value)
 
 

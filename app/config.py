@@ -59,7 +59,8 @@ class Settings(BaseSettings):
         description="threads decoding and resizing uploads (default: min(4, CPUs))")
     torch_threads: int = Field(
         0, ge=0, le=1024, description="torch intra-op threads (0: torch's default)")
-    warmup: bool = Field(True, description="run every batch size once before turning ready")
+    warmup: bool = Field(
+        True, description="run batch sizes 1, 2, 4, ... max_batch_size once before turning ready")
     reload_on_sighup: bool = Field(True, description="rescan the checkpoint folder on SIGHUP")
     shutdown_timeout: float = Field(
         30.0, gt=0.0, le=3600.0,
