@@ -77,6 +77,12 @@ def test_real_server_answers_and_stops_cleanly(server) -> None:
         assert bad.headers["x-request-id"] == bad.json()["request_id"]
         assert http.get("/models").json()["default"] == "colors"
         assert "resnet_serve_batch_size_bucket" in http.get("/metrics").text
+        proc.send_signal(signal.SIGHUP)  # rescan: nothing changed, still serving
+        give_up = time.monotonic() + 10
+        while "resnet_serve_reloads_total 2.0" not in http.get("/metrics").text:
+            assert time.monotonic() < give_up, "SIGHUP did not trigger a rescan"
+            time.sleep(0.1)
+        assert http.get("/ready").status_code == 200
 
     async def in_flight_then_sigterm() -> list[int]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
