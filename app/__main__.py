@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -14,9 +15,9 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from app.allocator import loaded_allocator, reexec_with_fast_allocator
 from app.config import ENV_PREFIX, Settings
 from app.logs import configure_logging
-from app.main import begin_shutdown, create_app
 
 logger = logging.getLogger("app")
 
@@ -94,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status."""
     settings = parse_settings(argv)
     configure_logging(log_format=settings.log_format, level=settings.log_level)
+    reexec_with_fast_allocator(settings.allocator,
+                               sys.argv[1:] if argv is None else list(argv), os.environ)
+    from app.main import begin_shutdown, create_app  # torch loads after the allocator choice
+
+    logger.info("allocator: %s", loaded_allocator())
     logger.info("settings: %s", settings.public_dict())
     app = create_app(settings)
     config = uvicorn.Config(

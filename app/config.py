@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         description="threads decoding and resizing uploads (default: min(4, CPUs))")
     torch_threads: int = Field(
         0, ge=0, le=1024, description="torch intra-op threads (0: torch's default)")
+    allocator: Literal["auto", "tcmalloc", "system"] = Field(
+        "auto", description="auto/tcmalloc: restart on tcmalloc when installed (faster CPU "
+        "inference); system: keep the C library's malloc")
     warmup: bool = Field(
         True, description="run batch sizes 1, 2, 4, ... max_batch_size once before turning ready")
     reload_on_sighup: bool = Field(True, description="rescan the checkpoint folder on SIGHUP")
