@@ -129,7 +129,13 @@ class DynamicBatcher:
 
     @contextlib.contextmanager
     def announce(self, count: int) -> Iterator[None]:
-        """Tell the worker `count` items are being prepared, so it may wait for them."""
+        """Reserve queue room for `count` items being prepared (the worker may wait for them).
+
+        Raises QueueFullError at once when the room is taken: items still being decoded count
+        against `max_queue` too, so an overload is refused before any work is spent on it.
+        """
+        if self._queued + self._incoming + count > self.max_queue:
+            self._refuse(count)
         self._incoming += count
         try:
             yield
@@ -147,10 +153,7 @@ class DynamicBatcher:
         if not items:
             return []
         if self._queued + len(items) > self.max_queue:
-            self.stats.rejected += len(items)
-            self._emit("rejected", len(items))
-            raise QueueFullError(requested=len(items), queued=self._queued,
-                                 capacity=self.max_queue, retry_after=self.retry_after())
+            self._refuse(len(items))
         loop = asyncio.get_running_loop()
         request = _Request(list(items), loop.create_future(), loop.time() + timeout)
         self._queue.append(request)
@@ -166,9 +169,15 @@ class DynamicBatcher:
             self._drop(request, "disconnected")
             raise
 
+    def _refuse(self, count: int) -> None:
+        self.stats.rejected += count
+        self._emit("rejected", count)
+        raise QueueFullError(requested=count, queued=self._queued + self._incoming,
+                             capacity=self.max_queue, retry_after=self.retry_after())
+
     def retry_after(self) -> int:
         """Whole seconds until the queue has likely drained (at least 1)."""
-        batches = math.ceil((self._queued + 1) / self.max_batch_size)
+        batches = math.ceil((self._queued + self._incoming + 1) / self.max_batch_size)
         return max(1, math.ceil(batches * self._batch_seconds))
 
     async def stop(self, timeout: float = 30.0) -> None:

@@ -4,8 +4,9 @@
 
 Loopback only; every loop is bounded in count and time. Reports, as JSON: requests sent,
 accepted, refused (429), failed (5xx, must be 0), p50/p99 of accepted requests at 1x and 4x
-capacity, latency at concurrency 1 before and after the flood, and the server's RSS before
-and after N requests and after M reloads.
+capacity, latency at concurrency 1 before and after the flood, the server's RSS before and
+after N requests and after M reloads, and the requests answered while those reloads ran.
+Load goes through `bench.rawhttp` so that the client is not what saturates.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import io
 import json
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,6 +30,7 @@ import torch
 from PIL import Image
 
 from bench.load import percentile
+from bench.rawhttp import RawHttpClient, build_request
 from models.architectures import build
 from models.checkpoint import ModelCard, Preprocessing, save
 
@@ -82,30 +85,31 @@ class Counts:
                 "failed_5xx": self.failed, "other_status": self.other,
                 "transport_errors": self.transport,
                 "p50_ms": round(1000 * percentile(self.latencies, 50), 1),
-                "p99_ms": round(1000 * percentile(self.latencies, 99), 1)}
+                "p99_ms": round(1000 * percentile(self.latencies, 99), 1),
+                "max_ms": round(1000 * max(self.latencies, default=float("nan")), 1)}
 
 
-async def one(client: httpx.AsyncClient, body: bytes, counts: Counts) -> None:
+async def one(client: RawHttpClient, request: bytes, counts: Counts) -> None:
     """Send one request and count its outcome."""
     counts.sent += 1
     start = time.perf_counter()
     try:
-        r = await client.post("/predict", content=body, headers={"Content-Type": "image/jpeg"})
-    except httpx.HTTPError:
+        r = await client.send(request)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
         counts.transport += 1
         return
-    if r.status_code == 200:
+    if r.status == 200:
         counts.ok += 1
         counts.latencies.append(time.perf_counter() - start)
-    elif r.status_code == 429:
+    elif r.status == 429:
         counts.refused += 1
-    elif r.status_code >= 500:
+    elif r.status >= 500:
         counts.failed += 1
     else:
         counts.other += 1
 
 
-async def closed_loop(client: httpx.AsyncClient, images: list[bytes], concurrency: int,
+async def closed_loop(client: RawHttpClient, images: list[bytes], concurrency: int,
                       total: int, seconds: float) -> Counts:
     """`concurrency` clients back to back, until `total` requests or `seconds`."""
     counts, deadline, left = Counts(), time.perf_counter() + seconds, [total]
@@ -121,7 +125,7 @@ async def closed_loop(client: httpx.AsyncClient, images: list[bytes], concurrenc
     return counts
 
 
-async def open_loop(client: httpx.AsyncClient, images: list[bytes], rate: float,
+async def open_loop(client: RawHttpClient, images: list[bytes], rate: float,
                     seconds: float) -> Counts:
     """Offer `rate` requests/s whatever the server does (arrivals do not wait for answers)."""
     counts, tasks = Counts(), []
@@ -137,38 +141,65 @@ async def open_loop(client: httpx.AsyncClient, images: list[bytes], rate: float,
 
 async def soak(args: argparse.Namespace, url: str, pid: int, ckpt: Path) -> dict:
     """All phases, in order."""
-    images = jpegs()
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=url, timeout=args.timeout + 30, limits=limits) as c:
-        await closed_loop(c, images, 4, 200, 30)  # warm
-        before = (await closed_loop(c, images, 1, 100, 30)).summary()
-        probe = await closed_loop(c, images, 16, 100_000, args.probe_seconds)
+    port = int(url.rsplit(":", 1)[1])
+    requests = [build_request("POST", "/predict", f"127.0.0.1:{port}", body=image,
+                              headers={"Content-Type": "image/jpeg"}) for image in jpegs()]
+    load = RawHttpClient("127.0.0.1", port, max_connections=1000, timeout=args.timeout + 30)
+    try:
+        await closed_loop(load, requests, 4, 200, 30)  # warm
+        before = (await closed_loop(load, requests, 1, 100, 30)).summary()
+        probe = await closed_loop(load, requests, 16, 100_000, args.probe_seconds)
         capacity = probe.ok / args.probe_seconds
         logger.info("capacity about %.1f req/s", capacity)
-        at_1x = (await open_loop(c, images, capacity, args.flood_seconds)).summary()
-        at_4x = (await open_loop(c, images, 4 * capacity, args.flood_seconds)).summary()
+        at_1x = (await open_loop(load, requests, capacity, args.flood_seconds)).summary()
+        at_4x = (await open_loop(load, requests, 4 * capacity, args.flood_seconds)).summary()
         await asyncio.sleep(2)
-        after = (await closed_loop(c, images, 1, 100, 30)).summary()
+        after = (await closed_loop(load, requests, 1, 100, 30)).summary()
         rss0 = rss_mib(pid)
-        many = (await closed_loop(c, images, 16, args.requests, args.soak_seconds)).summary()
+        logger.info("%d requests", args.requests)
+        many = (await closed_loop(load, requests, 16, args.requests, args.soak_seconds))
         rss1 = rss_mib(pid)
+        logger.info("%d reloads under load", args.reloads)
+        stop = asyncio.Event()
+        during = asyncio.create_task(load_until(load, requests, stop))
         reloads = failed_reloads = 0
-        for _ in range(args.reloads):
-            (ckpt / "card.json").touch()
-            r = await c.post("/models/reload")
-            reloads += 1
-            failed_reloads += r.status_code != 200
-        await closed_loop(c, images, 4, 100, 30)
+        async with httpx.AsyncClient(base_url=url, timeout=120) as control:
+            for _ in range(args.reloads):
+                (ckpt / "card.json").touch()  # a new version on disk: a real swap each time
+                r = await control.post("/models/reload")
+                reloads += 1
+                failed_reloads += r.status_code != 200 or r.json()["loaded"] != ["soak"]
+        stop.set()
+        during_reloads = await during
+        await closed_loop(load, requests, 4, 100, 30)
         rss2 = rss_mib(pid)
+    finally:
+        await load.close()
     return {
         "capacity_req_per_s": round(capacity, 1),
         "latency_c1_before_flood": before, "latency_c1_after_flood": after,
         "load_1x": at_1x, "load_4x": at_4x,
-        "requests": many, "rss_mib_before_requests": round(rss0, 1),
+        "requests": many.summary(), "rss_mib_before_requests": round(rss0, 1),
         "rss_mib_after_requests": round(rss1, 1),
         "reloads": reloads, "failed_reloads": failed_reloads,
+        "requests_during_reloads": during_reloads.summary(),
         "rss_mib_after_reloads": round(rss2, 1),
     }
+
+
+async def load_until(client: RawHttpClient, requests: list[bytes], stop: asyncio.Event,
+                     concurrency: int = 4) -> Counts:
+    """Steady closed-loop traffic until `stop` is set."""
+    counts = Counts()
+
+    async def worker(offset: int) -> None:
+        i = offset
+        while not stop.is_set():
+            await one(client, requests[i % len(requests)], counts)
+            i += concurrency
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return counts
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -188,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = make_checkpoint(root, args.arch, args.crop)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "app", "--checkpoint-dir", str(root), "--port", str(port),
+        [sys.executable, "-m", "app", "--checkpoint-dir", str(root), "--host", "127.0.0.1",
+         "--port", str(port), "--device", "cpu",
          "--request-timeout", str(args.timeout), "--max-queue", str(args.max_queue),
          "--log-level", "warning"])
     url = f"http://127.0.0.1:{port}"
@@ -204,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
     result["settings"] = {"arch": args.arch, "crop": args.crop, "timeout_s": args.timeout,
                           "max_queue": args.max_queue}
     json.dump(result, sys.stdout, indent=2)
@@ -213,4 +246,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     main()

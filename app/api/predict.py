@@ -12,6 +12,8 @@ from app.api.transport import FILE_FIELD, read_uploads, unless_disconnected
 
 router = APIRouter(tags=["predict"])
 
+MAX_TOP_K = 10_000  # above any real class count: larger values are mistakes, not requests
+
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -44,8 +46,8 @@ async def predict(
         max_length=128, description="model name (default: the configured or only model)",
         examples=["pets"])] = None,
     top_k: Annotated[int, Query(
-        ge=1, description="single-label: how many labels per image (clamped to the class "
-                         "count)")] = 5,
+        ge=1, le=MAX_TOP_K, description="single-label: how many labels per image (clamped "
+                                        "to the class count)")] = 5,
     threshold: Annotated[float | None, Query(
         ge=0.0, le=1.0, allow_inf_nan=False,
         description="multi-label: one score cut-off for every label (default: the "

@@ -59,7 +59,7 @@ async def test_top_k_and_all_scores(client: httpx.AsyncClient) -> None:
 
 
 async def test_huge_top_k_is_clamped(client: httpx.AsyncClient) -> None:
-    r = await client.post("/predict", params={"top_k": 10**9},
+    r = await client.post("/predict", params={"top_k": 10_000},
                           files={"file": ("r.jpg", jpeg("red"), "image/jpeg")})
     assert r.status_code == 200
     assert len(r.json()["results"][0]["predictions"]) == len(CLASSES)
