@@ -107,6 +107,13 @@ class ServedModel:
             logger.warning("model %s: %d requests still running after %g s; stopping anyway",
                            self.name, self._leases, timeout)
         await self.batcher.stop(timeout)
+        # the batcher refers back to this model through its batch function; breaking that
+        # cycle frees the weights now instead of at some later full garbage collection
+        self.batcher.fn = _retired_batch
+
+
+def _retired_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    raise RuntimeError("this model version has been retired")
 
 
 @dataclass

@@ -8,6 +8,7 @@ over pooled connections and reads only the status, the headers and a Content-Len
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -31,19 +32,30 @@ def build_request(method: str, path: str, host: str, *, body: bytes = b"",
 
 
 class RawHttpClient:
-    """Pooled keep-alive connections to one loopback server; at most `max_connections`."""
+    """Pooled keep-alive connections to one loopback server; at most `max_connections`.
+
+    A connection idle for `max_idle` seconds is not reused: the server may be closing it
+    (uvicorn's keep-alive timeout is 5 s), and a request sent into that race is lost.
+    """
 
     def __init__(self, host: str, port: int, *, max_connections: int = 256,
-                 timeout: float = 60.0) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
-        self._idle: list[Connection] = []
+                 timeout: float = 60.0, max_idle: float = 3.0) -> None:
+        self.host, self.port, self.timeout, self.max_idle = host, port, timeout, max_idle
+        self._idle: list[tuple[Connection, float]] = []
         self._slots = asyncio.Semaphore(max_connections)
+
+    async def _connection(self) -> Connection:
+        while self._idle:
+            conn, since = self._idle.pop()
+            if time.monotonic() - since < self.max_idle and not conn[0].at_eof():
+                return conn
+            conn[1].close()
+        return await asyncio.open_connection(self.host, self.port)
 
     async def send(self, request: bytes) -> RawResponse:
         """Send pre-built request bytes; raises OSError/TimeoutError on transport failure."""
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await asyncio.open_connection(
-                self.host, self.port)
+            conn = await self._connection()
             try:
                 response = await asyncio.wait_for(self._exchange(conn, request), self.timeout)
             except BaseException:
@@ -52,7 +64,7 @@ class RawHttpClient:
             if response.headers.get("connection", "").lower() == "close":
                 conn[1].close()
             else:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
             return response
 
     async def _exchange(self, conn: Connection, request: bytes) -> RawResponse:
@@ -72,6 +84,6 @@ class RawHttpClient:
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        for _, writer in self._idle:
+        for (_, writer), _ in self._idle:
             writer.close()
         self._idle.clear()
