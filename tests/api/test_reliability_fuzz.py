@@ -8,6 +8,8 @@ headers and body all as the schema declares.
 
 from __future__ import annotations
 
+import time
+
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
@@ -26,6 +28,15 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]
 EXAMPLES = {"POST /predict": 60, "GET /models/{name}": 25}  # every other operation: 5
 NEGATIVE = {"POST /predict"}  # the only operation with constraints to break
+
+
+def wait_ready(app: object, timeout: float = 60.0) -> None:
+    """Poll /ready through schemathesis's own ASGI client (its lifespan runs the loading)."""
+    give_up = time.monotonic() + timeout
+    with asgi.get_client(app) as client:
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < give_up, "the app did not become ready"
+            time.sleep(0.05)
 
 
 def fuzz(operation: schemathesis.APIOperation, mode: schemathesis.GenerationMode,
@@ -50,6 +61,7 @@ def test_schema_fuzz_finds_no_server_error_or_schema_violation(make_checkpoint_d
     app = create_app(fast_settings(root, default_model="colors", max_upload_bytes=100_000))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     try:
+        wait_ready(app)
         operations = [result.ok() for result in schema.get_all_operations()]
         assert len(operations) == 7
         seen: dict[str, list[int]] = {}
@@ -66,5 +78,4 @@ def test_schema_fuzz_finds_no_server_error_or_schema_violation(make_checkpoint_d
     assert statuses and all(s < 500 for s in statuses)
     # the fuzzer reached past validation into decoding, not only 422s
     assert {400, 422} <= set(seen["POST /predict"]), seen["POST /predict"]
-    total = len(statuses)
-    print(f"schema fuzz: {total} requests over {len(seen)} operations")
+    print(f"schema fuzz: {len(statuses)} requests over {len(seen)} operations")
