@@ -1,4 +1,5 @@
-"""A generated, learnable dataset: shapes of random colour, size and place on noisy backgrounds.
+"""A generated, learnable dataset: light shapes of random hue, size and place on noisy dark
+backgrounds.
 
 The class is the shape, never the colour, so mean colour alone does not separate classes.
 """
@@ -59,21 +60,19 @@ SUPERSAMPLE = 4
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    a, b = rng.integers(0, 110, 3), rng.integers(0, 110, 3)
     t = np.linspace(0, 1, size)[:, None, None]
     grad = a * (1 - t) + b * t
     if rng.random() < 0.5:
         grad = grad.transpose(1, 0, 2)
-    img = np.broadcast_to(grad, (size, size, 3)) + rng.normal(0, 18, (size, size, 3))
+    img = np.broadcast_to(grad, (size, size, 3)) + rng.normal(0, 6, (size, size, 3))
     return np.clip(img, 0, 255)
 
 
 def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> tuple[int, ...]:
-    mean = background.reshape(-1, 3).mean(axis=0)
-    for _ in range(20):
-        colour = rng.integers(0, 256, 3)
-        if np.abs(colour - mean).sum() > 180:
-            break
+    """A light colour of random hue: always readable against the dark background."""
+    colour = rng.integers(150, 256, 3)
+    colour[rng.integers(0, 3)] = rng.integers(60, 256)  # vary the hue, keep it bright overall
     return tuple(int(v) for v in colour)
 
 
@@ -83,16 +82,16 @@ def render(shapes: list[str], *, size: int, rng: np.random.Generator) -> Image.I
     big = size * SUPERSAMPLE
     layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    scale_hi = 0.75 if len(shapes) == 1 else 0.5
+    scale_hi = 0.8 if len(shapes) == 1 else 0.5
     for name in shapes:
-        side = big * rng.uniform(0.35, scale_hi)
+        side = big * rng.uniform(0.5, scale_hi)
         x0 = rng.uniform(0, big - side)
         y0 = rng.uniform(0, big - side)
         aspect = rng.uniform(0.8, 1.25)
         h = min(side * aspect, big - y0)
         SHAPES[name](draw, (x0, y0, x0 + side, y0 + h), (*_contrasting_colour(rng, background),
                                                           255))
-    layer = layer.rotate(float(rng.uniform(-30, 30)), resample=Image.BILINEAR)
+    layer = layer.rotate(float(rng.uniform(-10, 10)), resample=Image.BILINEAR)
     base = Image.fromarray(background.astype(np.uint8)).resize((big, big), Image.NEAREST)
     base = Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
     return base.resize((size, size), Image.LANCZOS)

@@ -26,7 +26,7 @@ def test_export_loads_back_with_identical_outputs(trained):
         got = model(norm(x))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert card.classes == run.data.classes
-    assert card.stem == "small"  # 32 px from scratch gets the small-image stem
+    assert card.stem == "small_stride2"  # 32 px from scratch gets a small-image stem
     assert card.task == "single_label"
 
 
@@ -36,7 +36,7 @@ def test_card_records_the_run(trained):
     t = card.training
     assert t["dataset"]["train"] + t["dataset"]["val"] == 36
     assert t["epochs_run"] == 2 and t["seconds"] > 0
-    assert t["config"]["arch"] == "resnet18" and t["recipe"]["stem"] == "small"
+    assert t["config"]["arch"] == "resnet18" and t["recipe"]["stem"] == "small_stride2"
     assert set(t["versions"]) == {"torch", "torchvision"}
     assert "accuracy" in card.metrics and 0.0 <= card.metrics["accuracy"] <= 1.0
     assert (card.preprocessing.resize, card.preprocessing.crop) == (32, 32)

@@ -70,14 +70,15 @@ def test_torchrun_two_cpu_processes(single_data, tmp_path):
 def test_from_scratch_on_synthetic_shapes_reaches_high_accuracy(tmp_path):
     from training.synthetic import generate
 
-    data = generate(tmp_path / "shapes", task="single", size=32, per_class=120, seed=11)
+    data = generate(tmp_path / "shapes", task="single", size=32, per_class=300, classes=4,
+                    seed=11)
     out = tmp_path / "shapes-ckpt"
     start = time.monotonic()
     code = main(["fit", str(data), "--output", str(out), "--weights", "none", "--arch",
-                 "resnet18", "--image-size", "32", "--epochs", "4", "--workers", "0",
+                 "resnet18", "--image-size", "32", "--epochs", "6", "--workers", "0",
                  "--no-progress"])
     seconds = time.monotonic() - start
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.9, metrics["accuracy"]
-    assert seconds < 120
+    assert seconds < 300  # ~45 s on an idle 2-core CPU; generous for a shared one

@@ -53,11 +53,13 @@ def test_recipe_scales_augmentation_with_size_and_length():
     scratch = resolve(_cfg(weights="none", image_size=32, epochs=5))
     assert fine.stem == "imagenet" and fine.min_scale == 0.08 and fine.trivial_augment == 1.0
     assert fine.backbone_lr_scale < 1.0 and fine.eval_resize_ratio > 1.0
-    assert scratch.stem == "small" and scratch.min_scale >= 0.35
+    assert scratch.stem == "small_stride2" and scratch.min_scale >= 0.35
+    assert scratch.batch_size == 32 and fine.batch_size == 64
     assert scratch.trivial_augment == 0.0 and scratch.backbone_lr_scale == 1.0
     longer = resolve(_cfg(weights="none", image_size=32, epochs=60))
     assert longer.trivial_augment == 1.0 and longer.min_scale < scratch.min_scale
-    assert resolve(_cfg(weights="none", image_size=64, epochs=5)).stem == "small_stride2"
+    assert resolve(_cfg(weights="none", image_size=128, epochs=5)).stem == "imagenet"
+    assert resolve(_cfg(weights="none", image_size=32, stem="small")).stem == "small"
     assert resolve(_cfg(weights="none", image_size=32, lr=0.1)).lr == 0.1
 
 
