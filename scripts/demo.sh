@@ -21,7 +21,7 @@ step "2/5 dataset ($DATA)"
 if [ -f "$DATA/.complete" ]; then
   echo "reusing $DATA"
 else
-  "$PY" -m training synth "$DATA" --task single
+  "$PY" -m training synth "$DATA" --task single --classes 4 --per-class 300 --size 32
   touch "$DATA/.complete"
 fi
 
@@ -36,7 +36,7 @@ else
     echo "ImageNet weights are not cached (offline): training resnet34 from scratch instead"
     WEIGHTS=(--weights none --image-size 32 --epochs 6)
   fi
-  "$PY" -m training fit "$DATA" --arch resnet34 "${WEIGHTS[@]}" --device cpu \
+  "$PY" -m training fit "$DATA" --arch resnet34 "${WEIGHTS[@]}" --device cpu --workers 0 \
     --output "$CKPT_ROOT/$NAME"
 fi
 
@@ -60,13 +60,13 @@ done
 curl -fsS "$URL/ready" >/dev/null || { echo "not ready after 120 s; see $RUN_DIR/server.log"; exit 1; }
 
 step "5/5 requests"
-mapfile -t IMAGES < <(find "$DATA" -type f \( -name '*.png' -o -name '*.jpg' \) | sort | awk 'NR % 97 == 1' | head -n 3)
+mapfile -t IMAGES < <(find "$DATA" -type f -name '*.png' | sort | awk 'NR % 311 == 1' | head -n 3)
 run() { echo "\$ $*"; "$@"; echo; }
 run curl -s "$URL/health"
 run curl -s -F "file=@${IMAGES[0]}" "$URL/predict?top_k=3"
 run curl -s -F "file=@${IMAGES[1]}" -F "file=@${IMAGES[2]}" "$URL/predict?model=$NAME&top_k=1"
 run curl -s --data-binary "@${IMAGES[0]}" -H "Content-Type: image/png" "$URL/predict?top_k=1"
-run curl -s "$URL/models/$NAME" 
+run curl -s "$URL/models/$NAME"
 echo
 echo "The server is still running at $URL (pid $(cat "$RUN_DIR/server.pid"), log $RUN_DIR/server.log)."
 echo "Stop it with: kill \$(cat $RUN_DIR/server.pid)    (or: make stop)"
