@@ -8,7 +8,6 @@
 Both accept the service's multipart upload (field `file`, repeatable) on POST /predict.
 """
 
-# no `from __future__ import annotations`: LitServe reads decode_request's annotation at run time
 import argparse
 import asyncio
 import logging
@@ -44,29 +43,11 @@ class _Model:
 def serve_litserve(args: argparse.Namespace) -> None:
     """Run a LitServe server around the same model."""
     import litserve as ls
-    from fastapi import Request
 
-    class ResNetAPI(ls.LitAPI):
-        def setup(self, device: str) -> None:
-            self.model = _Model(args.checkpoint, args.device, args.precision)
+    from bench.litserve_peer import ResNetAPI
 
-        def decode_request(self, request: Request) -> torch.Tensor:
-            files = request.getlist("file")
-            return torch.stack([self.model.tensor(f.file.read()) for f in files])
-
-        def batch(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-            return torch.cat(inputs), [len(x) for x in inputs]
-
-        def predict(self, x: tuple[torch.Tensor, list[int]]) -> tuple[torch.Tensor, list[int]]:
-            return self.model.predictor.probabilities(x[0]), x[1]
-
-        def unbatch(self, output: tuple[torch.Tensor, list[int]]) -> list[torch.Tensor]:
-            return list(output[0].split(output[1]))
-
-        def encode_response(self, output: torch.Tensor) -> dict:
-            return {"results": self.model.respond(output)}
-
-    api = ResNetAPI(max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
+    api = ResNetAPI(args.checkpoint, args.device, args.precision,
+                    max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     server = ls.LitServer(api, accelerator="cpu" if args.device == "cpu" else "auto",
                           workers_per_device=1, timeout=60)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False)
