@@ -10,7 +10,6 @@ probability difference and top-1 agreement on real photos.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.common import benchmark_checkpoint, environment, web_jpegs
+from bench.common import benchmark_checkpoint, emit, environment, web_jpegs
 from models.checkpoint import load
 from models.preprocessing import Normalize, decode, eval_transform
 
@@ -104,8 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
             "images_per_s": {b: round(_rate(run, np.repeat(photos[:1], b, 0), args.seconds), 2)
                              for b in (int(s) for s in args.batch_sizes.split(","))},
         }
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    emit(result)
     return result
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import platform
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,3 +92,9 @@ def environment() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "allocator": allocator(),
     }
+
+
+def emit(result: object) -> None:
+    """Write a result as indented JSON on stdout (logs go to stderr)."""
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")

@@ -8,13 +8,12 @@ bf16 autocast is only offered on the CPU with this check recorded beside its spe
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
 import torch
 
-from bench.common import benchmark_checkpoint, environment, web_jpegs
+from bench.common import benchmark_checkpoint, emit, environment, web_jpegs
 from bench.raw import model_images_per_s
 from models.checkpoint import load
 from models.device import Runtime
@@ -49,8 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.precision}_images_per_s": round(
             model_images_per_s(low, args.batch_size, args.seconds), 2),
     }
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    emit(result)
     return result
 
 

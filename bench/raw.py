@@ -9,14 +9,13 @@ decode + eval transform, on the same model and preprocessing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 
 import torch
 
-from bench.common import benchmark_checkpoint, environment, web_jpegs
+from bench.common import benchmark_checkpoint, emit, environment, web_jpegs
 from models.checkpoint import load
 from models.device import Runtime
 from models.predict import Predictor
@@ -90,8 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ceiling_images_per_s": model_only[best],
         "pipeline_images_per_s": round(pipe, 2), "pipeline_single_image_ms": round(single_ms, 2),
     }
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    emit(result)
     return result
 
 

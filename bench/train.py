@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import environment
+from bench.common import emit, environment
 from models.architectures import build
 from models.device import Runtime
 
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
               "precision": runtime.precision_name,
               "fit_images_per_s": round(fit_rate, 1), "bare_images_per_s": round(bare, 1),
               "ratio": round(fit_rate / bare, 3)}
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    emit(result)
     return result
 
 
