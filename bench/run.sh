@@ -42,6 +42,18 @@ wait_for() {  # url, seconds
   echo "timed out waiting for $1" >&2; return 1
 }
 
+run_peer() {  # name, title, extra flags: start a peer on the same checkpoint and load it
+  local name="$1" title="$2"; shift 2
+  echo "== $ARCH: $title" >&2
+  "$PY" -m bench.peers "$name" --checkpoint "$CKPT" --port "$PORT" --device "$DEVICE" "$@" \
+    >"$OUT/$name-$ARCH.log" 2>&1 &
+  SERVER_PID=$!
+  wait_for "http://127.0.0.1:$PORT/health" 300
+  "$PY" -m bench.load --url "http://127.0.0.1:$PORT" --concurrency "$CONC" \
+    --images "$PEER_IMAGES" --seconds "$SECS" >"$OUT/load-$name-$ARCH.json"
+  stop_server
+}
+
 for ARCH in $ARCHS; do
   ROOT="bench/results/checkpoints/$ARCH"
   CKPT="$("$PY" -c "from bench.common import benchmark_checkpoint; print(benchmark_checkpoint('$ARCH', '$ROOT'))")"
@@ -59,24 +71,9 @@ for ARCH in $ARCHS; do
     --seconds "$SECS" >"$OUT/load-service-$ARCH.json"
   stop_server
 
-  echo "== $ARCH: LitServe (batch 16, 10 ms wait)" >&2
-  "$PY" -m bench.peers litserve --checkpoint "$CKPT" --port "$PORT" --device cpu \
-    --max-batch-size "${LITSERVE_BATCH:-16}" --batch-timeout "${LITSERVE_WAIT:-0.01}" \
-    >"$OUT/litserve-$ARCH.log" 2>&1 &
-  SERVER_PID=$!
-  wait_for "http://127.0.0.1:$PORT/health" 300
-  "$PY" -m bench.load --url "http://127.0.0.1:$PORT" --concurrency "$CONC" \
-    --images "$PEER_IMAGES" --seconds "$SECS" >"$OUT/load-litserve-$ARCH.json"
-  stop_server
-
-  echo "== $ARCH: naive FastAPI" >&2
-  "$PY" -m bench.peers naive --checkpoint "$CKPT" --port "$PORT" \
-    >"$OUT/naive-$ARCH.log" 2>&1 &
-  SERVER_PID=$!
-  wait_for "http://127.0.0.1:$PORT/health" 300
-  "$PY" -m bench.load --url "http://127.0.0.1:$PORT" --concurrency "$CONC" \
-    --images "$PEER_IMAGES" --seconds "$SECS" >"$OUT/load-naive-$ARCH.json"
-  stop_server
+  run_peer litserve "LitServe (batch ${LITSERVE_BATCH:-16}, ${LITSERVE_WAIT:-0.01} s wait)" \
+    --max-batch-size "${LITSERVE_BATCH:-16}" --batch-timeout "${LITSERVE_WAIT:-0.01}"
+  run_peer naive "naive FastAPI"
 done
 
 "$PY" -m bench.report "$OUT"
