@@ -23,6 +23,7 @@ disjoint `test/` that only `evaluate` sees. Datasets:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -107,11 +108,14 @@ def run(data: Path, arch: str, epochs: int, label: str, extra: list[str]) -> dic
                          str(data / "test")], check=True, capture_output=True, text=True)
     metrics = json.loads(ev.stdout)
     card = json.loads((out / "card.json").read_text())
+    with open(out / "history.csv") as fh:
+        speeds = [float(e["images_per_second"]) for e in csv.DictReader(fh)]
     row = {"dataset": data.name, "arch": arch, "epochs": epochs, "label": label,
            "args": " ".join(extra), "recipe": card["training"]["recipe"],
            "val_accuracy": card["metrics"].get("accuracy"),
            "test_accuracy": round(metrics["accuracy"], 4),
-           "train_seconds": card["training"]["seconds"], "wall_seconds": round(wall, 1)}
+           "train_seconds": card["training"]["seconds"], "wall_seconds": round(wall, 1),
+           "best_images_per_second": max(speeds)}
     with open(data.parent / "results.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
@@ -121,14 +125,20 @@ def run(data: Path, arch: str, epochs: int, label: str, extra: list[str]) -> dic
 def table(results: Path) -> str:
     """The results as a Markdown table."""
     lines = ["| dataset | arch | epochs | setting | stem | bs | lr | min_scale | TA | "
-             "held-out acc | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "held-out acc | wall s | img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for raw in results.read_text().splitlines():
         r = json.loads(raw)
         rec = r["recipe"]
+        if "best_images_per_second" not in r:  # rows written before the field existed
+            name = f"{r['dataset']}-{r['arch']}-e{r['epochs']}-{r['label']}"
+            with open(Path("/tmp/recipe-runs") / name / "history.csv") as fh:
+                r["best_images_per_second"] = max(
+                    float(e["images_per_second"]) for e in csv.DictReader(fh))
         lines.append(
             f"| {r['dataset']} | {r['arch']} | {r['epochs']} | {r['label']} | {rec['stem']} | "
             f"{rec['batch_size']} | {rec['lr']:g} | {rec['min_scale']:g} | "
-            f"{rec['trivial_augment']:g} | {r['test_accuracy']:.3f} | {r['wall_seconds']:.0f} |")
+            f"{rec['trivial_augment']:g} | {r['test_accuracy']:.3f} | {r['wall_seconds']:.0f} | "
+            f"{r['best_images_per_second']:.0f} |")
     return "\n".join(lines)
 
 
@@ -142,16 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--arch", default="resnet18")
     r.add_argument("--epochs", type=int, default=5)
     r.add_argument("--label", default="default")
-    r.add_argument("extra", nargs="*", help="arguments passed on to `fit` (after --)")
     t = sub.add_parser("table")
     t.add_argument("results", type=Path)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.command == "build":
         build_digits(args.root / "digits")
         build_textures(args.root / "textures")
         build_shapes(args.root / "shapes")
     elif args.command == "run":
-        run(args.data, args.arch, args.epochs, args.label, args.extra)
+        run(args.data, args.arch, args.epochs, args.label, extra)
     else:
         print(table(args.results))
 
