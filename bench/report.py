@@ -12,7 +12,10 @@ from pathlib import Path
 
 
 def _load(path: Path) -> object:
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # missing, or a run still writing it
+        return None
 
 
 def _server_rows(name: str, levels: list[dict], ceiling: float, peer: dict[tuple, dict]
@@ -38,6 +41,8 @@ def render(run_dir: Path) -> str:
     for raw_path in sorted(run_dir.glob("raw-*.json")):
         arch = raw_path.stem.removeprefix("raw-")
         raw = _load(raw_path)
+        if raw is None:
+            continue
         env = raw["env"]
         ceiling = raw["ceiling_images_per_s"]
         out += [

@@ -30,6 +30,7 @@ SERVER_PID=""
 stop_server() {
   if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
   SERVER_PID=""
+  PORT=$((PORT + 1))  # a fresh port for the next server: worker processes may hold the old one a moment
 }
 trap stop_server EXIT
 
