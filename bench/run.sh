@@ -28,7 +28,14 @@ echo "results in $OUT (LD_PRELOAD=${LD_PRELOAD:-none})" >&2
 
 SERVER_PID=""
 stop_server() {
-  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  if [ -n "$SERVER_PID" ]; then
+    pkill -TERM -P "$SERVER_PID" 2>/dev/null || true  # LitServe's worker processes too
+    kill "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
+    pkill -KILL -P "$SERVER_PID" 2>/dev/null || true
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
   SERVER_PID=""
   PORT=$((PORT + 1))  # a fresh port for the next server: worker processes may hold the old one a moment
 }
