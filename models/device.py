@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -120,11 +119,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-@contextlib.contextmanager
-def free_cuda_cache() -> Iterator[None]:
-    """Release cached CUDA blocks after a block (used after an OOM)."""
-    try:
-        yield
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+def release_cuda_cache() -> None:
+    """Return cached CUDA blocks to the driver (used after an out-of-memory error)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

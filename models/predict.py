@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import ModelCard
-from models.device import Runtime, free_cuda_cache, is_out_of_memory
+from models.device import Runtime, is_out_of_memory, release_cuda_cache
 from models.preprocessing import Normalize
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ class Predictor:
                 raise
             logger.warning("CUDA out of memory at batch %d; splitting and retrying",
                            batch.shape[0])
-            with free_cuda_cache():
-                pass
+            release_cuda_cache()
             half = batch.shape[0] // 2
             return torch.cat([self.probabilities(batch[:half]),
                               self.probabilities(batch[half:])])

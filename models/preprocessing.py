@@ -141,11 +141,6 @@ class Normalize(nn.Module):
         return (batch.float() - self.mean) * self.inv_std
 
 
-def normalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """Normalize a uint8 batch (functional form of `Normalize`)."""
-    return Normalize(pre).to(batch.device)(batch)
-
-
 def load_image_file(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                     target_size: int | None = None) -> Image.Image:
     """Read and decode an image file from disk."""
