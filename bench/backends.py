@@ -13,7 +13,6 @@ import argparse
 import logging
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.common import benchmark_checkpoint, emit, environment, web_jpegs
+from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
 from models.checkpoint import load
 from models.preprocessing import Normalize, decode, eval_transform
 
@@ -38,15 +37,6 @@ class _Served(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(self.normalize(x)), dim=1)
-
-
-def _rate(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, seconds: float) -> float:
-    fn(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or done < 2 * len(batch):
-        fn(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,8 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["backends"][name] = {
             "max_abs_prob_diff": float(np.abs(out - reference).max()),
             "top1_agreement": float((out.argmax(1) == reference.argmax(1)).mean()),
-            "images_per_s": {b: round(_rate(run, np.repeat(photos[:1], b, 0), args.seconds), 2)
-                             for b in (int(s) for s in args.batch_sizes.split(","))},
+            "images_per_s": {
+                b: round(images_per_s(run, np.repeat(photos[:1], b, 0), args.seconds), 2)
+                for b in (int(s) for s in args.batch_sizes.split(","))},
         }
     emit(result)
     return result

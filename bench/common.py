@@ -8,13 +8,17 @@ import os
 import platform
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Sized
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from PIL import Image
 
+from app.allocator import loaded_allocator
 from models.architectures import build
 from models.checkpoint import ModelCard, Preprocessing, save
 
@@ -67,16 +71,14 @@ def benchmark_checkpoint(arch: str, root: Path | None = None) -> Path:
     return directory
 
 
-def allocator() -> str:
-    """Which malloc this process runs on (tcmalloc/jemalloc when preloaded, else glibc)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "unknown"
-    for name in ("tcmalloc", "jemalloc", "mimalloc"):
-        if name in maps:
-            return name
-    return "glibc"
+def images_per_s(fn: Callable[[Any], object], batch: Sized, seconds: float) -> float:
+    """Images/s of `fn(batch)`: one warm-up call, then calls for at least `seconds` (and 2)."""
+    fn(batch)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < 2 * len(batch):
+        fn(batch)
+        done += len(batch)
+    return done / (time.perf_counter() - start)
 
 
 def environment() -> dict[str, object]:
@@ -90,7 +92,7 @@ def environment() -> dict[str, object]:
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
-        "allocator": allocator(),
+        "allocator": loaded_allocator(),
     }
 
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.common import benchmark_checkpoint, emit, environment, web_jpegs
+from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
 from models.checkpoint import load
 from models.device import Runtime
 from models.predict import Predictor
@@ -27,14 +27,7 @@ logger = logging.getLogger(__name__)
 def model_images_per_s(predictor: Predictor, batch_size: int, seconds: float) -> float:
     """Images/s of Predictor.probabilities on a ready uint8 batch."""
     batch = torch.randint(0, 256, (batch_size, *predictor.input_shape), dtype=torch.uint8)
-    predictor.probabilities(batch)  # warm-up
-    done, start = 0, time.perf_counter()
-    while True:
-        predictor.probabilities(batch)
-        done += batch_size
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and done >= 2 * batch_size:
-            return done / elapsed
+    return images_per_s(predictor.probabilities, batch, seconds)
 
 
 def pipeline_images_per_s(predictor: Predictor, jpegs: list[bytes], batch_size: int,
