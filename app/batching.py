@@ -3,7 +3,8 @@
 Callers `submit` a request's items (images) and await one output per item. A single worker
 task takes up to `max_batch_size` items from a bounded queue (a large request spans batches),
 waits at most `max_wait_ms` for more when more are expected, runs the batch function on a
-dedicated thread and hands each caller its outputs. Items whose caller has gone (deadline
+compute thread (shared by every model's batcher in the service) and hands each caller its
+outputs. Items whose caller has gone (deadline
 passed, request cancelled) are dropped before they reach the model.
 """
 
@@ -16,9 +17,10 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.compute import ComputeThread
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,8 @@ class DynamicBatcher:
     """One worker that groups queued items into batches for a batch function."""
 
     def __init__(self, fn: BatchFn, *, max_batch_size: int, max_wait_ms: float,
-                 max_queue: int, name: str = "model", on_event: EventHook | None = None
-                 ) -> None:
+                 max_queue: int, name: str = "model", on_event: EventHook | None = None,
+                 compute: ComputeThread | None = None) -> None:
         if not callable(fn):
             raise TypeError("fn must be callable")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -107,7 +109,8 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._compute = compute  # shared: not ours to close
+        self._own_compute: ComputeThread | None = None
 
     @property
     def queued(self) -> int:
@@ -120,10 +123,12 @@ class DynamicBatcher:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        """Start the worker task and its model thread (call from the event loop)."""
+        """Start the worker task (call from the event loop); without a shared compute thread,
+        the batcher starts its own."""
         if self._task is not None:
             raise RuntimeError("batcher already started")
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{self.name}")
+        if self._compute is None:
+            self._compute = self._own_compute = ComputeThread(f"batch-{self.name}")
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"batcher-{self.name}")
 
@@ -196,11 +201,14 @@ class DynamicBatcher:
         closed = BatcherClosedError(f"model {self.name!r} stopped")
         self._fail(self._current, closed, reason="failed")
         self._fail([(r, r.taken, r.size) for r in list(self._queue)], closed, reason="failed")
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_compute is not None:
+            self._own_compute.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        compute = self._compute
+        if compute is None:
+            raise RuntimeError("batcher worker started without start()")
         while True:
             while not self._queue:
                 if self._closing:
@@ -213,7 +221,7 @@ class DynamicBatcher:
             items = [item for req, start, end in self._current for item in req.items[start:end]]
             began = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self.fn, items)
+                outputs = await compute.run(self.fn, items)
                 if len(outputs) != len(items):
                     raise BatchFailedError(
                         f"batch function returned {len(outputs)} outputs for {len(items)} inputs")

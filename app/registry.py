@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from app.batching import DynamicBatcher
+from app.compute import ComputeThread, run_in_fresh_thread
 from app.config import Settings
 from app.exceptions import (
     ModelRequiredError,
@@ -50,7 +51,8 @@ class ServedModel:
 
     def __init__(self, *, name: str, card: ModelCard, predictor: Predictor,
                  decoder: ImageDecoder, settings: Settings,
-                 on_event: Callable[[str, int], None] | None = None) -> None:
+                 on_event: Callable[[str, int], None] | None = None,
+                 compute: ComputeThread | None = None) -> None:
         self.name = name
         self.card = card
         self.predictor = predictor
@@ -64,7 +66,7 @@ class ServedModel:
         self.batcher = DynamicBatcher(
             self._run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, name=name,
-            on_event=on_event)
+            on_event=on_event, compute=compute)
 
     def _run_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         return self.predictor.probabilities(torch.stack(images))
@@ -96,8 +98,10 @@ class ServedModel:
                 uploads, self.transform, target_size=self.card.preprocessing.resize)
         remaining = max(1e-3, timeout - (loop.time() - started))
         rows = await self.batcher.submit(tensors, timeout=remaining)
-        return self.predictor.postprocess(torch.stack(rows), top_k=top_k, threshold=threshold,
-                                          all_scores=all_scores)
+        # one image at a time: torch parallelises ops on larger tensors, and the event loop
+        # must not start an OpenMP team of its own (see app.compute)
+        return [result for row in rows for result in self.predictor.postprocess(
+            row.unsqueeze(0), top_k=top_k, threshold=threshold, all_scores=all_scores)]
 
     async def retire(self, timeout: float) -> None:
         """Wait (bounded) for requests holding this model, then drain and stop the batcher."""
@@ -154,6 +158,7 @@ class ModelRegistry:
         self.closing = False
         self._entries: dict[str, ModelEntry] = {}
         self._lock = asyncio.Lock()
+        self.compute = ComputeThread()  # every model's batches run here (see app.compute)
 
     @property
     def ready(self) -> bool:
@@ -241,7 +246,7 @@ class ModelRegistry:
             report.unchanged.append(name)
             return old
         try:
-            served = await asyncio.to_thread(self._load, name, path)
+            served = await run_in_fresh_thread(self._load, name, path, name=f"load-{name}")
         except Exception as exc:  # noqa: BLE001 - any broken checkpoint must not stop the rest
             error = str(exc) or type(exc).__name__
             report.failed[name] = error
@@ -264,7 +269,8 @@ class ModelRegistry:
                     card.arch, card.task, card.num_classes, self.runtime.describe(),
                     self.runtime.precision_name)
         return ServedModel(name=name, card=card, predictor=predictor, decoder=self.decoder,
-                           settings=self.settings, on_event=self.metrics.batcher_hook(name))
+                           settings=self.settings, on_event=self.metrics.batcher_hook(name),
+                           compute=self.compute)
 
     def begin_shutdown(self) -> None:
         """Turn not-ready and refuse new requests (safe to call from a signal handler)."""
@@ -276,6 +282,7 @@ class ModelRegistry:
         async with self._lock:
             served = [e.served for e in self._entries.values() if e.served is not None]
         await asyncio.gather(*(s.retire(timeout) for s in served))
+        self.compute.close()
 
 
 def warmup_sizes(max_batch_size: int) -> list[int]:

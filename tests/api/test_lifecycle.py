@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import httpx
@@ -65,6 +66,33 @@ async def test_checkpoint_broken_on_reload_keeps_old_version(make_checkpoint_dir
         ok = await http.post("/predict", files={"file": ("g.jpg", jpeg("green"))})
         assert ok.status_code == 200
         assert ok.json()["results"][0]["predictions"][0]["label"] == "green"
+
+
+async def test_every_model_runs_on_one_compute_thread_and_loaders_exit(
+        make_checkpoint_dir) -> None:
+    root = make_checkpoint_dir("colors", "tags")
+    async with running_app(fast_settings(root, default_model="colors")) as (http, app):
+        ran_on: dict[str, set[int]] = {"colors": set(), "tags": set()}
+        for name in ran_on:
+            predictor = app.state.registry.get(name).predictor
+            forward = predictor.probabilities
+
+            def recording(batch, _forward=forward, _name=name):
+                ran_on[_name].add(threading.get_ident())
+                return _forward(batch)
+
+            predictor.probabilities = recording
+        for name in ("colors", "tags", "colors"):
+            r = await http.post(f"/predict?model={name}",
+                                files={"file": ("x.jpg", jpeg("red"))})
+            assert r.status_code == 200, r.text
+        bump_card(root / "tags", metrics={"round": 1})
+        assert (await http.post("/models/reload")).json()["loaded"] == ["tags"]
+        threads = ran_on["colors"] | ran_on["tags"]
+        assert len(threads) == 1 and ran_on["colors"] == ran_on["tags"]
+        assert threading.get_ident() not in threads
+        await asyncio.sleep(0.05)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("load-")]
 
 
 async def test_reload_under_load_loses_nothing(make_checkpoint_dir) -> None:

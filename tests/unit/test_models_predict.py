@@ -8,7 +8,7 @@ import torch
 from models.architectures import build
 from models.checkpoint import ModelCard, Preprocessing
 from models.device import Runtime
-from models.predict import Predictor
+from models.predict import Predictor, fold_batch_norms
 
 PRE = Preprocessing.for_crop(32)
 
@@ -89,3 +89,38 @@ def test_out_of_memory_splits_the_batch_and_matches_the_full_result() -> None:
     small = _predictor(runtime=_SmallMemoryRuntime(device=torch.device("cpu")))
     assert torch.allclose(small.probabilities(_batch(7)), reference, atol=1e-5)
 
+
+
+def test_batch_norms_are_folded_without_changing_outputs() -> None:
+    torch.manual_seed(1)
+    model = build("resnet50", num_classes=4)
+    for m in model.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+        folded = fold_batch_norms(model, x[:1])
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # untouched
+        assert torch.allclose(folded(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_norm_not_right_after_its_conv_is_not_folded() -> None:
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.bn1 = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv1(self.bn1(x))  # the norm comes first: folding would be wrong
+
+    model = Odd()
+    with torch.no_grad():
+        model.bn1.running_mean.fill_(0.7)
+        model.bn1.running_var.fill_(3.0)
+    assert fold_batch_norms(model, torch.randn(1, 3, 8, 8)) is model
