@@ -6,6 +6,8 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 # ---- build stage: a self-contained virtualenv --------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
+# EXTRAS=onnx adds ONNX Runtime for RESNET_SERVE_BACKEND=onnxruntime (CPU hosts)
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
@@ -14,7 +16,7 @@ COPY models ./models
 COPY training ./training
 COPY app ./app
 RUN /opt/venv/bin/pip install --no-compile "torch==2.14.1" "torchvision==0.29.1" \
-    && /opt/venv/bin/pip install --no-compile .
+    && /opt/venv/bin/pip install --no-compile ".${EXTRAS:+[$EXTRAS]}"
 
 # ---- runtime stage: no compilers, non-root, tcmalloc preloaded ---------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         "auto", description="where models run; auto picks CUDA when present")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="autocast dtype; auto = fp32 on CPU, bf16 (else fp16) on CUDA")
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="what runs the models: torch, or onnxruntime (CPU, fp32; "
+        "exported at load and checked against torch; needs the onnx extra)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="most images run in one batch")
     max_wait_ms: float = Field(
         5.0, ge=0.0, le=10_000.0,
@@ -106,6 +109,11 @@ class Settings(BaseSettings):
             problems.append(
                 f"max_wait_ms ({self.max_wait_ms} ms) must be well below request_timeout "
                 f"({self.request_timeout} s)")
+        if self.backend == "onnxruntime" and (self.device == "cuda"
+                                              or self.precision in ("fp16", "bf16")):
+            problems.append(
+                f"backend onnxruntime runs fp32 on the CPU; it cannot use device "
+                f"{self.device!r} with precision {self.precision!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -31,7 +31,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        runtime = Runtime.create(settings.device, settings.precision)
+        device = "cpu" if settings.backend == "onnxruntime" else settings.device
+        runtime = Runtime.create(device, settings.precision)
         decoder = ImageDecoder(workers=settings.decode_workers, max_pixels=settings.max_pixels)
         registry = ModelRegistry(settings, runtime=runtime, decoder=decoder, metrics=metrics)
         app.state.registry = registry

@@ -262,12 +262,13 @@ class ModelRegistry:
 
     def _load(self, name: str, path: Path) -> ServedModel:
         model, card = checkpoint.load(path)
-        predictor = Predictor(model, card, self.runtime)
+        predictor = Predictor(model, card, self.runtime, backend=self.settings.backend,
+                              threads=self.settings.torch_threads)
         if self.settings.warmup:
             predictor.warmup(warmup_sizes(self.settings.max_batch_size))
-        logger.info("model %s loaded from %s (%s, %s, %d classes) on %s, %s", name, path,
+        logger.info("model %s loaded from %s (%s, %s, %d classes) on %s, %s, %s", name, path,
                     card.arch, card.task, card.num_classes, self.runtime.describe(),
-                    self.runtime.precision_name)
+                    self.runtime.precision_name, predictor.backend)
         return ServedModel(name=name, card=card, predictor=predictor, decoder=self.decoder,
                            settings=self.settings, on_event=self.metrics.batcher_hook(name),
                            compute=self.compute)

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", help="use this checkpoint instead of random weights")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     parser.add_argument("--batch-sizes", default="1,8,16,32,64")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -70,14 +71,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, card = load(args.checkpoint or benchmark_checkpoint(args.arch))
-    predictor = Predictor(model, card, Runtime.create(args.device, args.precision))
+    device = "cpu" if args.backend == "onnxruntime" else args.device
+    predictor = Predictor(model, card, Runtime.create(device, args.precision),
+                          backend=args.backend, threads=args.threads)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     model_only = {b: round(model_images_per_s(predictor, b, args.seconds), 2) for b in sizes}
     best = max(model_only, key=model_only.get)
     pipe, single_ms = pipeline_images_per_s(predictor, web_jpegs(), best, args.seconds)
     result = {
         "env": environment(), "arch": card.arch, "crop": card.preprocessing.crop,
-        "precision": predictor.runtime.precision_name,
+        "precision": predictor.runtime.precision_name, "backend": predictor.backend,
         "model_images_per_s": model_only, "best_batch": best,
         "ceiling_images_per_s": model_only[best],
         "pipeline_images_per_s": round(pipe, 2), "pipeline_single_image_ms": round(single_ms, 2),

@@ -45,8 +45,9 @@ def render(run_dir: Path) -> str:
             continue
         env = raw["env"]
         ceiling = raw["ceiling_images_per_s"]
+        backend = raw.get("backend", "torch")
         out += [
-            f"## {arch} ({raw['precision']}, crop {raw['crop']})", "",
+            f"## {arch} ({raw['precision']}, {backend}, crop {raw['crop']})", "",
             f"{env['device']}; torch {env['torch']}, torchvision {env['torchvision']}; "
             f"{env['torch_threads']} torch threads; allocator {env['allocator']}; {env['date']}",
             "",

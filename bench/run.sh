@@ -13,6 +13,7 @@ IMAGES="${IMAGES:-1,8}"
 PEER_IMAGES="${PEER_IMAGES:-1}"
 SECS="${SECONDS_PER_LEVEL:-10}"
 DEVICE="${DEVICE:-auto}"
+BACKEND="${BACKEND:-torch}"  # onnxruntime: the service and the ceiling on ONNX Runtime (peers stay on torch)
 PORT="${PORT:-8190}"
 OUT="bench/results/$(date -u +%Y-%m-%dT%H%M)"
 mkdir -p "$OUT"
@@ -66,11 +67,11 @@ for ARCH in $ARCHS; do
   ROOT="bench/results/checkpoints/$ARCH"
   CKPT="$("$PY" -c "from bench.common import benchmark_checkpoint; print(benchmark_checkpoint('$ARCH', '$ROOT'))")"
   echo "== $ARCH: raw ceiling" >&2
-  "$PY" -m bench.raw --checkpoint "$CKPT" --device "$DEVICE" --seconds "$SECS" >"$OUT/raw-$ARCH.json"
+  "$PY" -m bench.raw --checkpoint "$CKPT" --device "$DEVICE" --backend "$BACKEND" --seconds "$SECS" >"$OUT/raw-$ARCH.json"
   BEST="$("$PY" -c "import json; print(json.load(open('$OUT/raw-$ARCH.json'))['best_batch'])")"
 
   echo "== $ARCH: service (max batch $BEST)" >&2
-  "$PY" -m app --checkpoint-dir "$ROOT" --port "$PORT" --device "$DEVICE" \
+  "$PY" -m app --checkpoint-dir "$ROOT" --port "$PORT" --device "$DEVICE" --backend "$BACKEND" \
     --max-batch-size "$BEST" --max-queue 1024 --max-images-per-request 64 \
     --log-level warning >"$OUT/service-$ARCH.log" 2>&1 &
   SERVER_PID=$!

@@ -13,9 +13,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models.checkpoint import ModelCard
 from models.device import Runtime, is_out_of_memory, release_cuda_cache
+from models.onnx_backend import BackendError, OnnxRuntimeModel
 from models.preprocessing import Normalize
 
 logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,29 @@ def _batch_norm_after(parent: nn.Module, name: str, children: dict[str, nn.Modul
 class Predictor:
     """Runs a checkpoint's model on batches and turns outputs into labelled predictions."""
 
-    def __init__(self, model: nn.Module, card: ModelCard, runtime: Runtime) -> None:
+    def __init__(self, model: nn.Module, card: ModelCard, runtime: Runtime, *,
+                 backend: str = "torch", threads: int = 0) -> None:
+        """`backend` "onnxruntime" runs the model with ONNX Runtime (CPU, fp32 only) on
+        `threads` threads (0: torch's thread count); see models.onnx_backend."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         self.card = card
         self.runtime = runtime
+        self.backend = backend
         self.input_shape = (3, card.preprocessing.crop, card.preprocessing.crop)
         probe = torch.randn((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
-        self.model = runtime.prepare_model(fold_batch_norms(model, probe)).eval()
+        folded = fold_batch_norms(model, probe)
+        self.onnx: OnnxRuntimeModel | None = None
+        if backend == "onnxruntime":
+            if runtime.is_cuda or runtime.amp_dtype is not None:
+                raise BackendError("the onnxruntime backend runs fp32 on the CPU; use "
+                                   f"device cpu and precision fp32 (got {runtime.describe()}, "
+                                   f"{runtime.precision_name})")
+            self.onnx = OnnxRuntimeModel(
+                folded.cpu().eval(), Normalize(card.preprocessing),
+                multi_label=card.task == "multi_label", input_shape=self.input_shape,
+                threads=threads or torch.get_num_threads())
+        self.model = runtime.prepare_model(folded).eval()
         self.normalize = Normalize(card.preprocessing).to(runtime.device)
 
     @torch.inference_mode()
@@ -119,6 +139,8 @@ class Predictor:
                               self.probabilities(batch[half:])])
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.onnx is not None:
+            return self.onnx(batch)
         x = self.normalize(self.runtime.to_device(batch))
         if self.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

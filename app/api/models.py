@@ -15,6 +15,7 @@ def _info(entry: ModelEntry) -> ModelInfo:
     return ModelInfo(
         name=entry.name, status=entry.status, error=entry.error,  # type: ignore[arg-type]
         loaded_at=entry.served.loaded_at if entry.served else None,
+        backend=entry.served.predictor.backend if entry.served else None,  # type: ignore[arg-type]
         card=entry.card.to_dict() if entry.card else None)
 
 

@@ -42,6 +42,7 @@ class ModelInfo(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "name": "pets", "status": "loaded", "error": None, "loaded_at": "2024-05-01T12:00:00+00:00",
+        "backend": "torch",
         "card": {"name": "pets", "arch": "resnet34", "task": "single_label",
                  "classes": ["cat", "dog"],
                  "preprocessing": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
@@ -52,6 +53,7 @@ class ModelInfo(BaseModel):
     status: Literal["loaded", "failed"]
     error: str | None = None
     loaded_at: str | None = None
+    backend: Literal["torch", "onnxruntime"] | None = None
     card: dict[str, Any] | None = None
 
 

@@ -1,0 +1,36 @@
+"""The service on the ONNX Runtime backend answers as it does on PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.serving_helpers import CLASSES, fast_settings, jpeg, running_app
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_onnxruntime_backend_serves_the_same_answers(checkpoint_root: Path) -> None:
+    answers: dict[str, list] = {}
+    for backend in ("torch", "onnxruntime"):
+        settings = fast_settings(checkpoint_root, default_model="colors", backend=backend)
+        async with running_app(settings) as (http, _app):
+            models = (await http.get("/models")).json()["models"]
+            assert {m["name"]: m["backend"] for m in models} == {
+                "colors": backend, "tags": backend}
+            files = [("file", (f"{c}.jpg", jpeg(c, seed=4))) for c in CLASSES]
+            single = (await http.post("/predict?top_k=3", files=files)).json()
+            multi = (await http.post("/predict?model=tags&all_scores=true",
+                                     files=files)).json()
+            assert [r["predictions"][0]["label"] for r in single["results"]] == CLASSES
+            answers[backend] = [single, multi]
+    for torch_body, onnx_body in zip(answers["torch"], answers["onnxruntime"], strict=True):
+        for t, o in zip(torch_body["results"], onnx_body["results"], strict=True):
+            assert [p["label"] for p in t["predictions"]] == [p["label"] for p in o["predictions"]]
+            for tp, op in zip(t["predictions"], o["predictions"], strict=True):
+                assert abs(tp["score"] - op["score"]) < 1e-4
+            for label, score in (t.get("scores") or {}).items():
+                assert abs(score - o["scores"][label]) < 1e-4
