@@ -1,4 +1,8 @@
-"""Dependency aliases: what a router may ask for."""
+"""Dependency aliases: what a router may ask for.
+
+They are coroutines on purpose: FastAPI runs a plain `def` dependency on a worker thread,
+which would cost every request thread hand-offs that compete with the model for the cores.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,17 @@ from app.metrics import Metrics
 from app.registry import ModelRegistry
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The app's settings."""
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     """The app's metrics."""
     return request.app.state.metrics
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     """The app's model registry (503 before the lifespan has built it)."""
     registry = getattr(request.app.state, "registry", None)
     if registry is None:

@@ -95,9 +95,12 @@ async def test_every_model_runs_on_one_compute_thread_and_loaders_exit(
         assert not [t.name for t in threading.enumerate() if t.name.startswith("load-")]
 
 
-async def test_reload_under_load_loses_nothing(make_checkpoint_dir) -> None:
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+async def test_reload_under_load_loses_nothing(make_checkpoint_dir, backend: str) -> None:
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     root = make_checkpoint_dir("colors")
-    async with running_app(fast_settings(root)) as (http, app):
+    async with running_app(fast_settings(root, backend=backend)) as (http, app):
         slow_down(app, "colors", 0.05)
 
         async def client_loop(i: int) -> list[int]:
