@@ -16,7 +16,7 @@ import time
 import torch
 
 from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
-from models.checkpoint import load
+from models.checkpoint import Preprocessing, load
 from models.device import Runtime
 from models.predict import Predictor
 from models.preprocessing import decode, eval_transform
@@ -56,6 +56,21 @@ def pipeline_images_per_s(predictor: Predictor, jpegs: list[bytes], batch_size: 
     return throughput, 1000 * singles[len(singles) // 2]
 
 
+def preprocess_images_per_s(pre: Preprocessing, jpegs: list[bytes], seconds: float) -> float:
+    """Images/s of decode + eval transform alone, on one thread (the CPU side of serving)."""
+    transform = eval_transform(pre)
+    resize = pre.resize
+
+    def run(data: bytes) -> None:
+        transform(decode(data, target_size=resize))
+
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < len(jpegs):
+        run(jpegs[done % len(jpegs)])
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Measure and print JSON results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,12 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     model_only = {b: round(model_images_per_s(predictor, b, args.seconds), 2) for b in sizes}
     best = max(model_only, key=model_only.get)
     pipe, single_ms = pipeline_images_per_s(predictor, web_jpegs(), best, args.seconds)
+    preprocess = preprocess_images_per_s(card.preprocessing, web_jpegs(), min(args.seconds, 3.0))
     result = {
         "env": environment(), "arch": card.arch, "crop": card.preprocessing.crop,
         "precision": predictor.runtime.precision_name, "backend": predictor.backend,
         "model_images_per_s": model_only, "best_batch": best,
         "ceiling_images_per_s": model_only[best],
         "pipeline_images_per_s": round(pipe, 2), "pipeline_single_image_ms": round(single_ms, 2),
+        "preprocess_images_per_s_one_thread": round(preprocess, 1),
     }
     emit(result)
     return result

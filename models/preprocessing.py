@@ -97,11 +97,56 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+class ResizeCenterCrop:
+    """Resize the shorter side to `resize`, then take the centred `crop` x `crop` square.
+
+    The same pixels as torchvision's Resize(resize, antialias=True) + CenterCrop(crop) on a PIL
+    image (within one level of rounding), but when shrinking only the cropped region is
+    resampled: one PIL resize of that box of the source straight to the crop size, about half
+    the work. Enlarging, or a crop larger than the resized image, goes through torchvision.
+    """
+
+    def __init__(self, resize: int, crop: int, interpolation: str = "bilinear") -> None:
+        self.resize, self.crop = resize, crop
+        self.interpolation = interpolation
+        self._filter = _PIL_FILTERS[interpolation]
+        self._fallback = T.Compose([
+            T.Resize(resize, interpolation=_INTERPOLATION[interpolation], antialias=True),
+            T.CenterCrop(crop),
+        ])
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        width, height = img.size
+        if width <= height:
+            new_w, new_h = self.resize, int(self.resize * height / width)
+        else:
+            new_w, new_h = int(self.resize * width / height), self.resize
+        if min(new_w, new_h) < self.crop or self.resize > min(width, height):
+            # padding the crop, or enlarging (where resampling a box differs at its edges):
+            # torchvision's way
+            return self._fallback(img)
+        top = int(round((new_h - self.crop) / 2.0))
+        left = int(round((new_w - self.crop) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        return img.resize((self.crop, self.crop), self._filter, box=box)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(resize={self.resize}, crop={self.crop}, "
+                f"interpolation={self.interpolation!r})")
+
+
 def eval_transform(pre: Preprocessing) -> Transform:
     """Resize the shorter side, center-crop: PIL image -> uint8 CHW tensor."""
     return T.Compose([
-        T.Resize(pre.resize, interpolation=_INTERPOLATION[pre.interpolation], antialias=True),
-        T.CenterCrop(pre.crop),
+        ResizeCenterCrop(pre.resize, pre.crop, pre.interpolation),
         T.PILToTensor(),
     ])
 

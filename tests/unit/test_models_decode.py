@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image, ImageFilter
 
 from models.checkpoint import Preprocessing
 from models.preprocessing import (
@@ -79,3 +81,34 @@ def test_decompression_bomb_is_refused_before_allocating() -> None:
 def test_pixel_limit_is_configurable() -> None:
     with pytest.raises(ImageTooLargeError):
         decode(GOOD["baseline.jpg"], max_pixels=1000)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (1023, 767), (300, 300), (257, 1000),
+                                  (224, 224), (100, 60)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_resize_center_crop_matches_torchvision(size: tuple[int, int], interpolation: str) -> None:
+    from torchvision.transforms import v2 as T
+
+    from models.preprocessing import _INTERPOLATION, ResizeCenterCrop
+
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(2))  # photo-like, not white noise
+    reference = T.Compose([
+        T.Resize(256, interpolation=_INTERPOLATION[interpolation], antialias=True),
+        T.CenterCrop(224), T.PILToTensor()])(img)
+    ours = T.PILToTensor()(ResizeCenterCrop(256, 224, interpolation)(img))
+    assert ours.shape == reference.shape == (3, 224, 224)
+    diff = (ours.int() - reference.int()).abs()
+    assert int(diff.max()) <= 1 and float(diff.float().mean()) < 0.01
+
+
+def test_resize_center_crop_pads_like_torchvision_when_resize_is_below_crop() -> None:
+    from torchvision.transforms import v2 as T
+
+    from models.preprocessing import ResizeCenterCrop
+
+    img = Image.new("RGB", (50, 40), (200, 10, 10))
+    ours = T.PILToTensor()(ResizeCenterCrop(20, 32)(img))
+    reference = T.PILToTensor()(T.Compose([T.Resize(20, antialias=True), T.CenterCrop(32)])(img))
+    assert torch.equal(ours, reference)
