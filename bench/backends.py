@@ -13,30 +13,18 @@ import argparse
 import logging
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
 from models.checkpoint import load
+from models.onnx_backend import ProbabilityGraph, export_onnx
 from models.preprocessing import Normalize, decode, eval_transform
 
 logger = logging.getLogger(__name__)
-
-
-class _Served(nn.Module):
-    """uint8 batch -> probabilities: exactly what the service computes."""
-
-    def __init__(self, model: nn.Module, normalize: Normalize) -> None:
-        super().__init__()
-        self.model, self.normalize = model, normalize
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(self.normalize(x)), dim=1)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,16 +36,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
     model, card = load(args.checkpoint or benchmark_checkpoint(args.arch))
-    served = _Served(model, Normalize(card.preprocessing)).eval()
-    served_cl = _Served(model.to(memory_format=torch.channels_last),
-                        Normalize(card.preprocessing)).eval()
+    multi_label = card.task == "multi_label"
+    served = ProbabilityGraph(model, Normalize(card.preprocessing), multi_label).eval()
+    served_cl = ProbabilityGraph(model.to(memory_format=torch.channels_last),
+                                 Normalize(card.preprocessing), multi_label).eval()
     crop = card.preprocessing.crop
     onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
-    with warnings.catch_warnings():  # the TorchScript exporter handles this model fine
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(served, (torch.zeros(1, 3, crop, crop, dtype=torch.uint8),), onnx_path,
-                          input_names=["images"], output_names=["probs"],
-                          dynamic_axes={"images": {0: "n"}, "probs": {0: "n"}}, dynamo=False)
+    onnx_path.write_bytes(export_onnx(served, (3, crop, crop)))
     runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 
     def torch_run(x: np.ndarray) -> np.ndarray:

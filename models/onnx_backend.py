@@ -30,7 +30,7 @@ class BackendError(RuntimeError):
     outputs that differ from PyTorch's)."""
 
 
-class _Exported(nn.Module):
+class ProbabilityGraph(nn.Module):
     """uint8 batch -> probabilities: what the service computes, as one graph."""
 
     def __init__(self, model: nn.Module, normalize: nn.Module, multi_label: bool) -> None:
@@ -53,24 +53,29 @@ def _import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def export_onnx(graph: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
+    """`graph` (uint8 `images` [N, *input_shape] -> `probs`) as ONNX bytes, any batch size."""
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():  # the TorchScript exporter suits a ResNet well
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph, (torch.zeros((1, *input_shape), dtype=torch.uint8),), buffer,
+                input_names=["images"], output_names=["probs"],
+                dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"}}, dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - reported as this backend's failure
+        raise BackendError(f"cannot export the model to ONNX: {exc}") from exc
+    return buffer.getvalue()
+
+
 class OnnxRuntimeModel:
     """An ONNX Runtime session computing probabilities from uint8 NCHW batches."""
 
     def __init__(self, model: nn.Module, normalize: nn.Module, *, multi_label: bool,
                  input_shape: tuple[int, int, int], threads: int) -> None:
         ort = _import_onnxruntime()
-        graph = _Exported(model, normalize, multi_label).eval()
-        buffer = io.BytesIO()
-        try:
-            with warnings.catch_warnings():  # the TorchScript exporter suits a ResNet well
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    graph, (torch.zeros((1, *input_shape), dtype=torch.uint8),), buffer,
-                    input_names=["images"], output_names=["probs"],
-                    dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"}},
-                    dynamo=False)
-        except Exception as exc:  # noqa: BLE001 - reported as this backend's failure
-            raise BackendError(f"cannot export the model to ONNX: {exc}") from exc
+        graph = ProbabilityGraph(model, normalize, multi_label).eval()
+        exported = export_onnx(graph, input_shape)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
@@ -80,7 +85,7 @@ class OnnxRuntimeModel:
         # the cores between batches (concurrency-1 p50 49 vs 52-56 ms on 2 cores, resnet34)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(buffer.getvalue(), options,
+            self.session = ort.InferenceSession(exported, options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
             raise BackendError(f"ONNX Runtime cannot load the exported model: {exc}") from exc
