@@ -104,18 +104,19 @@ class Predictor:
         self.input_shape = (3, card.preprocessing.crop, card.preprocessing.crop)
         probe = torch.randn((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
         folded = fold_batch_norms(model, probe)
+        self.normalize = Normalize(card.preprocessing).to(runtime.device)
         self.onnx: OnnxRuntimeModel | None = None
         if backend == "onnxruntime":
             if runtime.is_cuda or runtime.amp_dtype is not None:
                 raise BackendError("the onnxruntime backend runs fp32 on the CPU; use "
                                    f"device cpu and precision fp32 (got {runtime.describe()}, "
                                    f"{runtime.precision_name})")
+            self.model: nn.Module = folded.cpu().eval()  # ONNX Runtime runs the batches
             self.onnx = OnnxRuntimeModel(
-                folded.cpu().eval(), Normalize(card.preprocessing),
-                multi_label=card.task == "multi_label", input_shape=self.input_shape,
-                threads=threads or torch.get_num_threads())
-        self.model = runtime.prepare_model(folded).eval()
-        self.normalize = Normalize(card.preprocessing).to(runtime.device)
+                self.model, self.normalize, multi_label=card.task == "multi_label",
+                input_shape=self.input_shape, threads=threads or torch.get_num_threads())
+        else:
+            self.model = runtime.prepare_model(folded).eval()
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
