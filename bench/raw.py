@@ -59,16 +59,12 @@ def pipeline_images_per_s(predictor: Predictor, jpegs: list[bytes], batch_size: 
 def preprocess_images_per_s(pre: Preprocessing, jpegs: list[bytes], seconds: float) -> float:
     """Images/s of decode + eval transform alone, on one thread (the CPU side of serving)."""
     transform = eval_transform(pre)
-    resize = pre.resize
 
-    def run(data: bytes) -> None:
-        transform(decode(data, target_size=resize))
+    def run(images: list[bytes]) -> None:
+        for data in images:
+            transform(decode(data, target_size=pre.resize))
 
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or done < len(jpegs):
-        run(jpegs[done % len(jpegs)])
-        done += 1
-    return done / (time.perf_counter() - start)
+    return images_per_s(run, jpegs, seconds)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,10 +5,11 @@
 Each placement runs in a fresh process (OpenMP state is per process) and reports the median
 ms of a batch-1 forward pass through the service's Predictor:
 
-- same-thread: loaded and run on one worker thread (as the service does now: loaded on a
-  thread that exits, run on the compute thread, measured as `service`);
 - main-loads: loaded on the main thread, run on a second, living thread (as the service
-  did before: two OpenMP teams alive, so libgomp stops spinning between parallel regions).
+  did before: two OpenMP teams alive, so libgomp stops spinning between parallel regions);
+- same-thread: loaded and run on one worker thread;
+- service: loaded on a thread that has exited by the time a second thread runs it (as the
+  service does now: loading thread, then the compute thread).
 """
 
 from __future__ import annotations
