@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from app.compute import name_native_thread
 from app.exceptions import ImageTooLargeError, InvalidImageError
 from models import preprocessing
 from models.preprocessing import Transform
@@ -29,7 +30,8 @@ class ImageDecoder:
 
     def __init__(self, *, workers: int, max_pixels: int) -> None:
         self.max_pixels = max_pixels
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode",
+                                        initializer=name_native_thread, initargs=("decode",))
 
     async def to_tensor(self, upload: Upload, transform: Transform, *,
                         target_size: int | None = None) -> torch.Tensor:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+from pathlib import Path
 
 import pytest
+import torch
 
 from app.batching import DynamicBatcher
 from app.compute import ComputeThread, run_in_fresh_thread
+from app.imaging import ImageDecoder
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -94,3 +98,49 @@ async def test_batcher_without_a_compute_thread_has_its_own() -> None:
     assert await batcher.submit([1, 2, 3], timeout=5) == [1, 2, 3]
     await batcher.stop()
     assert len(seen) == 1 and threading.get_ident() not in seen
+
+
+def _os_name(native_id: int) -> str:
+    return open(f"/proc/self/task/{native_id}/comm").read().strip()
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="OS thread names are read from /proc")
+
+
+@linux_only
+async def test_threads_carry_their_role_as_os_name() -> None:
+    compute = ComputeThread()
+    decoder = ImageDecoder(workers=1, max_pixels=10**8)
+    try:
+        assert _os_name(await compute.run(threading.get_native_id)) == "compute"
+        loop = asyncio.get_running_loop()
+        decode_id = await loop.run_in_executor(decoder._pool, threading.get_native_id)
+        assert _os_name(decode_id) == "decode"
+
+        def own_name() -> str:
+            return _os_name(threading.get_native_id())
+
+        assert await run_in_fresh_thread(own_name, name="load") == "load"
+        # names longer than Linux keeps are cut, not refused
+        assert await run_in_fresh_thread(own_name, name="a-very-long-thread-name") == \
+            "a-very-long-thr"
+    finally:
+        compute.close()
+        decoder.close()
+
+
+@linux_only
+async def test_openmp_workers_started_by_the_compute_thread_inherit_its_name() -> None:
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs single-threaded here: no OpenMP workers")
+    before = {t.name for t in Path("/proc/self/task").iterdir()}
+    compute = ComputeThread("omp-probe")
+    try:
+        a = torch.randn(512, 512)
+        await compute.run(torch.mm, a, a)  # a parallel op: the thread's OpenMP team starts
+        new = [t for t in Path("/proc/self/task").iterdir() if t.name not in before]
+        names = [(t / "comm").read_text().strip() for t in new]
+        assert names.count("omp-probe") >= 2, names
+    finally:
+        compute.close()
