@@ -3,7 +3,10 @@
     python -m bench.load --url http://127.0.0.1:8000 --concurrency 1,4,16,64 --images 1,8
 
 Posts real web-size JPEG photos; reports req/s, images/s, p50/p95/p99 latency, errors, the
-mean batch size the server ran (from /metrics) and this process's own CPU use.
+mean batch size the server ran (from /metrics) and this process's own CPU use. Given the
+server's process id (`--server-pid`, Linux), it also reports the server's CPU time per image,
+split by OS thread name (the service names its threads `compute`, `decode` and `load`; the
+process's first thread, which runs the event loop, is reported as `main`).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import resource
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -58,6 +64,51 @@ def batch_stats(metrics_text: str) -> tuple[float, float]:
     return total, count
 
 
+def thread_cpu(pid: int, proc: Path = Path("/proc")) -> dict[str, tuple[str, float]]:
+    """CPU seconds and name of every thread of `pid` and of its descendant processes.
+
+    Keys are "pid/tid"; a process's first thread is named "main". Threads that end between
+    two snapshots are missing from the later one, so their time is not counted.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children[int(fields[1])].append(int(entry.name))
+    out: dict[str, tuple[str, float]] = {}
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(children.get(current, []))
+        try:
+            tasks = list((proc / str(current) / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            out[f"{current}/{task.name}"] = ("main" if task.name == str(current) else name,
+                                              seconds)
+    return out
+
+
+def cpu_by_name(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]]
+                ) -> dict[str, float]:
+    """CPU seconds spent between two `thread_cpu` snapshots, summed by thread name."""
+    spent: dict[str, float] = defaultdict(float)
+    for key, (name, seconds) in after.items():
+        spent[name] += seconds - before.get(key, (name, 0.0))[1]
+    return {name: s for name, s in sorted(spent.items(), key=lambda kv: -kv[1]) if s > 0}
+
+
 async def _worker(client: httpx.AsyncClient, url: str, bodies: list[list[tuple]],
                   deadline: float, budget: list[int], tally: Tally, n_images: int) -> None:
     i = 0
@@ -78,7 +129,8 @@ async def _worker(client: httpx.AsyncClient, url: str, bodies: list[list[tuple]]
 
 
 async def run_level(base: str, *, concurrency: int, images: int, seconds: float,
-                    max_requests: int, jpegs: list[bytes], params: str = "") -> dict:
+                    max_requests: int, jpegs: list[bytes], params: str = "",
+                    server_pid: int | None = None) -> dict:
     """Drive one (concurrency, images per request) level and summarise it."""
     bodies = [[("file", (f"img{j}.jpg", jpegs[(i + j) % len(jpegs)], "image/jpeg"))
                for j in range(images)] for i in range(len(jpegs))]
@@ -86,6 +138,7 @@ async def run_level(base: str, *, concurrency: int, images: int, seconds: float,
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         before = batch_stats((await client.get("/metrics")).text)
         tally, budget = Tally(), [max_requests]
+        server0 = thread_cpu(server_pid) if server_pid else {}
         cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         deadline = t0 + seconds
         await asyncio.gather(*(
@@ -93,10 +146,20 @@ async def run_level(base: str, *, concurrency: int, images: int, seconds: float,
             for _ in range(concurrency)))
         wall = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        server = cpu_by_name(server0, thread_cpu(server_pid)) if server_pid else {}
         after = batch_stats((await client.get("/metrics")).text)
     ok = tally.statuses.get(200, 0)
     batches = after[1] - before[1]
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    server_cpu = {}
+    if server_pid:
+        per_image = 1000 / max(1, tally.images)
+        server_cpu = {
+            "server_cpu_pct": round(100 * sum(server.values()) / wall, 1),
+            "server_cpu_ms_per_image": round(sum(server.values()) * per_image, 2),
+            "server_cpu_ms_per_image_by_thread": {
+                name: round(s * per_image, 2) for name, s in server.items()},
+        }
     return {
         "concurrency": concurrency, "images_per_request": images,
         "requests": sum(tally.statuses.values()) + tally.transport_errors, "ok": ok,
@@ -108,6 +171,7 @@ async def run_level(base: str, *, concurrency: int, images: int, seconds: float,
         "p99_ms": round(1000 * percentile(tally.latencies, 99), 1),
         "mean_batch": round((after[0] - before[0]) / batches, 2) if batches else None,
         "loadgen_cpu_pct": round(100 * cpu / wall, 1),
+        **server_cpu,
     }
 
 
@@ -119,7 +183,8 @@ def check_loopback(url: str) -> None:
 
 
 async def run(url: str, concurrencies: list[int], images: list[int], seconds: float,
-              max_requests: int, params: str = "", warmup_s: float = 2.0) -> list[dict]:
+              max_requests: int, params: str = "", warmup_s: float = 2.0,
+              server_pid: int | None = None) -> list[dict]:
     """All levels in order, each after a short unmeasured warm-up."""
     check_loopback(url)
     jpegs = web_jpegs()
@@ -130,7 +195,8 @@ async def run(url: str, concurrencies: list[int], images: list[int], seconds: fl
                 await run_level(url, concurrency=c, images=n_images, seconds=warmup_s,
                                 max_requests=max_requests, jpegs=jpegs, params=params)
             level = await run_level(url, concurrency=c, images=n_images, seconds=seconds,
-                                    max_requests=max_requests, jpegs=jpegs, params=params)
+                                    max_requests=max_requests, jpegs=jpegs, params=params,
+                                    server_pid=server_pid)
             logger.info("c=%d images=%d: %.1f img/s p50 %.0f ms p99 %.0f ms errors %d",
                         c, n_images, level["images_per_s"], level["p50_ms"], level["p99_ms"],
                         level["errors"])
@@ -147,10 +213,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seconds", type=float, default=10.0, help="per level")
     parser.add_argument("--max-requests", type=int, default=5000, help="per level")
     parser.add_argument("--params", default="", help="query string, e.g. ?top_k=1")
+    parser.add_argument("--server-pid", type=int,
+                        help="the server's process id: report its CPU per image by thread "
+                             "(Linux; child processes included)")
     args = parser.parse_args(argv)
+    if args.server_pid and not Path(f"/proc/{args.server_pid}/task").is_dir():
+        parser.error(f"no process {args.server_pid} to account CPU for (Linux /proc only)")
     results = asyncio.run(run(args.url, [int(c) for c in args.concurrency.split(",")],
                               [int(i) for i in args.images.split(",")], args.seconds,
-                              args.max_requests, args.params))
+                              args.max_requests, args.params, server_pid=args.server_pid))
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return results

@@ -31,8 +31,18 @@ def _server_rows(name: str, levels: list[dict], ceiling: float, peer: dict[tuple
             f"{lv['images_per_s']:.1f} | {lv['images_per_s'] / ceiling:.2f}x | {vs_peer} | "
             f"{lv['p50_ms']:.0f} | {lv['p95_ms']:.0f} | {lv['p99_ms']:.0f} | {lv['errors']} | "
             f"{lv['mean_batch'] if lv['mean_batch'] is not None else '-'} | "
-            f"{lv['loadgen_cpu_pct']:.0f}% |")
+            f"{lv['loadgen_cpu_pct']:.0f}% | {_server_cpu(lv)} |")
     return rows
+
+
+def _server_cpu(level: dict) -> str:
+    """Server CPU ms per image, with the split by thread name when there is more than one."""
+    total = level.get("server_cpu_ms_per_image")
+    if total is None:
+        return ""
+    parts = level.get("server_cpu_ms_per_image_by_thread", {})
+    split = ", ".join(f"{name} {ms:.1f}" for name, ms in parts.items() if ms >= 0.05)
+    return f"{total:.1f} ({split})" if len(parts) > 1 else f"{total:.1f}"
 
 
 def render(run_dir: Path) -> str:
@@ -57,8 +67,8 @@ def render(run_dir: Path) -> str:
             f"preprocess + model, one process) {raw['pipeline_images_per_s']} img/s, "
             f"{raw['pipeline_single_image_ms']} ms per single image.", "",
             "| server | conc. | img/req | img/s | x ceiling | x LitServe | p50 ms | p95 ms | "
-            "p99 ms | errors | mean batch | loadgen CPU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "p99 ms | errors | mean batch | loadgen CPU | server CPU ms/img |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lit = {(lv["concurrency"], lv["images_per_request"]): lv
                for lv in (_load(run_dir / f"load-litserve-{arch}.json") or [])}

@@ -59,7 +59,7 @@ run_peer() {  # name, title, extra flags: start a peer on the same checkpoint an
   SERVER_PID=$!
   wait_for "http://127.0.0.1:$PORT/health" 300
   "$PY" -m bench.load --url "http://127.0.0.1:$PORT" --concurrency "$CONC" \
-    --images "$PEER_IMAGES" --seconds "$SECS" >"$OUT/load-$name-$ARCH.json"
+    --images "$PEER_IMAGES" --seconds "$SECS" --server-pid "$SERVER_PID" >"$OUT/load-$name-$ARCH.json"
   stop_server
 }
 
@@ -77,7 +77,7 @@ for ARCH in $ARCHS; do
   SERVER_PID=$!
   wait_for "http://127.0.0.1:$PORT/ready" 300
   "$PY" -m bench.load --url "http://127.0.0.1:$PORT" --concurrency "$CONC" --images "$IMAGES" \
-    --seconds "$SECS" >"$OUT/load-service-$ARCH.json"
+    --seconds "$SECS" --server-pid "$SERVER_PID" >"$OUT/load-service-$ARCH.json"
   stop_server
 
   run_peer litserve "LitServe (batch ${LITSERVE_BATCH:-16}, ${LITSERVE_WAIT:-0.01} s wait)" \
