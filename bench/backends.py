@@ -1,10 +1,13 @@
 """Optional CPU backends measured against PyTorch on the same checkpoint, with output parity.
 
-    python -m bench.backends --arch resnet50 --batch-sizes 1,8,32 --seconds 5
+    python -m bench.backends --arch resnet50 --batch-sizes 1,8,32 --seconds 5 [--compile]
 
 Exports the checkpoint's model (normalization included) to ONNX, runs it with ONNX Runtime
 and OpenVINO when installed, and reports images/s beside PyTorch's plus the largest
-probability difference and top-1 agreement on real photos.
+probability difference and top-1 agreement on real photos. With `--compile` it also runs the
+PyTorch model through `torch.compile` (inductor, weights frozen), once with a graph per batch
+size and once with a dynamic batch dimension. `first_call_s` is the time of the first call at
+each batch size: the compile time for the compiled runners, for the others a warm-up.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import argparse
 import logging
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from app.allocator import loaded_allocator
 from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
 from models.checkpoint import load
 from models.onnx_backend import ProbabilityGraph, export_onnx
@@ -34,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure torch.compile (minutes of compiling on a CPU)")
     args = parser.parse_args(argv)
     model, card = load(args.checkpoint or benchmark_checkpoint(args.arch))
     multi_label = card.task == "multi_label"
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
             return served_cl(t).numpy()
 
     runners["torch"] = torch_run
+    if args.compile:
+        runners.update(_compiled_runners(served_cl))
     try:
         import onnxruntime as ort
 
@@ -59,28 +68,62 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         logger.info("onnxruntime not installed")
     try:
+        if loaded_allocator() == "tcmalloc":
+            # seen here: "double free or corruption" inside OpenVINO with tcmalloc preloaded
+            raise ImportError("openvino aborts with tcmalloc preloaded; run with LD_PRELOAD= "
+                              "to measure it")
         import openvino as ov
 
         compiled = ov.Core().compile_model(str(onnx_path), "CPU",
                                             {"INFERENCE_PRECISION_HINT": "f32"})
         runners["openvino"] = lambda x: compiled(x)[0]
-    except ImportError:
-        logger.info("openvino not installed")
+    except ImportError as exc:
+        logger.info("openvino skipped: %s", exc)
     transform = eval_transform(card.preprocessing)
     photos = np.stack([transform(decode(b)).numpy() for b in web_jpegs(16)])
     reference = runners["torch"](photos)
     result: dict = {"env": environment(), "arch": card.arch, "backends": {}}
     for name, run in runners.items():
         out = run(photos)
+        speed, first_call = {}, {}
+        for b in (int(s) for s in args.batch_sizes.split(",")):
+            batch = np.repeat(photos[:1], b, 0)
+            began = time.perf_counter()
+            run(batch)
+            first_call[b] = round(time.perf_counter() - began, 2)
+            speed[b] = round(images_per_s(run, batch, args.seconds), 2)
         result["backends"][name] = {
             "max_abs_prob_diff": float(np.abs(out - reference).max()),
             "top1_agreement": float((out.argmax(1) == reference.argmax(1)).mean()),
-            "images_per_s": {
-                b: round(images_per_s(run, np.repeat(photos[:1], b, 0), args.seconds), 2)
-                for b in (int(s) for s in args.batch_sizes.split(","))},
+            "images_per_s": speed,
+            "first_call_s": first_call,
         }
+        logger.info("%s: %s img/s by batch", name, speed)
     emit(result)
     return result
+
+
+def _compiled_runners(graph: torch.nn.Module) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """`graph` through torch.compile: one graph per batch size, and one dynamic graph."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights become constants: folded and pre-packed
+    runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    for name, dynamic in (("torch.compile", False), ("torch.compile dynamic", True)):
+        state: dict[str, Callable] = {}
+
+        def run(x: np.ndarray, dynamic: bool = dynamic, state: dict = state) -> np.ndarray:
+            if "compiled" not in state:
+                # compiled code is cached per function: start clean so that one runner never
+                # serves another's graphs (the runners are measured one after the other)
+                torch._dynamo.reset()
+                state["compiled"] = torch.compile(graph, dynamic=dynamic)
+            with torch.inference_mode():
+                t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+                return state["compiled"](t).numpy()
+
+        runners[name] = run
+    return runners
 
 
 if __name__ == "__main__":
