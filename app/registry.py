@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from app.batching import DynamicBatcher
-from app.compute import ComputeThread, run_in_fresh_thread
+from app.compute import ComputeThread, name_native_thread, run_in_fresh_thread
 from app.config import Settings
 from app.exceptions import (
     ModelRequiredError,
@@ -262,6 +262,10 @@ class ModelRegistry:
 
     def _load(self, name: str, path: Path) -> ServedModel:
         model, card = checkpoint.load(path)
+        if self.settings.backend == "onnxruntime":
+            # ONNX Runtime starts its worker pool on this thread and keeps it for the batches:
+            # the pool inherits this name, so its CPU time shows as compute, not as loading
+            name_native_thread(self.compute.name)
         predictor = Predictor(model, card, self.runtime, backend=self.settings.backend,
                               threads=self.settings.torch_threads)
         if self.settings.warmup:

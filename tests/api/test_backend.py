@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,22 @@ async def test_onnxruntime_backend_serves_the_same_answers(checkpoint_root: Path
                 assert abs(tp["score"] - op["score"]) < 1e-4
             for label, score in (t.get("scores") or {}).items():
                 assert abs(score - o["scores"][label]) < 1e-4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names from /proc")
+async def test_onnxruntime_worker_pool_is_named_for_compute(checkpoint_root: Path) -> None:
+    def names() -> list[str]:
+        return [(t / "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()]
+
+    before = names()
+    settings = fast_settings(checkpoint_root, default_model="colors", backend="onnxruntime",
+                             torch_threads=2)
+    async with running_app(settings) as (http, _app):
+        r = await http.post("/predict", files={"file": ("a.jpg", jpeg("red", seed=1))})
+        assert r.status_code == 200
+        during = names()
+    # ONNX Runtime's pool (one thread fewer than its intra-op count, per session) was started
+    # on the loader thread and outlives it: it carries the compute name, and no thread is
+    # left named for loading
+    assert not [n for n in during if n.startswith("load")], during
+    assert during.count("compute") - before.count("compute") >= 2, during
