@@ -1,6 +1,7 @@
 """Optional CPU backends measured against PyTorch on the same checkpoint, with output parity.
 
     python -m bench.backends --arch resnet50 --batch-sizes 1,8,32 --seconds 5 [--compile]
+    python -m bench.backends --device cuda --compile   # PyTorch eager vs compiled on a GPU
 
 Exports the checkpoint's model (normalization included) to ONNX, runs it with ONNX Runtime
 and OpenVINO when installed, and reports images/s beside PyTorch's plus the largest
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--compile", action="store_true",
                         help="also measure torch.compile (minutes of compiling on a CPU)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the PyTorch runners (eager and compiled) run, e.g. cuda; "
+                             "ONNX Runtime and OpenVINO run on the CPU")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     model, card = load(args.checkpoint or benchmark_checkpoint(args.arch))
     multi_label = card.task == "multi_label"
     served = ProbabilityGraph(model, Normalize(card.preprocessing), multi_label).eval()
@@ -50,16 +55,16 @@ def main(argv: list[str] | None = None) -> dict:
     crop = card.preprocessing.crop
     onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
     onnx_path.write_bytes(export_onnx(served, (3, crop, crop)))
+    served_cl.to(device)  # after the export, which runs on the CPU
     runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 
     def torch_run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-            return served_cl(t).numpy()
+            return served_cl(_on(device, x)).cpu().numpy()
 
     runners["torch"] = torch_run
     if args.compile:
-        runners.update(_compiled_runners(served_cl))
+        runners.update(_compiled_runners(served_cl, device))
     try:
         import onnxruntime as ort
 
@@ -103,7 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _compiled_runners(graph: torch.nn.Module) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+def _on(device: torch.device, x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+
+
+def _compiled_runners(graph: torch.nn.Module, device: torch.device
+                      ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """`graph` through torch.compile: one graph per batch size, and one dynamic graph."""
     import torch._inductor.config as inductor_config
 
@@ -119,8 +129,7 @@ def _compiled_runners(graph: torch.nn.Module) -> dict[str, Callable[[np.ndarray]
                 torch._dynamo.reset()
                 state["compiled"] = torch.compile(graph, dynamic=dynamic)
             with torch.inference_mode():
-                t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-                return state["compiled"](t).numpy()
+                return state["compiled"](_on(device, x)).cpu().numpy()
 
         runners[name] = run
     return runners
