@@ -17,9 +17,9 @@ So the service keeps torch's parallel work on as few living threads as it can:
 - the event loop and the decode pool run no parallel torch op (post-processing works on one
   image's scores at a time).
 
-The threads carry their role as their OS name (`compute`, `decode`, `load`), and threads they
-start inherit it, torch's OpenMP workers included: `top -H`, `py-spy` and the benchmark's
-per-thread CPU accounting show which role the CPU time went to.
+The threads carry their role as their OS name (`compute`, `decode`, `load-<model>`), and
+threads they start inherit it, torch's OpenMP workers included: `top -H`, `py-spy` and the
+benchmark's per-thread CPU accounting show which role the CPU time went to.
 """
 
 from __future__ import annotations

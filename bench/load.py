@@ -5,8 +5,8 @@
 Posts real web-size JPEG photos; reports req/s, images/s, p50/p95/p99 latency, errors, the
 mean batch size the server ran (from /metrics) and this process's own CPU use. Given the
 server's process id (`--server-pid`, Linux), it also reports the server's CPU time per image,
-split by OS thread name (the service names its threads `compute`, `decode` and `load`; the
-process's first thread, which runs the event loop, is reported as `main`).
+split by OS thread name (the service names its threads `compute`, `decode` and `load-<model>`;
+a process's first thread, which runs the event loop in the service, is reported as `main`).
 """
 
 from __future__ import annotations
