@@ -97,13 +97,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-_PIL_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
-
-
 class ResizeCenterCrop:
     """Resize the shorter side to `resize`, then take the centred `crop` x `crop` square.
 
@@ -116,11 +109,11 @@ class ResizeCenterCrop:
     def __init__(self, resize: int, crop: int, interpolation: str = "bilinear") -> None:
         self.resize, self.crop = resize, crop
         self.interpolation = interpolation
-        self._filter = _PIL_FILTERS[interpolation]
         self._fallback = T.Compose([
             T.Resize(resize, interpolation=_INTERPOLATION[interpolation], antialias=True),
             T.CenterCrop(crop),
         ])
+        self._filter = Image.Resampling[interpolation.upper()]  # the same filter, in PIL
 
     def __call__(self, img: Image.Image) -> Image.Image:
         width, height = img.size
