@@ -18,6 +18,7 @@ from app.imaging import ImageDecoder
 from app.metrics import Metrics
 from app.registry import ModelRegistry
 from models.device import Runtime
+from models.predict import backend_device
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        device = "cpu" if settings.backend == "onnxruntime" else settings.device
-        runtime = Runtime.create(device, settings.precision)
+        runtime = Runtime.create(backend_device(settings.backend, settings.device),
+                                 settings.precision)
         decoder = ImageDecoder(workers=settings.decode_workers, max_pixels=settings.max_pixels)
         registry = ModelRegistry(settings, runtime=runtime, decoder=decoder, metrics=metrics)
         app.state.registry = registry

@@ -18,7 +18,7 @@ import torch
 from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
 from models.checkpoint import Preprocessing, load
 from models.device import Runtime
-from models.predict import Predictor
+from models.predict import BACKENDS, Predictor, backend_device
 from models.preprocessing import decode, eval_transform
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", help="use this checkpoint instead of random weights")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    parser.add_argument("--backend", default="torch", choices=BACKENDS)
     parser.add_argument("--batch-sizes", default="1,8,16,32,64")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, card = load(args.checkpoint or benchmark_checkpoint(args.arch))
-    device = "cpu" if args.backend == "onnxruntime" else args.device
-    predictor = Predictor(model, card, Runtime.create(device, args.precision),
+    runtime = Runtime.create(backend_device(args.backend, args.device), args.precision)
+    predictor = Predictor(model, card, runtime,
                           backend=args.backend, threads=args.threads)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     model_only = {b: round(model_images_per_s(predictor, b, args.seconds), 2) for b in sizes}

@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime")
 
 
+def backend_device(backend: str, device: str) -> str:
+    """The device to run `backend` on: ONNX Runtime always runs on the CPU."""
+    return "cpu" if backend == "onnxruntime" else device
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One label and its probability."""
