@@ -49,22 +49,21 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     model, card = load(args.checkpoint or benchmark_checkpoint(args.arch))
     multi_label = card.task == "multi_label"
-    served = ProbabilityGraph(model, Normalize(card.preprocessing), multi_label).eval()
-    served_cl = ProbabilityGraph(model.to(memory_format=torch.channels_last),
-                                 Normalize(card.preprocessing), multi_label).eval()
+    served = ProbabilityGraph(model.to(memory_format=torch.channels_last),
+                              Normalize(card.preprocessing), multi_label).eval()
     crop = card.preprocessing.crop
     onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
     onnx_path.write_bytes(export_onnx(served, (3, crop, crop)))
-    served_cl.to(device)  # after the export, which runs on the CPU
+    served.to(device)  # after the export, which runs on the CPU
     runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 
     def torch_run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return served_cl(_on(device, x)).cpu().numpy()
+            return served(_on(device, x)).cpu().numpy()
 
     runners["torch"] = torch_run
     if args.compile:
-        runners.update(_compiled_runners(served_cl, device))
+        runners.update(_compiled_runners(served, device))
     try:
         import onnxruntime as ort
 

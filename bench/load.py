@@ -75,7 +75,7 @@ def thread_cpu(pid: int, proc: Path = Path("/proc")) -> dict[str, tuple[str, flo
     for entry in proc.iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = _stat_fields(entry)
             except OSError:
                 continue
             children[int(fields[1])].append(int(entry.name))
@@ -91,13 +91,18 @@ def thread_cpu(pid: int, proc: Path = Path("/proc")) -> dict[str, tuple[str, flo
         for task in tasks:
             try:
                 name = (task / "comm").read_text().strip()
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = _stat_fields(task)
             except OSError:
                 continue
             seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
             out[f"{current}/{task.name}"] = ("main" if task.name == str(current) else name,
                                               seconds)
     return out
+
+
+def _stat_fields(entry: Path) -> list[str]:
+    """The fields of `entry`/stat after the name (which may hold spaces and parentheses)."""
+    return (entry / "stat").read_text().rsplit(")", 1)[1].split()
 
 
 def cpu_by_name(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]]
