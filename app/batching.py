@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.compute import ComputeThread
+from models.device import is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class BatcherClosedError(RuntimeError):
 
 class BatchFailedError(RuntimeError):
     """The batch function raised; every caller in that batch gets this error."""
+
+
+class BatchOutOfMemoryError(BatchFailedError):
+    """The batch ran out of memory (after any retries): a passing condition, not a bug."""
 
 
 @dataclass(eq=False)
@@ -293,8 +298,13 @@ class DynamicBatcher:
         for request, _, _ in batch:
             self._drop(request, reason)
             if not request.future.done():
-                if not isinstance(exc, (BatcherClosedError, DeadlineExceededError,
-                                        BatchFailedError)):
+                if isinstance(exc, MemoryError) or is_out_of_memory(exc):
+                    wrapped = BatchOutOfMemoryError("out of memory while running the batch; "
+                                                    "retry later or send fewer images")
+                    wrapped.__cause__ = exc
+                    exc = wrapped
+                elif not isinstance(exc, (BatcherClosedError, DeadlineExceededError,
+                                          BatchFailedError)):
                     wrapped = BatchFailedError(f"inference failed: {type(exc).__name__}")
                     wrapped.__cause__ = exc
                     exc = wrapped

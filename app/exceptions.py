@@ -50,6 +50,14 @@ class ImageTooLargeError(ServiceError):
         super().__init__(f"file {filename!r}: {problem}")
 
 
+class InsufficientMemoryError(ServiceError):
+    """The service ran short of memory for one upload; that request fails, the rest go on."""
+
+    def __init__(self, filename: str, problem: str) -> None:
+        self.filename = filename
+        super().__init__(f"file {filename!r}: {problem}")
+
+
 class PayloadTooLargeError(ServiceError):
     """The request body or the number of images is over the limit."""
 

@@ -95,7 +95,8 @@ class ServedModel:
         started = loop.time()
         with self.batcher.announce(len(uploads)):
             tensors = await self._decoder.to_tensors(
-                uploads, self.transform, target_size=self.card.preprocessing.resize)
+                uploads, self.transform, target_size=self.card.preprocessing.resize,
+                timeout=timeout)  # the request's deadline covers decoding too
         remaining = max(1e-3, timeout - (loop.time() - started))
         rows = await self.batcher.submit(tensors, timeout=remaining)
         # one image at a time: torch parallelises ops on larger tensors, and the event loop

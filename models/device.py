@@ -115,8 +115,10 @@ class Runtime:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA out-of-memory errors (which can be retried on a smaller batch)."""
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """True for torch's out-of-memory errors (CUDA's can be retried on a smaller batch)."""
+    message = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in message \
+        or (isinstance(exc, RuntimeError) and "not enough memory" in message)
 
 
 def release_cuda_cache() -> None:

@@ -41,26 +41,37 @@ class ImageTooLargeError(ValueError):
     """The image has more pixels than allowed (a decompression bomb or simply too big)."""
 
 
+# What uploads may be: the formats whose real frame size is known before any pixel is decoded
+# (ICO through `_ico_frame_size`; JPEG includes the MPO files of phone cameras). Pillow's other
+# formats are refused rather than trusted.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
+_DRAFT_FORMATS = ("JPEG", "MPO")  # may be decoded at a reduced scale
+_ICO_MAGIC = b"\x00\x00\x01\x00"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
            target_size: int | None = None) -> Image.Image:
     """Decode image bytes to an RGB PIL image.
 
-    EXIF orientation is applied, animated images give their first frame, every mode (CMYK,
-    16-bit, palette, alpha) becomes 8-bit RGB. When `target_size` is given, JPEGs are decoded at
-    a reduced scale that still leaves the shorter side >= target_size (much faster for photos).
+    Only `ACCEPTED_FORMATS` are read, and the size of the frame that will be decoded is checked
+    against `max_pixels` before any pixel is decoded. EXIF orientation is applied, animated
+    and multi-page images give their first frame, every mode (CMYK, 16-bit, palette, alpha)
+    becomes 8-bit RGB. When `target_size` is given, JPEGs are decoded at a reduced scale that
+    still leaves the shorter side >= target_size (much faster for photos).
     """
     if not data:
         raise ImageDecodeError("empty file")
     try:
+        if data.startswith(_ICO_MAGIC):
+            _check_pixels(_ico_frame_size(data), max_pixels)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            _check_pixels(img.size, max_pixels)
             width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"image is {width}x{height} = {width * height:,} pixels, "
-                    f"over the limit of {max_pixels:,}")
-            if target_size and img.format == "JPEG" and min(width, height) > 2 * target_size:
+            if target_size and img.format in _DRAFT_FORMATS \
+                    and min(width, height) > 2 * target_size:
                 img.draft(None, (target_size, target_size))
             img.seek(0)
             img.load()
@@ -71,23 +82,50 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image is too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not a recognised image format") from exc
+        raise ImageDecodeError("not a recognised image format (accepted: "
+                               f"{', '.join(ACCEPTED_FORMATS)})") from exc
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError,
             KeyError, struct.error) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height:,} pixels, "
+            f"over the limit of {max_pixels:,}")
+
+
+def _ico_frame_size(data: bytes) -> tuple[int, int]:
+    """The largest real frame of an ICO file, read from each embedded PNG or DIB header.
+
+    Pillow decodes an ICO's largest frame while opening it, and the directory's own sizes stop
+    at 256: a small icon file can embed a huge PNG. So every frame's header is read first.
+    """
+    count = struct.unpack_from("<H", data, 4)[0]
+    if count == 0:
+        raise ImageDecodeError("ICO file holds no images")
+    largest = (0, 0)
+    for entry in range(count):
+        offset = struct.unpack_from("<I", data, 6 + 16 * entry + 12)[0]
+        if data[offset:offset + 8] == _PNG_MAGIC:
+            width, height = struct.unpack_from(">II", data, offset + 16)  # IHDR
+        else:
+            width, height = struct.unpack_from("<ii", data, offset + 4)  # BITMAPINFOHEADER
+            height //= 2  # a DIB's height counts the image and its AND mask
+        size = (abs(width), abs(height))
+        if size[0] * size[1] > largest[0] * largest[1]:
+            largest = size
+    return largest
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0.0
-        scale = 255.0 / 65535.0 if hi > 255 else 1.0
-        if img.mode == "F":
-            lo = arr.min()
-            arr, scale = arr - lo, (255.0 / (hi - lo) if hi > lo else 1.0)
-        return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), stretch=img.mode == "F"),
+                               "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -97,13 +135,49 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_BLOCK_PIXELS = 1 << 20  # high bit depths are converted about a megapixel at a time
+
+
+def _high_depth_to_uint8(arr: np.ndarray, *, stretch: bool) -> np.ndarray:
+    """16/32-bit integer or float pixels -> uint8, one block of rows at a time.
+
+    Integers above 255 are read as 16-bit (scaled by 255/65535); with `stretch` (float images)
+    the range from the minimum to the maximum becomes 0-255. Working in blocks keeps the
+    float64 arithmetic to a few megabytes instead of 8 bytes per pixel of the whole image.
+    """
+    out = np.empty(arr.shape, dtype=np.uint8)
+    if not arr.size:
+        return out
+    lo, hi = float(arr.min()), float(arr.max())
+    if stretch:
+        offset, scale = lo, (255.0 / (hi - lo) if hi > lo else 1.0)
+    else:
+        offset, scale = 0.0, (255.0 / 65535.0 if hi > 255 else 1.0)
+    rows = max(1, _BLOCK_PIXELS // max(1, arr.shape[1]))
+    work = np.empty((min(rows, arr.shape[0]), *arr.shape[1:]), dtype=np.float64)
+    for top in range(0, arr.shape[0], rows):
+        source = arr[top:top + rows]
+        block = work[:len(source)]
+        np.copyto(block, source)
+        block -= offset
+        block *= scale
+        out[top:top + rows] = np.clip(block, 0, 255, out=block)
+    return out
+
+
+MAX_ENLARGED_ASPECT = 4  # a strip longer than this is cut to its centre before enlarging
+
+
 class ResizeCenterCrop:
     """Resize the shorter side to `resize`, then take the centred `crop` x `crop` square.
 
     The same pixels as torchvision's Resize(resize, antialias=True) + CenterCrop(crop) on a PIL
     image (within one level of rounding), but when shrinking only the cropped region is
     resampled: one PIL resize of that box of the source straight to the crop size, about half
-    the work. Enlarging, or a crop larger than the resized image, goes through torchvision.
+    the work. Enlarging, or a crop larger than the resized image, goes through torchvision,
+    after cutting a strip longer than `MAX_ENLARGED_ASPECT`:1 to its centre: enlarging a
+    12000x1 strip whole would mean resampling gigapixels to keep a 224-pixel square of it.
+    So the work never exceeds about `MAX_ENLARGED_ASPECT` x resize^2 pixels, whatever the shape.
     """
 
     def __init__(self, resize: int, crop: int, interpolation: str = "bilinear") -> None:
@@ -123,8 +197,8 @@ class ResizeCenterCrop:
             new_w, new_h = int(self.resize * width / height), self.resize
         if min(new_w, new_h) < self.crop or self.resize > min(width, height):
             # padding the crop, or enlarging (where resampling a box differs at its edges):
-            # torchvision's way
-            return self._fallback(img)
+            # torchvision's way, on no more of a strip than can be seen after the crop
+            return self._fallback(_centre_of_strip(img, MAX_ENLARGED_ASPECT))
         top = int(round((new_h - self.crop) / 2.0))
         left = int(round((new_w - self.crop) / 2.0))
         sx, sy = width / new_w, height / new_h
@@ -134,6 +208,24 @@ class ResizeCenterCrop:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(resize={self.resize}, crop={self.crop}, "
                 f"interpolation={self.interpolation!r})")
+
+
+def _centre_of_strip(img: Image.Image, max_aspect: int) -> Image.Image:
+    """The centred part of `img` whose long side is at most `max_aspect` x its short side.
+
+    Resizing keeps the short side, and the centre crop is never longer than the short side
+    once resized, so what is cut lies well outside anything the crop keeps.
+    """
+    width, height = img.size
+    short = min(width, height)
+    keep = max_aspect * short
+    if max(width, height) <= keep:
+        return img
+    if width > height:
+        left = (width - keep) // 2
+        return img.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return img.crop((0, top, width, top + keep))
 
 
 def eval_transform(pre: Preprocessing) -> Transform:

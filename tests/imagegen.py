@@ -89,3 +89,20 @@ def bad_images() -> dict[str, bytes]:
         "random.bin": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
         "header-only.png": b"\x89PNG\r\n\x1a\n",
     }
+
+
+def strip_png(width: int, height: int) -> bytes:
+    """A PNG of extreme aspect ratio (a few hundred bytes for a 12000x1 strip)."""
+    return _save(Image.new("RGB", (width, height), (200, 40, 40)), "PNG", optimize=True)
+
+
+def ico_embedding(png: bytes, *, listed_size: int = 16) -> bytes:
+    """An ICO whose one directory entry says `listed_size` pixels and holds the PNG `png`."""
+    entry = struct.pack("<BBBBHHII", listed_size % 256, listed_size % 256, 0, 0, 1, 32,
+                        len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def icon(size: int = 32, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    """A real ICO file as Pillow writes it."""
+    return _save(Image.new("RGB", (size, size), color), "ICO", sizes=[(size, size)])

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.batching import (
     BatcherClosedError,
     BatchFailedError,
+    BatchOutOfMemoryError,
     DeadlineExceededError,
     QueueFullError,
 )
@@ -19,6 +20,7 @@ from app.exceptions import (
     AuthenticationError,
     ClientDisconnectedError,
     ImageTooLargeError,
+    InsufficientMemoryError,
     InvalidImageError,
     InvalidRequestError,
     MalformedRequestError,
@@ -47,8 +49,10 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     ModelRequiredError: 422,
     QueueFullError: 429,
     ClientDisconnectedError: 499,
+    BatchOutOfMemoryError: 503,  # before BatchFailedError: the first match wins
     BatchFailedError: 500,
     NotReadyError: 503,
+    InsufficientMemoryError: 503,
     ShuttingDownError: 503,
     BatcherClosedError: 503,
     DeadlineExceededError: 504,
@@ -71,7 +75,8 @@ def response_for(exc: Exception) -> JSONResponse:
     detail = str(exc)
     if isinstance(exc, QueueFullError):
         headers["Retry-After"] = str(exc.retry_after)
-    elif isinstance(exc, (ShuttingDownError, BatcherClosedError, NotReadyError)):
+    elif isinstance(exc, (ShuttingDownError, BatcherClosedError, NotReadyError,
+                          InsufficientMemoryError, BatchOutOfMemoryError)):
         headers["Retry-After"] = "1"
     elif isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"

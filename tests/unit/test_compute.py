@@ -12,7 +12,8 @@ import torch
 
 from app.batching import DynamicBatcher
 from app.compute import ComputeThread, run_in_fresh_thread
-from app.imaging import ImageDecoder
+from app.imaging import ImageDecoder, Upload
+from tests.serving_helpers import png
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -114,9 +115,13 @@ async def test_threads_carry_their_role_as_os_name() -> None:
     decoder = ImageDecoder(workers=1, max_pixels=10**8)
     try:
         assert _os_name(await compute.run(threading.get_native_id)) == "compute"
-        loop = asyncio.get_running_loop()
-        decode_id = await loop.run_in_executor(decoder._pool, threading.get_native_id)
-        assert _os_name(decode_id) == "decode"
+
+        def record_thread(image: object) -> torch.Tensor:
+            return torch.tensor(threading.get_native_id())
+
+        [decode_id] = await decoder.to_tensors([Upload("a.png", png("red"))], record_thread,
+                                               timeout=10)
+        assert _os_name(int(decode_id)) == "decode"
 
         def own_name() -> str:
             return _os_name(threading.get_native_id())
