@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "RESNET_SERVE_"
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+API_KEY_PATTERN = re.compile(r"[\x21-\x7e]+")  # what a header carries byte for byte
 
 
 def _default_decode_workers() -> int:
@@ -45,6 +46,21 @@ class Settings(BaseSettings):
         256, ge=1, description="most images waiting per model; beyond it requests get 429")
     request_timeout: float = Field(
         30.0, gt=0.0, le=3600.0, description="seconds a request may take before it gets 504")
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="most client connections open at once; beyond it new ones get 503 "
+        "(lowered at start-up to the open-file limit minus 128)")
+    keepalive_timeout: float = Field(
+        5.0, gt=0.0, le=3600.0,
+        description="seconds a connection may sit idle (before its first request or between "
+        "requests) before it is closed")
+    header_timeout: float = Field(
+        10.0, gt=0.0, le=3600.0,
+        description="seconds from a request's first byte to the end of its headers (408 beyond)")
+    body_timeout: float = Field(
+        30.0, gt=0.0, le=3600.0,
+        description="seconds from the end of a request's headers to the end of its body "
+        "(408 beyond); raise it for large uploads over slow links")
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="largest request body in bytes (413 beyond)")
     max_images_per_request: int = Field(
@@ -66,7 +82,8 @@ class Settings(BaseSettings):
         "auto", description="auto/tcmalloc: restart on tcmalloc when installed (faster CPU "
         "inference); system: keep the C library's malloc")
     warmup: bool = Field(
-        True, description="run batch sizes 1, 2, 4, ... max_batch_size once before turning ready")
+        True, description="run batch sizes 1, 2, 4, ... max_batch_size once before turning "
+        "ready (without it one image still runs, to check the model's outputs)")
     reload_on_sighup: bool = Field(True, description="rescan the checkpoint folder on SIGHUP")
     shutdown_timeout: float = Field(
         30.0, gt=0.0, le=3600.0,
@@ -84,12 +101,18 @@ class Settings(BaseSettings):
     def _keys_not_blank(cls, value: list[SecretStr]) -> list[SecretStr]:
         if any(not key.get_secret_value().strip() for key in value):
             raise ValueError("an API key must not be empty")
+        for number, key in enumerate(value, start=1):
+            if not API_KEY_PATTERN.fullmatch(key.get_secret_value()):
+                raise ValueError(
+                    f"API key number {number} holds a space or a character outside visible "
+                    "ASCII (letters, digits, punctuation); HTTP headers cannot carry it "
+                    "reliably, so no request could ever match it")
         return value
 
     @field_validator("default_model")
     @classmethod
     def _sane_model_name(cls, value: str | None) -> str | None:
-        if value is not None and not MODEL_NAME_PATTERN.match(value):
+        if value is not None and not MODEL_NAME_PATTERN.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid model name")
         return value
 

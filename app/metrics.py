@@ -17,6 +17,11 @@ from prometheus_client import (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DROP_EVENTS = ("expired", "disconnected", "failed")
+# every label value comes from a closed set, so no request can add series
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+OTHER_METHOD = "other"
+UNMATCHED_ROUTE = "unmatched"
+CONNECTION_EVENTS = ("refused", "dropped", "header_timeout", "body_timeout")
 
 
 class Metrics:
@@ -52,6 +57,13 @@ class Metrics:
                                    registry=self.registry)
         self.reloads = Counter(f"{prefix}_reloads", "checkpoint folder rescans",
                                registry=self.registry)
+        self.connections_open = Gauge(f"{prefix}_connections_open",
+                                      "client connections being served", registry=self.registry)
+        self.connection_events = Counter(
+            f"{prefix}_connection_events",
+            "connections refused over max_connections (refused: answered 503, dropped: "
+            "closed at once) or closed by a deadline (header_timeout, body_timeout)",
+            ["event"], registry=self.registry)
 
     def batcher_hook(self, model: str) -> Callable[[str, int], None]:
         """An event hook for one model's DynamicBatcher."""
@@ -76,8 +88,24 @@ class Metrics:
         with contextlib.suppress(KeyError):
             self.queue_depth.remove(model)
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one answered HTTP request."""
+    def connection_hook(self) -> Callable[[str], None]:
+        """An event hook for the server's connection guard."""
+
+        def hook(event: str) -> None:
+            if event in CONNECTION_EVENTS:
+                self.connection_events.labels(event).inc()
+
+        return hook
+
+    def watch_connections(self, count: Callable[[], float]) -> None:
+        """Report `count()` as the number of open client connections at each scrape."""
+        self.connections_open.set_function(count)
+
+    def observe_request(self, route: str | None, method: str, status: int,
+                        seconds: float) -> None:
+        """Count one answered HTTP request; `route` is the matched route template or None."""
+        route = route or UNMATCHED_ROUTE
+        method = method if method in METHODS else OTHER_METHOD
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)
         if status == 429:

@@ -12,12 +12,14 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=Health)
+@router.head("/health", response_model=Health, include_in_schema=False)
 async def health() -> Health:
-    """Liveness: the process answers."""
+    """Liveness: the process answers (GET or HEAD, as load balancers probe)."""
     return Health()
 
 
 @router.get("/ready", response_model=Readiness, responses=error_responses(503))
+@router.head("/ready", response_model=Readiness, include_in_schema=False)
 async def ready(registry: RegistryDep) -> Readiness:
     """Readiness: 200 once a model is loaded and warmed up; 503 before and while stopping."""
     if registry.closing:

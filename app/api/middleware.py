@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -11,7 +12,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import errors
-from app.exceptions import AuthenticationError
+from app.exceptions import AuthenticationError, ShuttingDownError
 from app.logs import request_id_var
 from app.metrics import Metrics
 
@@ -63,13 +64,23 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # the server stops waiting for this request (its shutdown timeout ran out): answer
+            # in the service's own shape instead of letting the server log a traceback and
+            # send a bare text 500; the task ends here either way
+            logger.warning("%s %s cut short: the server is stopping", _method(scope),
+                           scope["path"][:200])
+            if not started:
+                await errors.response_for(ShuttingDownError(
+                    "the server stopped before this request finished; retry"))(
+                    scope, receive, send_with_id)
         except Exception:
-            logger.exception("unhandled error in %s %s", scope.get("method"), scope["path"])
+            logger.exception("unhandled error in %s %s", _method(scope), scope["path"][:200])
             if not started:
                 await errors.internal_error_response()(scope, receive, send_with_id)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.observe_request(route, scope.get("method", ""), status,
+            self.metrics.observe_request(getattr(scope.get("route"), "path", None),
+                                         scope.get("method", ""), status,
                                          time.perf_counter() - began)
             request_id_var.reset(token)
 
@@ -80,10 +91,15 @@ class RequestContextMiddleware:
             offered = auth[7:].strip()
         if not offered:
             return False
-        candidate = offered.encode()
+        candidate = offered.encode("latin-1")  # the bytes as sent (headers decode as latin-1)
         # compare against every key so the time taken does not say which one nearly matched
         matches = [hmac.compare_digest(candidate, key) for key in self.api_keys]
         return any(matches)
+
+
+def _method(scope: Scope) -> str:
+    """The request method for a log line, cut short (a method can be any token)."""
+    return str(scope.get("method", ""))[:20]
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from app.api.deps import RegistryDep
 from app.api.schemas import ModelInfo, ModelList, ReloadResponse, error_responses
 from app.registry import ModelEntry
 
 router = APIRouter(prefix="/models", tags=["models"])
+
+MAX_MODEL_NAME = 128  # the longest valid model name; ?model= has the same bound
 
 
 def _info(entry: ModelEntry) -> ModelInfo:
@@ -26,8 +30,10 @@ async def list_models(registry: RegistryDep) -> ModelList:
                      models=[_info(e) for e in registry.entries()])
 
 
-@router.get("/{name}", response_model=ModelInfo, responses=error_responses(401, 404, 503))
-async def get_model(name: str, registry: RegistryDep) -> ModelInfo:
+@router.get("/{name}", response_model=ModelInfo,
+            responses=error_responses(401, 404, 422, 503))
+async def get_model(name: Annotated[str, Path(max_length=MAX_MODEL_NAME)],
+                    registry: RegistryDep) -> ModelInfo:
     """One checkpoint's card and status."""
     return _info(registry.entry(name))
 

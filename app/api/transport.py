@@ -8,6 +8,8 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Request
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -75,10 +77,11 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int) -> li
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=max_images + 1,
-                                                         max_fields=100)
+        form = await Request(request.scope, replay).form(max_files=max_images, max_fields=100)
     except StarletteHTTPException as exc:
-        if "Too many files" in str(exc.detail):
+        # the parser stops at max_images files, among other limits: count them to say which
+        content_type = request.headers.get("content-type", "")
+        if count_file_parts(body, content_type, stop_after=max_images + 1) > max_images:
             raise PayloadTooLargeError(f"more than {max_images} images in one request") \
                 from None
         raise MalformedRequestError(f"cannot parse the multipart body: {exc.detail}") from None
@@ -92,13 +95,54 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int) -> li
             hint = f" (got fields {others})" if others else ""
             raise InvalidRequestError(f"no image files in the multipart field "
                                       f"{FILE_FIELD!r}{hint}")
-        if len(files) > max_images:
-            raise PayloadTooLargeError(f"{len(files)} images in one request; the limit is "
-                                       f"{max_images}")
         return [Upload(f.filename or f"{FILE_FIELD}{i}", await f.read())
                 for i, f in enumerate(files)]
     finally:
         await form.close()
+
+
+class _CountReached(Exception):
+    """Stops counting file parts once the count is known to be over the limit."""
+
+
+def count_file_parts(body: bytes, content_type: str, *, stop_after: int) -> int:
+    """Count a multipart body's file parts, stopping at `stop_after` or where it breaks."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        return 0
+    count = 0
+    name, value = bytearray(), bytearray()
+    disposition = b""
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        name.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        nonlocal disposition
+        if bytes(name).lower() == b"content-disposition":
+            disposition = bytes(value)
+        name.clear()
+        value.clear()
+
+    def on_headers_finished() -> None:
+        nonlocal count, disposition
+        if b"filename" in parse_options_header(disposition)[1]:
+            count += 1
+            if count >= stop_after:
+                raise _CountReached
+        disposition = b""
+
+    with contextlib.suppress(FormParserError, _CountReached):
+        parser = MultipartParser(boundary, {
+            "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished})
+        parser.write(body)
+        parser.finalize()
+    return count
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -1,0 +1,307 @@
+"""Client connections: a deadline on every phase of a request, and a cap on open sockets.
+
+uvicorn's h11 protocol closes an idle connection only after it has answered a request on it:
+a client that connects and sends nothing, trickles a request head, or trickles a body keeps
+its socket for ever, and enough of them exhaust the process's file descriptors.
+`GuardedH11Protocol` gives each phase its own deadline (idle: `keepalive_timeout`, request
+head: `header_timeout`, request body: `body_timeout`); `ConnectionGuard` caps the connections
+served below the open-file limit and answers the ones over it with a quick 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Literal
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+logger = logging.getLogger(__name__)
+
+# asyncio accepts up to its `backlog` connections per loop iteration before any protocol
+# sees them, so the accept batch is kept small (and the kernel's queue large, see
+# `widen_listen_backlog`): at most a few batches of sockets exist that the guard has not
+# judged yet, and the descriptors they take come out of FD_RESERVE.
+ACCEPT_BATCH = 16
+LISTEN_BACKLOG = 2048
+REFUSAL_SLOTS = 32  # over-limit connections that may wait for their 503 at once
+FD_RESERVE = 4 * ACCEPT_BATCH + REFUSAL_SLOTS + 32  # the rest: logs, the listener, model files
+REFUSAL_GRACE = 1.0  # seconds a refused connection stays half-open so its 503 is read
+REPORT_INTERVAL = 60.0  # seconds between two log lines about the same condition
+
+Admission = Literal["serve", "refuse", "drop"]
+Phase = Literal["idle", "head", "body", "app"]
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """The cap on served connections and the deadline of each phase of a request."""
+
+    max_connections: int
+    keepalive_timeout: float
+    header_timeout: float
+    body_timeout: float
+
+
+def widen_listen_backlog(listeners: list[Any]) -> None:
+    """Let the kernel queue `LISTEN_BACKLOG` connections on sockets opened with a small one."""
+    for listener in listeners:
+        with socket.fromfd(listener.fileno(), listener.family, listener.type) as same:
+            same.listen(LISTEN_BACKLOG)
+
+
+def open_file_limit() -> int | None:
+    """This process's soft limit on open files (None where unlimited or unknown)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix system
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_cap(wanted: int, fd_limit: int | None) -> int:
+    """`wanted`, lowered so that client sockets can never use up the open-file limit."""
+    if fd_limit is None:
+        return wanted
+    return max(1, min(wanted, fd_limit - FD_RESERVE))
+
+
+class RateLimitedReport:
+    """Logs a recurring condition at most once per `REPORT_INTERVAL`, counting the rest."""
+
+    def __init__(self, log: Callable[[int], None]) -> None:
+        self._log = log
+        self._last: float | None = None
+        self._unreported = 0
+
+    def note(self) -> None:
+        """One more occurrence; logged (with the count since the last line) if due."""
+        self._unreported += 1
+        now = time.monotonic()
+        if self._last is None or now - self._last >= REPORT_INTERVAL:
+            self._log(self._unreported)
+            self._last, self._unreported = now, 0
+
+
+class ConnectionGuard:
+    """Counts the server's client connections and decides whether a new one is served."""
+
+    def __init__(self, limits: ConnectionLimits,
+                 on_event: Callable[[str], None] | None = None) -> None:
+        self.limits = limits
+        self.served = 0
+        self.awaiting_refusal = 0
+        self._on_event = on_event or (lambda event: None)
+        self._over_limit = RateLimitedReport(self._log_over_limit)
+
+    def admit(self) -> Admission:
+        """Serve a new connection, refuse it (503, kept open a moment) or drop it (503, closed)."""
+        if self.served < self.limits.max_connections:
+            self.served += 1
+            return "serve"
+        self._over_limit.note()
+        if self.awaiting_refusal < REFUSAL_SLOTS:
+            self.awaiting_refusal += 1
+            self.event("refused")
+            return "refuse"
+        self.event("dropped")
+        return "drop"
+
+    def release(self, admission: Admission) -> None:
+        """A connection admitted as `admission` has closed."""
+        if admission == "serve":
+            self.served -= 1
+        elif admission == "refuse":
+            self.awaiting_refusal -= 1
+
+    def event(self, name: str) -> None:
+        """Report refused, dropped, header_timeout or body_timeout (to the metrics)."""
+        self._on_event(name)
+
+    def _log_over_limit(self, count: int) -> None:
+        logger.warning(
+            "connection limit reached: %d connections open (max_connections %d); new ones are "
+            "answered 503 until some close (%d refused since the last report)",
+            self.served, self.limits.max_connections, count)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each phase of a request and a connection cap.
+
+    Use `protocol_for(guard)` to get a subclass bound to a guard for `uvicorn.Config(http=)`.
+    """
+
+    guard: ConnectionGuard
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admission: Admission | None = None
+        self._phase: Phase = "idle"
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Admit the connection, refuse it with 503, or close it at once."""
+        super().connection_made(transport)
+        self._admission = self.guard.admit()
+        if self._admission == "serve":  # idle until its first byte: the keep-alive timeout
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            return
+        # answered before its request is read: a client reads the 503 after sending
+        transport.write(error_bytes(503, "too many open connections; retry shortly",
+                                    uuid.uuid4().hex, ("retry-after: 1",)))
+        if self._admission == "drop":
+            transport.close()
+        else:  # half-close and read what the client sends, so closing does not reset
+            transport.write_eof()
+            self._arm(REFUSAL_GRACE, self._close_quietly)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Release the connection's place and its deadline."""
+        self._disarm()
+        if self._admission is not None:
+            self.guard.release(self._admission)
+            self._admission = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser, then follow the request into its next phase."""
+        if self._admission != "serve":
+            return  # a refused connection: its answer has gone, its request is dropped
+        super().data_received(data)
+        self._follow_request()
+
+    def on_response_complete(self) -> None:
+        """After an answer, the next request (possibly pipelined already) starts its phases."""
+        super().on_response_complete()
+        self._follow_request()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """The service has no websockets: an Upgrade header is ignored, quietly."""
+        logger.debug("ignoring an Upgrade request header from %s", _peer(self.client))
+
+    def _follow_request(self) -> None:
+        if self._admission != "serve":
+            return
+        if self.transport.is_closing():
+            self._disarm()
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            # h11 keeps the bytes of a head until it is complete (or refuses them)
+            phase: Phase = "head" if self.conn.trailing_data[0] else "idle"
+        elif state is h11.SEND_BODY:
+            phase = "body"
+        else:  # the request is in; request_timeout bounds the answer
+            phase = "app"
+        if phase == "idle" and self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        if phase == self._phase:
+            return
+        self._disarm()
+        self._phase = phase
+        if phase == "head":
+            self._arm(self.guard.limits.header_timeout, self._head_timed_out)
+        elif phase == "body":
+            self._arm(self.guard.limits.body_timeout, self._body_timed_out)
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _close_quietly(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        seconds = self.guard.limits.header_timeout
+        self.guard.event("header_timeout")
+        logger.debug("closing a connection from %s: no complete request head in %s s",
+                     _peer(self.client), seconds)
+        self.transport.write(error_bytes(
+            408, f"the request head did not arrive within {seconds:g} s", uuid.uuid4().hex))
+        self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            return
+        cycle, seconds = self.cycle, self.guard.limits.body_timeout
+        if cycle is not None and not cycle.response_complete:
+            if not cycle.response_started:
+                request_id = cycle.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+                self.transport.write(error_bytes(
+                    408, f"the request body did not arrive within {seconds:g} s", request_id))
+            cycle.disconnected = True  # the app's receive() now reports the client gone
+            cycle.message_event.set()
+        self.guard.event("body_timeout")
+        logger.debug("closing a connection from %s: request body not in after %s s",
+                     _peer(self.client), seconds)
+        self.transport.close()
+
+
+def protocol_for(guard: ConnectionGuard) -> type[GuardedH11Protocol]:
+    """A `GuardedH11Protocol` subclass bound to `guard`, for `uvicorn.Config(http=...)`."""
+    return type("BoundGuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
+
+
+def error_bytes(status: int, detail: str, request_id: str,
+                extra_headers: tuple[str, ...] = ()) -> bytes:
+    """A whole HTTP/1.1 error response in the service's JSON shape, closing the connection."""
+    body = json.dumps({"detail": detail, "request_id": request_id}, separators=(",", ":")).encode()
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+            "content-type: application/json", f"content-length: {len(body)}",
+            f"x-request-id: {request_id}", "connection: close", *extra_headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "an unknown peer"
+
+
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def install_accept_error_filter(loop: asyncio.AbstractEventLoop) -> None:
+    """Report accept() failures for want of descriptors once a minute instead of per try.
+
+    asyncio logs one traceback per failed accept() and retries a whole backlog of them, so a
+    process at its open-file limit writes tens of thousands of tracebacks a second.
+    """
+    report = RateLimitedReport(lambda count: logger.error(
+        "cannot accept connections: the process is out of file descriptors or memory "
+        "(%d failed accepts since the last report); lower max_connections or raise the "
+        "open-file limit", count))
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES \
+                and "accept" in str(context.get("message", "")):
+            report.note()
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

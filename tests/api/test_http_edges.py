@@ -1,0 +1,148 @@
+"""HTTP edge cases: bounded metrics labels, HEAD probes, long names, file counting, keys,
+and the answer to a request the server stops waiting for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import string
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from starlette.formparsers import MultiPartException
+
+from app.__main__ import parse_settings
+from app.config import Settings
+from app.main import create_app
+from tests.serving_helpers import fast_settings, jpeg, running_app
+
+ON_SESSION_LOOP = pytest.mark.asyncio(loop_scope="session")
+SERIES = re.compile(r"^resnet_serve_requests_total\{(.*)\} ", re.M)
+
+
+def _junk(rng: random.Random, length: int) -> str:
+    return "".join(rng.choices(string.ascii_letters + string.digits, k=length))
+
+
+@ON_SESSION_LOOP
+async def test_metrics_labels_stay_bounded_whatever_requests_send(checkpoint_root: Path) -> None:
+    rng = random.Random(0)
+    settings = fast_settings(checkpoint_root, default_model="colors", api_keys=["s3cret"])
+    auth = {"X-API-Key": "s3cret"}
+    async with running_app(settings, wait_ready=False) as (http, _app):
+        sent: list[str] = []
+        for _ in range(40):
+            method, name, path = _junk(rng, 1000).upper(), _junk(rng, 60), _junk(rng, 200)
+            sent += [method, name, path]
+            await http.request(method, f"/{path}", headers=auth)
+            await http.request(method, f"/models/{name}", headers=auth)
+            await http.get(f"/models/{name}", headers=auth)
+            await http.post(f"/predict?model={name}", headers=auth,
+                            files={"file": ("a.jpg", jpeg("red"))})
+            await http.request(method, f"/{path}")  # 401: no key
+            await http.get(f"/models/{name}")  # 401
+        text = (await http.get("/metrics", headers=auth)).text
+    assert not [junk for junk in sent if junk in text or junk.lower() in text]
+    series = SERIES.findall(text)
+    methods = {re.search(r'method="([^"]*)"', s).group(1) for s in series}
+    routes = {re.search(r'route="([^"]*)"', s).group(1) for s in series}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"}
+    assert "other" in methods
+    assert routes <= {"unmatched", "/predict", "/models/{name}", "/ready", "/metrics"}, routes
+    assert len(series) < 30, series
+    assert len(text) < 20_000
+
+
+@ON_SESSION_LOOP
+async def test_head_health_and_ready_answer_like_get(client: httpx.AsyncClient) -> None:
+    for path in ("/health", "/ready"):
+        head = await client.head(path)
+        assert head.status_code == 200, (path, head.status_code)
+        assert head.content == b""
+        assert head.headers["x-request-id"]
+
+
+@ON_SESSION_LOOP
+async def test_a_long_model_name_in_the_path_is_422_and_not_echoed(
+        client: httpx.AsyncClient) -> None:
+    name = "n" * 10_000
+    r = await client.get(f"/models/{name}")
+    assert r.status_code == 422, r.status_code
+    assert len(r.content) < 500 and "nnnnnnnnnn" not in r.text
+    assert (await client.get("/models/" + "n" * 128)).status_code == 404
+    r = await client.post(f"/predict?model={name}", files={"file": ("a.jpg", jpeg("red"))})
+    assert r.status_code == 422 and "nnnnnnnnnn" not in r.text  # the same bound as the path
+
+
+def _parts(field: str, count: int) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (f"{i}.jpg", jpeg("red", seed=i, size=(8, 8)), "image/jpeg"))
+            for i in range(count)]
+
+
+@ON_SESSION_LOOP
+async def test_too_many_images_is_413_from_our_own_count(
+        client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the parser's wording is its own business: reword its message, the answer must not change
+    original = MultiPartException.__init__
+    monkeypatch.setattr(MultiPartException, "__init__",
+                        lambda self, message: original(self, "limit exceeded"))
+    for files in (_parts("file", 20), _parts("file", 1) + _parts("other", 30)):
+        r = await client.post("/predict", files=files)
+        assert r.status_code == 413, r.text
+        assert "more than 16 images" in r.json()["detail"]
+    # a body that breaks after a few files is malformed, not too large
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n"
+            + jpeg("red") + b"\r\n--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n")
+    r = await client.post("/predict", content=body,
+                          headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400, r.text
+
+
+@pytest.mark.parametrize("key", ["clé", "ключ", "tab\tkey", "with space", "é"])
+def test_a_key_headers_cannot_carry_is_refused_at_start_up(
+        key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValidationError, match="visible ASCII"):
+        Settings(api_keys=["fine-key", key])
+    with pytest.raises(SystemExit) as stopped:
+        parse_settings(["--api-key", key])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "API key number 1" in err and "visible ASCII" in err and key not in err
+
+
+@ON_SESSION_LOOP
+async def test_a_request_cut_short_by_shutdown_gets_json_503(make_checkpoint_dir) -> None:
+    app = create_app(fast_settings(make_checkpoint_dir("colors")))
+    sent: list[dict] = []
+    started = asyncio.Event()
+
+    async def slow_upload() -> dict:  # the head has arrived; the body never finishes
+        started.set()
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "path": "/predict", "raw_path": b"/predict",
+             "root_path": "", "scheme": "http", "query_string": b"",
+             "server": ("test", 80), "client": ("test", 1), "state": {},
+             "headers": [(b"content-type", b"image/png"), (b"content-length", b"1000")]}
+    async with app.router.lifespan_context(app):
+        while not app.state.registry.ready:
+            await asyncio.sleep(0.05)
+        task = asyncio.ensure_future(app(scope, slow_upload, send))
+        await started.wait()
+        task.cancel()  # what the server does when its shutdown timeout runs out
+        await asyncio.wait({task})
+    assert not task.cancelled() and task.exception() is None
+    start, body = sent
+    assert start["status"] == 503
+    assert (b"content-type", b"application/json") in start["headers"]
+    detail = json.loads(body["body"])
+    assert "stopped before this request finished" in detail["detail"] and detail["request_id"]
