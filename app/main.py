@@ -11,8 +11,13 @@ from collections.abc import AsyncIterator
 import torch
 from fastapi import FastAPI
 
-from app.api import errors, health, models, predict
-from app.api.middleware import RequestContextMiddleware
+from app.api import docs, errors, health, predict
+from app.api import models as model_routes
+from app.api.middleware import (
+    ErrorBoundaryMiddleware,
+    RequestIdMiddleware,
+    RequestMetricsMiddleware,
+)
 from app.config import Settings
 from app.imaging import ImageDecoder
 from app.metrics import Metrics
@@ -59,15 +64,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Image classification with fine-tuned ResNets, dynamically batched.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None, openapi_url=None,  # served by app.api.docs, with auth
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.api_keys = settings.api_key_values()
     errors.install(app)
-    app.include_router(predict.router)
-    app.include_router(models.router)
-    app.include_router(health.router)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics,
-                       api_keys=settings.api_key_values())
+    for router in (predict.router, model_routes.router, health.router, docs.router):
+        app.include_router(router)  # each router declares who may call it (app.api.auth)
+    # the last added runs first: ids for everything, metrics of every answer, then the
+    # boundary that turns whatever escapes into a JSON answer
+    app.add_middleware(ErrorBoundaryMiddleware)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 

@@ -1,9 +1,10 @@
-"""GET /health, GET /ready, GET /metrics."""
+"""GET /health and GET /ready (open to all, as probes are), GET /metrics (needs a key)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import MetricsDep, RegistryDep
 from app.api.schemas import Health, Readiness, error_responses
 from app.exceptions import NotReadyError, ShuttingDownError
@@ -29,7 +30,7 @@ async def ready(registry: RegistryDep) -> Readiness:
     return Readiness(models=registry.loaded_names())
 
 
-@router.get("/metrics", response_class=Response, responses={
+@router.get("/metrics", response_class=Response, dependencies=[API_KEY_REQUIRED], responses={
     200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
     **error_responses(401)})
 async def metrics(metrics: MetricsDep) -> Response:

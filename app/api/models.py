@@ -6,11 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
+from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import RegistryDep
 from app.api.schemas import ModelInfo, ModelList, ReloadResponse, error_responses
 from app.registry import ModelEntry
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], dependencies=[API_KEY_REQUIRED])
 
 MAX_MODEL_NAME = 128  # the longest valid model name; ?model= has the same bound
 

@@ -6,11 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
+from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import RegistryDep, SettingsDep
 from app.api.schemas import ImageResultOut, PredictionOut, PredictResponse, error_responses
 from app.api.transport import FILE_FIELD, read_uploads, unless_disconnected
 
-router = APIRouter(tags=["predict"])
+router = APIRouter(tags=["predict"], dependencies=[API_KEY_REQUIRED])
 
 MAX_TOP_K = 10_000  # above any real class count: larger values are mistakes, not requests
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import app.api.middleware as middleware
+import app.api.auth as auth
 from tests.serving_helpers import fast_settings, jpeg, running_app, wait_until_ready
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -18,23 +18,37 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 KEY = "k3y-Never-Logged-9f2"
 
 
+def _routes(routes: list) -> list:
+    """Every route with methods, looking inside included routers."""
+    found = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            found += _routes(inner.routes)
+        elif getattr(route, "methods", None):
+            found.append(route)
+    return found
+
+
 async def test_every_route_but_health_and_ready_needs_the_key(
         checkpoint_root: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.DEBUG)
     compared: list[bytes] = []
-    real_compare = middleware.hmac.compare_digest
+    real_compare = auth.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         compared.append(b)
         return real_compare(a, b)
 
-    monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
     settings = fast_settings(checkpoint_root, default_model="colors", api_keys=[KEY, "two"])
     async with running_app(settings, wait_ready=False) as (http, app):
         await wait_until_ready(http)
-        paths = {(m, r.path) for r in app.routes for m in getattr(r, "methods", ())}
-        paths |= {("GET", "/no-such-route"), ("POST", "/models/colors")}
+        # every route the app has, whichever router declared it: a route added without the
+        # key requirement fails here
+        paths = {(m, r.path) for r in _routes(app.routes) for m in r.methods}
+        assert {("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/metrics")} <= paths
         for method, path in sorted(paths):
             concrete = path.replace("{name}", "colors")
             open_ = path in ("/health", "/ready")
@@ -47,6 +61,9 @@ async def test_every_route_but_health_and_ready_needs_the_key(
                     assert r.status_code == 401, (method, path, headers, r.status_code)
                     assert r.headers["www-authenticate"] == "Bearer"
                     assert KEY not in r.text
+        for method, path in (("GET", "/no-such-route"), ("POST", "/models/colors")):
+            r = await http.request(method, path)  # no route: nothing to authorise, no data
+            assert r.status_code in (404, 405) and set(r.json()) == {"detail", "request_id"}
         for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"},
                         {"authorization": "bearer two"}):
             ok = await http.post("/predict", headers={**headers, "X-Request-ID": "authed"},
