@@ -59,7 +59,7 @@ class _Request:
     items: list[Any]
     future: asyncio.Future
     deadline: float
-    taken: int = 0  # items handed to a batch so far
+    dispatched: int = 0  # items handed to a batch so far
     outputs: list[Any] = field(default_factory=list)
     queued: bool = True
 
@@ -68,7 +68,7 @@ class _Request:
         return len(self.items)
 
 
-Slice = tuple[_Request, int, int]  # request, first item, end item
+BatchPart = tuple[_Request, int, int]  # a request's items [start, end) in one batch
 
 
 @dataclass
@@ -107,10 +107,10 @@ class DynamicBatcher:
         self._on_event = on_event
         self._queue: deque[_Request] = deque()
         self._queued = 0  # items waiting in the queue
-        self._incoming = 0  # items announced (being decoded), not yet submitted
+        self._incoming = 0  # items reserved (being decoded), not yet submitted
         self._last_callers = 0  # requests in the previous batch
         self._batch_seconds = 0.0  # moving average of a batch's run time
-        self._current: list[Slice] = []
+        self._current: list[BatchPart] = []
         self._arrived = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -138,7 +138,7 @@ class DynamicBatcher:
             self._run(), name=f"batcher-{self.name}")
 
     @contextlib.contextmanager
-    def announce(self, count: int) -> Iterator[None]:
+    def reserve(self, count: int) -> Iterator[None]:
         """Reserve queue room for `count` items being prepared (the worker may wait for them).
 
         Raises QueueFullError at once when the room is taken: items still being decoded count
@@ -205,7 +205,7 @@ class DynamicBatcher:
                     await self._task
         closed = BatcherClosedError(f"model {self.name!r} stopped")
         self._fail(self._current, closed, reason="failed")
-        self._fail([(r, r.taken, r.size) for r in list(self._queue)], closed, reason="failed")
+        self._fail([(r, r.dispatched, r.size) for r in list(self._queue)], closed, reason="failed")
         if self._own_compute is not None:
             self._own_compute.close()
 
@@ -240,7 +240,7 @@ class DynamicBatcher:
                          time.perf_counter() - began)
             self._current = []
 
-    async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[Slice]:
+    async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[BatchPart]:
         """Take a batch; linger up to max_wait for more only when more are expected."""
         batch = self._take(self.max_batch_size, loop.time())
         size = sum(end - start for _, start, end in batch)
@@ -264,26 +264,26 @@ class DynamicBatcher:
         # the last batch served several callers (concurrent traffic). A lone caller never waits.
         return not self._closing and (self._incoming > 0 or self._last_callers > 1)
 
-    def _take(self, limit: int, now: float) -> list[Slice]:
-        batch: list[Slice] = []
+    def _take(self, limit: int, now: float) -> list[BatchPart]:
+        batch: list[BatchPart] = []
         while self._queue and limit > 0:
             request = self._queue[0]
             if request.future.done() or request.deadline <= now:
-                self._fail([(request, request.taken, request.size)],
+                self._fail([(request, request.dispatched, request.size)],
                            DeadlineExceededError("deadline passed while queued"),
                            reason="expired")
                 continue
-            count = min(limit, request.size - request.taken)
-            batch.append((request, request.taken, request.taken + count))
-            request.taken += count
+            count = min(limit, request.size - request.dispatched)
+            batch.append((request, request.dispatched, request.dispatched + count))
+            request.dispatched += count
             self._queued -= count
             limit -= count
-            if request.taken == request.size:
+            if request.dispatched == request.size:
                 self._queue.popleft()
                 request.queued = False
         return batch
 
-    def _deliver(self, batch: list[Slice], outputs: Sequence[Any]) -> None:
+    def _deliver(self, batch: list[BatchPart], outputs: Sequence[Any]) -> None:
         offset = 0
         for request, start, end in batch:
             part = outputs[offset:offset + end - start]
@@ -294,7 +294,7 @@ class DynamicBatcher:
             if len(request.outputs) == request.size:
                 request.future.set_result(request.outputs)
 
-    def _fail(self, batch: list[Slice], exc: BaseException, *, reason: str) -> None:
+    def _fail(self, batch: list[BatchPart], exc: BaseException, *, reason: str) -> None:
         for request, _, _ in batch:
             self._drop(request, reason)
             if not request.future.done():
@@ -317,9 +317,9 @@ class DynamicBatcher:
         request.queued = False
         with contextlib.suppress(ValueError):
             self._queue.remove(request)
-        dropped = request.size - request.taken
+        dropped = request.size - request.dispatched
         self._queued -= dropped
-        request.taken = request.size
+        request.dispatched = request.size
         if dropped:
             self.stats.dropped[reason] += dropped
             self._emit(reason, dropped)
@@ -329,6 +329,8 @@ class DynamicBatcher:
         self.stats.images += size
         self.stats.batch_sizes[size] += 1
         self._last_callers = callers
+        # an exponential moving average: Retry-After follows the recent batch time without
+        # jumping with one slow or fast batch (each new batch weighs a fifth)
         self._batch_seconds = seconds if not self._batch_seconds else (
             0.8 * self._batch_seconds + 0.2 * seconds)
         self._emit("batch", size)

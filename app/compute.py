@@ -3,9 +3,8 @@
 torch's CPU kernels run on OpenMP (libgomp). libgomp keeps a team of worker threads for each
 thread that ever ran a parallel op, and while the process holds more OpenMP threads than CPUs
 the workers stop spinning between parallel regions and sleep instead: every one of the hundred
-or so small ops of a ResNet forward pass then waits for a wake-up. On 2 cores a resnet34
-forward pass at batch 1 took 49 ms when only the thread running it had ever used torch, and
-about 66 ms when the checkpoint had been loaded on another, still living thread.
+or so small ops of a ResNet forward pass then waits for a wake-up, a cost measured by
+`python -m bench.threads` (docs/benchmarks.md).
 
 So the service keeps torch's parallel work on as few living threads as it can:
 

@@ -93,7 +93,7 @@ class ServedModel:
         """Decode, batch, run and post-process one request's images."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        with self.batcher.announce(len(uploads)):
+        with self.batcher.reserve(len(uploads)):
             tensors = await self._decoder.to_tensors(
                 uploads, self.transform, target_size=self.card.preprocessing.resize,
                 timeout=timeout)  # the request's deadline covers decoding too

@@ -4,9 +4,8 @@ The model (batch norms folded, input normalisation and the final softmax or sigm
 included) is exported to ONNX in memory when a checkpoint loads, and checked against
 PyTorch on the same inputs before it serves: a model whose outputs differ is refused.
 
-On a 2-core CPU, ONNX Runtime ran resnet34 at batch 1 about 1.4x as fast as PyTorch and
-about as fast from batch 8 up (docs/benchmarks.md): it shortens single-request latency
-on CPU hosts. Needs the `onnx` extra: `pip install 'resnet-serve[onnx]'`.
+It exists because ONNX Runtime is faster than PyTorch on CPU hosts at small batches (figures
+in docs/benchmarks.md). Needs the `onnx` extra: `pip install 'resnet-serve[onnx]'`.
 """
 
 from __future__ import annotations
@@ -82,7 +81,7 @@ class OnnxRuntimeModel:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # idle workers sleep instead of spinning: the decode threads and the event loop need
-        # the cores between batches (concurrency-1 p50 49 vs 52-56 ms on 2 cores, resnet34)
+        # the cores between batches (measured in docs/benchmarks.md)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(exported, options,

@@ -77,7 +77,7 @@ async def test_images_being_decoded_count_against_the_queue(checkpoint_root: Pat
                              max_queue=4, max_images_per_request=4)
     async with running_app(settings) as (http, app):
         batcher = app.state.registry.get("colors").batcher
-        with batcher.announce(4):  # four images being decoded for another request
+        with batcher.reserve(4):  # four images being decoded for another request
             r = await http.post("/predict", files={"file": ("late.jpg", jpeg("red"))})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         ok = await http.post("/predict", files={"file": ("now.jpg", jpeg("red"))})

@@ -93,10 +93,10 @@ async def test_waiting_callers_share_a_batch_and_get_their_own_outputs() -> None
     await batcher.stop()
 
 
-async def test_announced_images_are_waited_for() -> None:
+async def test_reserved_images_are_waited_for() -> None:
     rec = Recorder()
     batcher = make(rec, max_wait_ms=1000)
-    with batcher.announce(1):
+    with batcher.reserve(1):
         first = asyncio.create_task(batcher.submit([1], timeout=5))
         await asyncio.sleep(0.05)
         second = asyncio.create_task(batcher.submit([2], timeout=5))
