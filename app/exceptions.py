@@ -42,7 +42,7 @@ class InvalidImageError(ServiceError):
         super().__init__(f"file {filename!r}: {problem}")
 
 
-class ImageTooLargeError(ServiceError):
+class OversizedImageError(ServiceError):
     """An uploaded image has more pixels than allowed."""
 
     def __init__(self, filename: str, problem: str) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from app.batching import DeadlineExceededError
 from app.compute import name_native_thread
-from app.exceptions import ImageTooLargeError, InsufficientMemoryError, InvalidImageError
+from app.exceptions import InsufficientMemoryError, InvalidImageError, OversizedImageError
 from models import preprocessing
 from models.preprocessing import Transform
 
@@ -114,7 +114,7 @@ class ImageDecoder:
                                          target_size=target_size)
             return transform(image)
         except preprocessing.ImageTooLargeError as exc:
-            raise ImageTooLargeError(upload.filename, str(exc)) from None
+            raise OversizedImageError(upload.filename, str(exc)) from None
         except preprocessing.ImageDecodeError as exc:
             raise InvalidImageError(upload.filename, str(exc)) from None
         except MemoryError:
