@@ -19,6 +19,7 @@ from app.api.middleware import (
     RequestMetricsMiddleware,
 )
 from app.config import Settings
+from app.exceptions import ShuttingDownError
 from app.imaging import ImageDecoder
 from app.metrics import Metrics
 from app.registry import ModelRegistry
@@ -45,16 +46,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info("serving from %s on %s (%s)", settings.checkpoint_dir,
                     runtime.describe(), runtime.precision_name)
         loading = asyncio.create_task(_initial_load(registry), name="initial-load")
-        sighup = _install_sighup(registry) if settings.reload_on_sighup else False
+        rescans: set[asyncio.Task[None]] = set()  # held here so none is collected mid-run
+        sighup = _install_sighup(registry, rescans) if settings.reload_on_sighup else False
         try:
             yield
         finally:
             registry.begin_shutdown()
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            for task in (loading, *rescans):
+                task.cancel()
+            # whatever they published by now is stopped by close(), none of it is left running
+            await asyncio.gather(loading, *rescans, return_exceptions=True)
             await registry.close(settings.shutdown_timeout)
             decoder.close()
             logger.info("stopped")
@@ -90,6 +93,9 @@ def begin_shutdown(app: FastAPI) -> None:
 async def _initial_load(registry: ModelRegistry) -> None:
     try:
         report = await registry.reload()
+    except ShuttingDownError:
+        logger.info("stopped before the models were loaded")
+        return
     except Exception:  # noqa: BLE001 - the service stays up (not ready) and says why
         logger.exception("loading models failed")
         return
@@ -98,10 +104,13 @@ async def _initial_load(registry: ModelRegistry) -> None:
                        registry.settings.checkpoint_dir, report.failed or "none found")
 
 
-def _install_sighup(registry: ModelRegistry) -> bool:
+def _install_sighup(registry: ModelRegistry, rescans: set[asyncio.Task[None]]) -> bool:
     def on_sighup() -> None:
         logger.info("SIGHUP: rescanning %s", registry.settings.checkpoint_dir)
-        asyncio.ensure_future(_reload_logged(registry))
+        task = asyncio.get_running_loop().create_task(_reload_logged(registry),
+                                                      name="sighup-reload")
+        rescans.add(task)
+        task.add_done_callback(rescans.discard)
 
     try:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
@@ -114,5 +123,7 @@ def _install_sighup(registry: ModelRegistry) -> bool:
 async def _reload_logged(registry: ModelRegistry) -> None:
     try:
         await registry.reload()
+    except ShuttingDownError:
+        logger.info("SIGHUP rescan skipped: shutting down")
     except Exception:  # noqa: BLE001 - a failed rescan must not kill the server
         logger.exception("reload failed")

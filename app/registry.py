@@ -14,7 +14,7 @@ import torch
 
 from app.batching import DynamicBatcher
 from app.compute import ComputeThread, name_native_thread, run_in_fresh_thread
-from app.config import Settings
+from app.config import MODEL_NAME_PATTERN, Settings
 from app.exceptions import (
     ModelRequiredError,
     NotReadyError,
@@ -26,7 +26,7 @@ from app.metrics import Metrics
 from models import checkpoint
 from models.checkpoint import ModelCard
 from models.device import Runtime
-from models.predict import ImageResult, Predictor
+from models.predict import ImageResult, ModelOutputError, Predictor
 from models.preprocessing import Transform, eval_transform
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _retired_batch(images: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class ModelEntry:
-    """One checkpoint folder as the registry sees it: loaded or failed, and why."""
+    """One checkpoint folder as the registry sees it: loaded, loading or failed, and why."""
 
     name: str
     path: Path
@@ -131,10 +131,13 @@ class ModelEntry:
     card: ModelCard | None = None
     served: ServedModel | None = None
     error: str | None = None
+    loading: bool = False  # found by a scan that has not reached it yet
 
     @property
     def status(self) -> str:
-        return "loaded" if self.served is not None else "failed"
+        if self.served is not None:
+            return "loaded"
+        return "loading" if self.loading else "failed"
 
 
 @dataclass
@@ -158,6 +161,7 @@ class ModelRegistry:
         self.metrics = metrics
         self.closing = False
         self._entries: dict[str, ModelEntry] = {}
+        self._retiring: set[ServedModel] = set()  # swapped out, not yet stopped
         self._lock = asyncio.Lock()
         self.compute = ComputeThread()  # every model's batches run here (see app.compute)
 
@@ -186,7 +190,13 @@ class ModelRegistry:
         if self.settings.default_model:
             return self.settings.default_model
         loaded = self.loaded_names()
-        return loaded[0] if len(loaded) == 1 else None
+        if len(loaded) != 1 or self.loading_names():
+            return None  # no implicit default while another model may still join
+        return loaded[0]
+
+    def loading_names(self) -> list[str]:
+        """Names of the checkpoints a scan has found and not loaded yet."""
+        return sorted(n for n, e in self._entries.items() if e.loading)
 
     def get(self, name: str | None = None) -> ServedModel:
         """The serving model `name` (or the default one) for a new request."""
@@ -197,9 +207,14 @@ class ModelRegistry:
             raise NotReadyError("no model is loaded yet")
         if name is None:
             name = self.default_name()
+            if name is None and self.loading_names():
+                raise NotReadyError("models are still loading, so there is no default yet; "
+                                    f"name one with ?model= (serving: {', '.join(loaded)})")
             if name is None:
                 raise ModelRequiredError(loaded)
         found = self._entries.get(name)
+        if found is not None and found.loading:
+            raise NotReadyError(f"model {name!r} is still loading")
         if found is None or found.served is None:
             raise UnknownModelError(name, loaded)
         return found.served
@@ -207,37 +222,84 @@ class ModelRegistry:
     async def reload(self) -> ReloadReport:
         """Rescan the folder: load new or changed checkpoints, retire removed ones.
 
-        A checkpoint that fails to load keeps its previous version serving. New versions are
-        swapped in at once; retired versions finish their requests in flight before stopping.
+        Each checkpoint is published as soon as it is loaded (or has failed), so the service
+        is ready once the first model is warm while the others still load. A checkpoint that
+        fails to load keeps its previous version serving. Retired versions finish their
+        requests in flight before stopping.
         """
         async with self._lock:
             if self.closing:
                 raise ShuttingDownError("the service is shutting down")
-            report, retired = ReloadReport(), []
+            report = ReloadReport()
             paths = await asyncio.to_thread(checkpoint.find_checkpoints,
                                             self.settings.checkpoint_dir)
-            entries: dict[str, ModelEntry] = {}
-            for path in paths:
-                entries[path.name] = await self._refresh(path, self._entries.get(path.name),
-                                                         report)
-            for name, old in self._entries.items():
-                new = entries.get(name)
-                if old.served is not None and (new is None or new.served is not old.served):
-                    retired.append(old.served)
-                if new is None:
-                    report.removed.append(name)
-                    self.metrics.forget_model(name)
-            self._entries = entries
-            for entry in entries.values():
-                if entry.served is not None:
-                    self.metrics.watch_queue(entry.name,
-                                             lambda s=entry.served: s.batcher.queued)
-            self.metrics.models_loaded.set(len(self.loaded_names()))
+            named = [(*model_name(path.name), path) for path in paths]
+            retired = await self._load_each(named, report)
+            if not self.closing:
+                gone = set(self._entries) - {entry_name for entry_name, _, _ in named}
+                for name in sorted(gone):
+                    retired += self._remove(name, report)
             self.metrics.reloads.inc()
         logger.info("models: loaded %s, unchanged %s, removed %s, failed %s",
                     report.loaded, report.unchanged, report.removed, sorted(report.failed))
         await asyncio.gather(*(s.retire(self.settings.request_timeout) for s in retired))
+        self._retiring.difference_update(retired)
         return report
+
+    async def _load_each(self, named: list[tuple[str, str | None, Path]],
+                         report: ReloadReport) -> list[ServedModel]:
+        """Load, refuse or keep each folder found, publishing each entry as soon as it is
+        known (new folders are listed as loading until then); returns the versions replaced."""
+        for name, problem, path in named:
+            if problem is None and name not in self._entries:
+                self._entries[name] = ModelEntry(name, path, (), loading=True)
+        retired: list[ServedModel] = []
+        try:
+            for name, problem, path in named:
+                if self.closing:  # close() stops whatever has been published so far
+                    break
+                old = self._entries.get(name)
+                entry = (self._refused(name, path, problem, old, report) if problem
+                         else await self._refresh(path, old, report))
+                retired += self._publish(entry)
+        finally:
+            for name in self.loading_names():  # never reached: shutting down or cancelled
+                del self._entries[name]
+        return retired
+
+    def _publish(self, entry: ModelEntry) -> list[ServedModel]:
+        """Make `entry` the one requests see now; returns the version it replaced, if any."""
+        old = self._entries.get(entry.name)
+        self._entries[entry.name] = entry
+        if entry.served is not None:
+            self.metrics.watch_queue(entry.name, lambda s=entry.served: s.batcher.queued)
+        self.metrics.models_loaded.set(len(self.loaded_names()))
+        if old is None or old.served is None or old.served is entry.served:
+            return []
+        self._retiring.add(old.served)
+        return [old.served]
+
+    def _remove(self, name: str, report: ReloadReport) -> list[ServedModel]:
+        """Drop a checkpoint whose folder is gone; returns its serving version, if any."""
+        old = self._entries.pop(name)
+        report.removed.append(name)
+        self.metrics.models_loaded.set(len(self.loaded_names()))
+        if old.served is None:
+            return []
+        self.metrics.forget_model(name)
+        self._retiring.add(old.served)
+        return [old.served]
+
+    @staticmethod
+    def _refused(name: str, path: Path, problem: str, old: ModelEntry | None,
+                 report: ReloadReport) -> ModelEntry:
+        """The entry of a folder whose name cannot be a model name (never loaded)."""
+        if old is not None and old.path == path:
+            report.unchanged.append(name)
+            return old
+        logger.error("checkpoint folder refused: %s", problem)
+        report.failed[name] = problem
+        return ModelEntry(name, path, (), error=problem)
 
     async def _refresh(self, path: Path, old: ModelEntry | None,
                        report: ReloadReport) -> ModelEntry:
@@ -247,19 +309,38 @@ class ModelRegistry:
             report.unchanged.append(name)
             return old
         try:
-            served = await run_in_fresh_thread(self._load, name, path, name=f"load-{name}")
+            served = await self._load_on_fresh_thread(name, path)
         except Exception as exc:  # noqa: BLE001 - any broken checkpoint must not stop the rest
-            error = str(exc) or type(exc).__name__
+            error = checkpoint.printable(str(exc) or type(exc).__name__)
             report.failed[name] = error
             if old is not None and old.served is not None:
                 logger.error("model %s: new version failed to load, keeping the previous "
                              "one: %s", name, error)
                 return replace(old, error=f"reload failed, previous version serving: {error}")
             logger.error("model %s failed to load: %s", name, error)
-            return ModelEntry(name, path, stamp, card=_try_card(path), error=error)
+            card = await asyncio.to_thread(_try_card, path)
+            return ModelEntry(name, path, stamp, card=card, error=error)
         served.start()
         report.loaded.append(name)
         return ModelEntry(name, path, stamp, card=served.card, served=served)
+
+    async def _load_on_fresh_thread(self, name: str, path: Path) -> ServedModel:
+        """`_load` on a thread of its own. Cancelled (shutdown), it first waits, bounded, for
+        that thread to end, so no load is still running torch when the process exits; the
+        model it loaded is dropped, never started."""
+        load = asyncio.ensure_future(
+            run_in_fresh_thread(self._load, name, path, name=f"load-{name}"))
+        try:
+            return await asyncio.shield(load)
+        except asyncio.CancelledError:
+            await asyncio.wait({load}, timeout=self.settings.shutdown_timeout)
+            if not load.done():
+                logger.warning("model %s: still loading after %g s; stopping anyway", name,
+                               self.settings.shutdown_timeout)
+                load.cancel()
+            elif not load.cancelled():
+                load.exception()  # retrieved, so a failed load is not reported as unhandled
+            raise
 
     def _load(self, name: str, path: Path) -> ServedModel:
         model, card = checkpoint.load(path)
@@ -269,8 +350,14 @@ class ModelRegistry:
             name_native_thread(self.compute.name)
         predictor = Predictor(model, card, self.runtime, backend=self.settings.backend,
                               threads=self.settings.torch_threads)
-        if self.settings.warmup:
-            predictor.warmup(warmup_sizes(self.settings.max_batch_size))
+        # proves the outputs are well-formed probabilities before the model is marked loaded;
+        # without warm-up one image still runs, for that proof
+        try:
+            predictor.warmup(warmup_sizes(self.settings.max_batch_size) if self.settings.warmup
+                             else [1])
+        except ModelOutputError as exc:
+            raise checkpoint.CheckpointError(path / checkpoint.WEIGHTS_FILE,
+                                             f"failed warm-up: {exc}") from exc
         logger.info("model %s loaded from %s (%s, %s, %d classes) on %s, %s, %s", name, path,
                     card.arch, card.task, card.num_classes, self.runtime.describe(),
                     self.runtime.precision_name, predictor.backend)
@@ -286,8 +373,10 @@ class ModelRegistry:
         """Refuse new requests, let those in flight finish (bounded), stop every worker."""
         self.closing = True
         async with self._lock:
-            served = [e.served for e in self._entries.values() if e.served is not None]
+            served = {e.served for e in self._entries.values() if e.served is not None}
+            served |= self._retiring  # versions a cancelled reload swapped out
         await asyncio.gather(*(s.retire(timeout) for s in served))
+        self._retiring.clear()
         self.compute.close()
 
 
@@ -301,8 +390,23 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
+def model_name(folder: str) -> tuple[str, str | None]:
+    """The model name for a checkpoint folder, and why the folder is refused (None if not).
+
+    A folder name must follow the model-name rule; one that does not is listed under an
+    escaped form of its name (quoted, control characters written out) that cannot forge a
+    log line, and is never loaded nor used as a metrics label.
+    """
+    if MODEL_NAME_PATTERN.fullmatch(folder):
+        return folder, None
+    shown = ascii(folder)
+    return shown, (f"folder name {shown} is not a valid model name (1 to 128 letters, digits, "
+                   "'.', '_' or '-', starting with a letter or digit); the folder is not "
+                   "loaded")
+
+
 def _try_card(path: Path) -> ModelCard | None:
     try:
         return checkpoint.read_card(path)
-    except checkpoint.CheckpointError:
+    except checkpoint.CheckpointError:  # read_card raises nothing else, whatever the file
         return None

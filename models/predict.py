@@ -19,6 +19,11 @@ from models.preprocessing import Normalize
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime")
+SOFTMAX_TOLERANCE = 1e-3  # how far a single-label row's probabilities may sum from 1
+
+
+class ModelOutputError(RuntimeError):
+    """A model answered something other than well-formed probabilities (shape, NaN, range)."""
 
 
 def backend_device(backend: str, device: str) -> str:
@@ -170,10 +175,32 @@ class Predictor:
         return self.postprocess(self.probabilities(batch), **options)  # type: ignore[arg-type]
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
-        """Run each batch size once so kernels and allocator pools are ready."""
+        """Run each batch size once so kernels and allocator pools are ready, and prove on
+        each that the outputs are well-formed probabilities (else ModelOutputError)."""
+        noise = torch.Generator().manual_seed(0)
         for size in sorted(set(batch_sizes)):
-            self.probabilities(torch.zeros((size, *self.input_shape), dtype=torch.uint8))
+            batch = torch.randint(0, 256, (size, *self.input_shape), dtype=torch.uint8,
+                                  generator=noise)
+            self.check_probabilities(self.probabilities(batch), rows=size)
         self.runtime.synchronize()
+
+    def check_probabilities(self, probs: torch.Tensor, *, rows: int) -> None:
+        """Raise ModelOutputError unless `probs` is [rows, classes] of finite probabilities
+        in [0, 1] whose rows sum to 1 for a single-label model."""
+        expected = [rows, self.card.num_classes]
+        if list(probs.shape) != expected or not probs.is_floating_point():
+            raise ModelOutputError(f"the model answered {probs.dtype} of shape "
+                                   f"{list(probs.shape)} for {rows} images; expected "
+                                   f"floating point of shape {expected}")
+        if not bool(torch.isfinite(probs).all()):
+            raise ModelOutputError("the model answered NaN or infinite scores")
+        if float(probs.min()) < 0.0 or float(probs.max()) > 1.0:
+            raise ModelOutputError("the model answered scores outside [0, 1]")
+        if self.card.task == "single_label":
+            worst = float((probs.double().sum(dim=1) - 1.0).abs().max())
+            if worst > SOFTMAX_TOLERANCE:
+                raise ModelOutputError(f"the model's softmax rows sum to 1 +- {worst:.3g}, "
+                                       f"more than {SOFTMAX_TOLERANCE} away")
 
     def _top_k(self, probs: torch.Tensor, top_k: int, all_scores: bool) -> list[ImageResult]:
         k = max(1, min(int(top_k), probs.shape[1]))

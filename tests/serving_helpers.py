@@ -71,6 +71,7 @@ async def running_app(settings, *, wait_ready: bool = True
                                      timeout=60) as client:
             if wait_ready:
                 await wait_until_ready(client)
+                await wait_until_loaded(app)
             yield client, app
 
 
@@ -85,6 +86,17 @@ async def wait_until_ready(client: httpx.AsyncClient, timeout: float = 60.0,
             return
         if loop.time() > give_up:
             raise AssertionError(f"not ready after {timeout} s: {response.text}")
+        await asyncio.sleep(0.05)
+
+
+async def wait_until_loaded(app, timeout: float = 60.0) -> None:
+    """Wait until the registry has reached every checkpoint its scan found (none loading)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while app.state.registry.loading_names():
+        if loop.time() > give_up:
+            raise AssertionError(f"still loading after {timeout} s: "
+                                 f"{app.state.registry.loading_names()}")
         await asyncio.sleep(0.05)
 
 

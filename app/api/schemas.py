@@ -50,7 +50,7 @@ class ModelInfo(BaseModel):
     }]})
 
     name: str
-    status: Literal["loaded", "failed"]
+    status: Literal["loaded", "loading", "failed"]
     error: str | None = None
     loaded_at: str | None = None
     backend: Literal["torch", "onnxruntime"] | None = None

@@ -1,23 +1,30 @@
-"""Reload without loss, a checkpoint breaking on reload, graceful shutdown."""
+"""Reload without loss, a checkpoint breaking on reload, start-up order, graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import shutil
+import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.main import create_app
+from models import checkpoint
 from tests.serving_helpers import (
     CLASSES,
     fast_settings,
     jpeg,
     running_app,
     slow_down,
+    wait_until_loaded,
     wait_until_ready,
 )
 
@@ -147,3 +154,117 @@ async def test_graceful_shutdown_finishes_requests_in_flight(checkpoint_root: Pa
             [CLASSES[i % 3] for i in range(4)]
         await asyncio.wait_for(stopping, 10)
         assert all(not e.served.batcher.running for e in app.state.registry.entries())
+
+
+@dataclass
+class HeldLoad:
+    """Loading one checkpoint folder waits for `release` (the real load runs after it)."""
+
+    folder: str
+    entered: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+@pytest.fixture
+def hold_loading(monkeypatch: pytest.MonkeyPatch):
+    """`hold_loading(folder)`: loading that folder waits until the returned hold is released."""
+    held: dict[str, HeldLoad] = {}
+    real_load = checkpoint.load
+
+    def load(directory, **options):
+        hold = held.get(Path(directory).name)
+        if hold is not None:
+            hold.entered.set()
+            hold.release.wait(timeout=60)
+        return real_load(directory, **options)
+
+    monkeypatch.setattr(checkpoint, "load", load)
+    yield lambda folder: held.setdefault(folder, HeldLoad(folder))
+    for hold in held.values():
+        hold.release.set()
+    for thread in threading.enumerate():  # let released loads end before the next test
+        if thread.name.startswith("load-"):
+            thread.join(timeout=60)
+
+
+async def poll(condition: Callable[[], bool], what: str, tries: int = 1200) -> None:
+    """Wait (bounded) until `condition()` holds."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def batcher_workers() -> list[str]:
+    """Names of the batcher worker tasks still running on this event loop."""
+    return sorted(t.get_name() for t in asyncio.all_tasks()
+                  if t.get_name().startswith("batcher-") and not t.done())
+
+
+async def test_ready_once_the_first_model_is_warm_while_others_load(
+        make_checkpoint_dir, hold_loading) -> None:
+    root = make_checkpoint_dir("colors", "tags")
+    held = hold_loading("tags")
+    async with running_app(fast_settings(root), wait_ready=False) as (http, app):
+        await wait_until_ready(http, timeout=30)
+        assert held.entered.wait(timeout=30) and not held.release.is_set()
+        assert (await http.get("/ready")).json()["models"] == ["colors"]
+        models = {m["name"]: m["status"] for m in (await http.get("/models")).json()["models"]}
+        assert models == {"colors": "loaded", "tags": "loading"}
+        r = await http.post("/predict?model=colors", files={"file": ("r.jpg", jpeg("red"))})
+        assert r.status_code == 200
+        early = await http.post("/predict?model=tags", files={"file": ("r.jpg", jpeg("red"))})
+        assert early.status_code == 503 and "still loading" in early.json()["detail"]
+        unnamed = await http.post("/predict", files={"file": ("r.jpg", jpeg("red"))})
+        assert unnamed.status_code == 503 and "no default yet" in unnamed.json()["detail"]
+        held.release.set()
+        await wait_until_loaded(app)
+        assert (await http.get("/ready")).json()["models"] == ["colors", "tags"]
+        r = await http.post("/predict?model=tags", files={"file": ("g.jpg", jpeg("green"))})
+        assert r.status_code == 200
+
+
+async def test_shutdown_during_the_first_load_stops_every_started_worker(
+        make_checkpoint_dir, hold_loading) -> None:
+    root = make_checkpoint_dir("colors", "tags")
+    held = hold_loading("tags")  # colors loads and starts its worker; tags is still loading
+    app = create_app(fast_settings(root))
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    try:
+        await poll(held.entered.is_set, "the second checkpoint to start loading")
+        assert batcher_workers() == ["batcher-colors"]
+    finally:
+        stopping = asyncio.create_task(lifespan.__aexit__(None, None, None))
+        await asyncio.sleep(0.1)
+        assert not stopping.done()  # waits for the load thread, which cannot be interrupted
+        held.release.set()  # the held load finishes now; its model is dropped, never started
+        await asyncio.wait_for(stopping, 30)
+    assert batcher_workers() == []
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("load-")]
+    assert app.state.registry.loaded_names() == ["colors"]  # tags: loaded, then dropped
+
+
+async def test_sighup_during_the_first_load_then_shutdown_ends_cleanly(
+        make_checkpoint_dir, hold_loading, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    root = make_checkpoint_dir("colors", "tags")
+    held = hold_loading("tags")
+    app = create_app(fast_settings(root, reload_on_sighup=True))
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    try:
+        await poll(held.entered.is_set, "the second checkpoint to start loading")
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        os.kill(os.getpid(), signal.SIGHUP)  # its rescan waits for the first load
+        await poll(lambda: "SIGHUP: rescanning" in caplog.text, "the SIGHUP handler")
+    finally:
+        stopping = asyncio.create_task(lifespan.__aexit__(None, None, None))
+        await asyncio.sleep(0.1)
+        held.release.set()
+        await asyncio.wait_for(stopping, 30)
+    assert batcher_workers() == []
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "sighup-reload"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
