@@ -108,14 +108,16 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise WeightsUnavailableError(f"weights file {path} does not hold a state dict")
+    # Weights saved from a DistributedDataParallel wrapper carry its `module.` prefix.
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

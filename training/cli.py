@@ -18,6 +18,7 @@ from models.architectures import (
 )
 from models.checkpoint import CheckpointError
 from models.device import DEVICE_CHOICES, DeviceUnavailableError
+from models.preprocessing import DEFAULT_MAX_PIXELS
 from training.config import TrainConfig
 from training.errors import TrainingError
 
@@ -62,6 +63,11 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, help="stop after this many epochs without gain")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="LAST_PT",
                    help="continue from OUTPUT/last.pt (or the given file)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoint already in --output (refused otherwise)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="decoding budget per image; larger JPEGs are decoded reduced, other "
+                        "larger images skipped")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
@@ -75,6 +81,8 @@ def _add_others(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     e.add_argument("--confusion-matrix", action="store_true",
                    help="include the confusion matrix in the JSON")
+    e.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="decoding budget per image (as for fit)")
     s = sub.add_parser("synth", help="write a generated, learnable dataset")
     s.add_argument("out", type=Path)
     s.add_argument("--task", choices=["single", "multi"], default="single")
@@ -111,7 +119,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         label_smoothing=args.label_smoothing, min_scale=args.min_scale,
         trivial_augment=args.trivial_augment, eval_resize_ratio=args.eval_resize_ratio,
         device=args.device, workers=args.workers, seed=args.seed, amp=args.amp,
-        patience=args.patience, resume=resume, progress=args.progress)
+        patience=args.patience, resume=resume, overwrite=args.overwrite,
+        max_pixels=args.max_pixels, progress=args.progress)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -125,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
 
         metrics = evaluate_checkpoint(args.checkpoint, args.data, device=args.device,
                                       batch_size=args.batch_size, workers=args.workers,
-                                      amp=args.amp)
+                                      amp=args.amp, max_pixels=args.max_pixels)
         if not args.confusion_matrix:
             metrics.pop("confusion_matrix", None)
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
@@ -143,7 +152,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, configure logging to stderr, run; user errors become one line and exit code 1."""
+    """Parse, configure logging to stderr, run; user errors become one line and exit code 1.
+
+    User errors are the specific types in USER_ERRORS (with -v their traceback is logged at
+    debug level); anything else is a bug and propagates with its traceback.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -151,10 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except USER_ERRORS as exc:
-        logger.error("%s", exc)
-        return 1
-    except ValueError as exc:
-        logger.error("invalid value: %s", exc)
+        logger.error("%s", " ".join(str(exc).split()) or type(exc).__name__)
+        logger.debug("where it was raised", exc_info=True)
         return 1
     except KeyboardInterrupt:
         logger.error("interrupted")

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import logging
+import os
 import random
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from models.preprocessing import ImageDecodeError, ImageTooLargeError, load_image_file
+from models.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
 from training.errors import (
     ClassMismatchError,
     CsvFormatError,
@@ -23,12 +28,14 @@ from training.errors import (
     EmptyClassError,
     MissingImageError,
 )
+from training.images import load_training_image, skip_reason
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 TASK_NAMES = {"single": "single_label", "multi": "multi_label",
               "single_label": "single_label", "multi_label": "multi_label"}
+IGNORED_FOLDERS = frozenset({"__MACOSX"})  # resource forks of zip files made on macOS
 
 
 @dataclass(frozen=True)
@@ -47,17 +54,25 @@ class SampleSet:
     classes: list[str]
     task: str
     root: Path
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (image, why) at discovery
+
+
+def nfc(name: str) -> str:
+    """A class name in Unicode NFC (macOS writes folder names decomposed, as NFD)."""
+    return unicodedata.normalize("NFC", name)
 
 
 def discover(location: str | Path, *, task: str | None = None,
-             classes: Sequence[str] | None = None) -> SampleSet:
+             classes: Sequence[str] | None = None,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> SampleSet:
     """Read a class-folder tree or an `image,labels` CSV; `classes` pins the class order."""
     location = Path(location)
+    skipped: list[tuple[Path, str]] = []
     if location.is_dir():
-        found = _discover_folder(location)
+        found = _discover_folder(location, max_pixels, skipped)
         inferred = "single_label"
     elif location.is_file() and location.suffix.lower() == ".csv":
-        found = _discover_csv(location)
+        found = _discover_csv(location, max_pixels, skipped)
         inferred = "multi_label"
     else:
         raise DataError(f"{location}: not a class folder nor a .csv file")
@@ -69,65 +84,124 @@ def discover(location: str | Path, *, task: str | None = None,
                             f"{bad[0].path} has {len(bad[0].labels)}")
     names = sorted({label for s in found for label in s.labels})
     if classes is not None:
-        unknown = sorted(set(names) - set(classes))
-        if unknown:
-            raise ClassMismatchError(f"{location}: classes {unknown[:5]} are not among the "
-                                     f"model's {len(classes)} classes")
-        names = list(classes)
+        found, names = _pin_classes(location, found, names, classes)
     if not names:
         raise DataError(f"{location}: no labels found")
+    if resolved == "single_label" and classes is None and len(names) == 1:
+        raise DataError(_one_class_message(location, names[0], len(found)))
+    if skipped:
+        logger.warning("%s: skipped %d of %d images (named above)", location, len(skipped),
+                       len(skipped) + len(found))
     root = location if location.is_dir() else location.parent
-    return SampleSet(found, names, resolved, root)
+    return SampleSet(found, names, resolved, root, skipped)
 
 
-def _readable_header(path: Path) -> bool:
-    try:
-        with Image.open(path) as img:
-            img.size  # noqa: B018 - opening parses the header, which is the check
+def _pin_classes(location: Path, found: list[Sample], names: list[str],
+                 classes: Sequence[str]) -> tuple[list[Sample], list[str]]:
+    """Map the found labels onto `classes` (compared in NFC), refusing unknown ones."""
+    canonical = {nfc(c): c for c in classes}
+    unknown = sorted(set(names) - set(canonical))
+    if unknown:
+        raise ClassMismatchError(f"{location}: classes {unknown[:5]} are not among the "
+                                 f"model's {len(classes)} classes")
+    found = [Sample(s.path, tuple(canonical[c] for c in s.labels)) for s in found]
+    return found, list(classes)
+
+
+def _one_class_message(location: Path, name: str, count: int) -> str:
+    csvs = sorted(p for p in [*location.glob("*.csv"), *location.glob("*/*.csv")])
+    hint = (f"; for multi-label data pass the CSV instead, e.g. `fit {csvs[0]}`" if csvs
+            else "; for multi-label data pass a CSV with the header image,labels")
+    return (f"{location}: found one class folder ({name!r}, {count} images), but single-label "
+            f"training needs at least two (one subfolder per class){hint}")
+
+
+def _usable(path: Path, max_pixels: int, skipped: list[tuple[Path, str]]) -> bool:
+    reason = skip_reason(path, max_pixels)
+    if reason is None:
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        logger.warning("skipping unreadable image %s (%s)", path, exc)
-        return False
+    logger.warning("skipping image %s: %s", path, reason)
+    skipped.append((path, reason))
+    return False
 
 
-def _discover_folder(root: Path) -> list[Sample]:
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _is_visible(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts
+    return not any(p.startswith(".") or p in IGNORED_FOLDERS for p in parts)
+
+
+def _discover_folder(root: Path, max_pixels: int, skipped: list[tuple[Path, str]]
+                     ) -> list[Sample]:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _is_visible(p, root))
     if not class_dirs:
         raise DataError(f"{root}: no class subfolders (expected one folder per class)")
     samples: list[Sample] = []
     for class_dir in class_dirs:
         files = sorted(p for p in class_dir.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                       if p.suffix.lower() in IMAGE_SUFFIXES and _is_visible(p, class_dir)
+                       and p.is_file())
         if not files:
             raise EmptyClassError(f"{class_dir}: class folder {class_dir.name!r} holds no images")
-        readable = [p for p in files if _readable_header(p)]
-        if not readable:
-            raise EmptyClassError(f"{class_dir}: no readable images in class {class_dir.name!r}")
-        samples.extend(Sample(p, (class_dir.name,)) for p in readable)
+        usable = [p for p in files if _usable(p, max_pixels, skipped)]
+        if not usable:
+            raise EmptyClassError(f"{class_dir}: no usable images in class {class_dir.name!r} "
+                                  f"(all {len(files)} skipped, see the warnings above)")
+        samples.extend(Sample(p, (nfc(class_dir.name),)) for p in usable)
     return samples
 
 
-def _discover_csv(path: Path) -> list[Sample]:
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
+def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
+    """The data rows of an `image,labels` CSV (UTF-8, with or without a BOM) and their lines."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise CsvFormatError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                             "save the file as UTF-8") from exc
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         header = [h.strip().lower() for h in next(reader, [])]
         if header[:2] != ["image", "labels"]:
             raise CsvFormatError(f"{path}: header must be 'image,labels', got {','.join(header)!r}")
-        rows = list(reader)
-    samples = []
-    for line, row in enumerate(rows, start=2):
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise CsvFormatError(f"{path}:{reader.line_num}: {exc}") from exc
+
+
+def _discover_csv(path: Path, max_pixels: int, skipped: list[tuple[Path, str]]
+                  ) -> list[Sample]:
+    """Rows name images relative to the CSV's folder (`../` allowed) or by absolute path."""
+    by_image: dict[Path, tuple[Path, list[str]]] = {}
+    repeats: list[tuple[int, str]] = []
+    for line, row in _read_csv(path):
         if not row or not row[0].strip():
             continue
-        image = path.parent / row[0].strip()
+        image = path.parent / row[0].strip()  # an absolute path replaces the folder
         if not image.is_file():
             raise MissingImageError(f"{path}:{line}: image {row[0].strip()!r} does not exist "
                                     f"(looked for {image})")
-        labels = tuple(dict.fromkeys((row[1] if len(row) > 1 else "").split()))
-        if _readable_header(image):
-            samples.append(Sample(image, labels))
+        labels = [nfc(label) for label in (row[1] if len(row) > 1 else "").split()]
+        key = image.resolve()
+        if key in by_image:
+            repeats.append((line, row[0].strip()))
+            by_image[key][1].extend(labels)
+        else:
+            by_image[key] = (image, labels)
+    if repeats:
+        logger.warning("%s: %d rows repeat an image listed earlier (first: line %d, %s); each "
+                       "image is used once, with the labels of all its rows", path,
+                       len(repeats), *repeats[0])
+    samples = [Sample(image, tuple(dict.fromkeys(labels))) for image, labels in by_image.values()
+               if _usable(image, max_pixels, skipped)]
     if not samples:
-        raise DataError(f"{path}: no readable images listed")
+        raise DataError(f"{path}: no usable images listed")
     return samples
+
+
+def sample_key(path: Path, root: Path) -> str:
+    """How a split names an image: its path relative to the data root, in POSIX form."""
+    return Path(os.path.relpath(path, root)).as_posix()
 
 
 def stratified_split(samples: Sequence[Sample], *, fraction: float, seed: int
@@ -158,46 +232,94 @@ def stratified_split(samples: Sequence[Sample], *, fraction: float, seed: int
     return sorted(train, key=lambda s: str(s.path)), sorted(val, key=lambda s: str(s.path))
 
 
-def write_split(path: Path, root: Path, train: Sequence[Sample], val: Sequence[Sample],
-                *, seed: int, fraction: float) -> None:
-    """Record a split as relative paths so it can be reproduced or resumed."""
-    def rel(s: Sample) -> str:
-        return s.path.relative_to(root).as_posix()
+def classes_without(samples: Sequence[Sample], classes: Sequence[str]) -> list[str]:
+    """The classes that no sample carries."""
+    present = {label for s in samples for label in s.labels}
+    return [c for c in classes if c not in present]
+
+
+def split_digest(train: Sequence[Sample], train_root: Path, val: Sequence[Sample],
+                 val_root: Path) -> str:
+    """A sha256 naming exactly which images train and which validate."""
+    payload = {"train": sorted(sample_key(s.path, train_root) for s in train),
+               "val": sorted(sample_key(s.path, val_root) for s in val)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def split_payload(root: Path, train: Sequence[Sample], val: Sequence[Sample], *, seed: int,
+                  fraction: float) -> str:
+    """The text of split.json: the split as paths relative to the data root."""
     payload = {"root": str(root), "seed": seed, "val_fraction": fraction,
-               "train": sorted(rel(s) for s in train), "val": sorted(rel(s) for s in val)}
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+               "train": sorted(sample_key(s.path, root) for s in train),
+               "val": sorted(sample_key(s.path, root) for s in val)}
+    return json.dumps(payload, indent=1) + "\n"
 
 
 def read_split(path: Path, samples: Sequence[Sample], root: Path
                ) -> tuple[list[Sample], list[Sample]]:
-    """Re-apply a split written by `write_split` to freshly discovered samples."""
-    payload = json.loads(path.read_text())
-    by_rel = {s.path.relative_to(root).as_posix(): s for s in samples}
-    missing = [r for r in payload["train"] + payload["val"] if r not in by_rel]
+    """Re-apply a split written by `split_payload` to freshly discovered samples."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        recorded = [*payload["train"], *payload["val"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a split file ({exc})") from exc
+    by_key = {sample_key(s.path, root): s for s in samples}
+    missing = [r for r in recorded if r not in by_key]
     if missing:
         raise DataError(f"{path}: {len(missing)} images of the recorded split are gone, "
                         f"e.g. {missing[0]}")
-    def ordered(rels: list[str]) -> list[Sample]:
-        return sorted((by_rel[r] for r in rels), key=lambda s: str(s.path))
+
+    def ordered(keys: list[str]) -> list[Sample]:
+        return sorted((by_key[k] for k in keys), key=lambda s: str(s.path))
     return ordered(payload["train"]), ordered(payload["val"])
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """What the dataset returns for a sample whose image cannot be decoded."""
+
+    index: int
+
+
+class Batch(NamedTuple):
+    """A collated batch of the decodable samples, and the dataset indices that failed."""
+
+    images: torch.Tensor  # uint8 NCHW (zero rows when every image of the batch failed)
+    targets: torch.Tensor
+    indices: torch.Tensor
+    failed: torch.Tensor
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor, int] | DecodeFailure]) -> Batch:
+    """Stack the decoded samples; a failed one is left out (never replaced), its index kept."""
+    failed = torch.tensor([it.index for it in items if isinstance(it, DecodeFailure)],
+                          dtype=torch.long)
+    good = [it for it in items if not isinstance(it, DecodeFailure)]
+    if not good:
+        empty = torch.empty(0, dtype=torch.long)
+        return Batch(torch.empty(0, dtype=torch.uint8), empty, empty, failed)
+    images, targets, indices = default_collate(good)
+    return Batch(images, targets, indices, failed)
 
 
 class ImageDataset(Dataset):
     """Decodes images, applies a transform, and returns (uint8 image, target, index).
 
-    An image that fails to decode mid-run is replaced by the next one with a warning, so one bad
-    file cannot end a long run.
+    An image that fails to decode mid-run gives a `DecodeFailure` (logged once), which
+    `collate` leaves out of the batch: the sample is skipped together with its label.
     """
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], task: str,
                  transform: Callable[[Image.Image], torch.Tensor], *,
-                 decode_size: int | None = None) -> None:
+                 decode_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.samples = list(samples)
         self.classes = list(classes)
         self.task = task
         self.transform = transform
         self.decode_size = decode_size
+        self.max_pixels = max_pixels
         self.index = {c: i for i, c in enumerate(self.classes)}
+        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -216,24 +338,25 @@ class ImageDataset(Dataset):
         return torch.stack([self.target(i) for i in range(len(self))]) if self.samples \
             else torch.empty(0)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        for attempt in range(len(self.samples)):
-            j = (i + attempt) % len(self.samples)
-            try:
-                image = load_image_file(str(self.samples[j].path), target_size=self.decode_size)
-            except (ImageDecodeError, ImageTooLargeError, OSError) as exc:
-                logger.warning("skipping unreadable image %s (%s)", self.samples[j].path, exc)
-                continue
-            return self.transform(image), self.target(j), j
-        raise DataError("no image in the dataset can be decoded")
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int] | DecodeFailure:
+        path = self.samples[i].path
+        try:
+            image = load_training_image(path, max_pixels=self.max_pixels,
+                                        target_size=self.decode_size)
+        except (ImageDecodeError, ImageTooLargeError, OSError) as exc:
+            if i not in self._warned:
+                self._warned.add(i)
+                logger.warning("skipping image %s and its label: %s", path, exc)
+            return DecodeFailure(i)
+        return self.transform(image), self.target(i), i
 
 
 def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int, shuffle: bool,
                 pin_memory: bool, sampler: Sampler | None = None, seed: int = 0,
                 drop_last: bool = False) -> DataLoader:
-    """A DataLoader with persistent workers when there are any."""
+    """A DataLoader of `Batch`es, with persistent workers when there are any."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-        drop_last=drop_last, generator=generator)
+        drop_last=drop_last, generator=generator, collate_fn=collate)

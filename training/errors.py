@@ -29,3 +29,19 @@ class ClassMismatchError(DataError):
 
 class ResumeError(TrainingError):
     """A resume-state file is missing or does not fit the run."""
+
+
+class ConfigError(TrainingError):
+    """An option value is out of range or inconsistent with another option."""
+
+
+class OutputError(TrainingError):
+    """The output folder cannot be used or written as asked."""
+
+
+class DiskFullError(OutputError):
+    """A write failed because the disk (or the quota) is full."""
+
+
+class NonFiniteError(TrainingError):
+    """The training or validation loss became NaN or infinite: the run diverged."""

@@ -12,47 +12,80 @@ import torch
 from models import checkpoint
 from models.device import Runtime
 from models.predict import Predictor
-from models.preprocessing import eval_transform
+from models.preprocessing import DEFAULT_MAX_PIXELS, eval_transform
 from training.data import ImageDataset, discover, make_loader
+from training.errors import ConfigError, DataError
 from training.metrics import multi_label_metrics, single_label_metrics
 
 logger = logging.getLogger(__name__)
 
 
-def build_eval_dataset(data: Path, card: checkpoint.ModelCard) -> ImageDataset:
+def build_eval_dataset(data: Path, card: checkpoint.ModelCard, *,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageDataset:
     """The labelled images at `data`, mapped to the card's classes, with the card's transform."""
-    found = discover(data, task=card.task, classes=card.classes)
-    return ImageDataset(found.samples, card.classes, card.task,
-                        eval_transform(card.preprocessing), decode_size=card.preprocessing.resize)
+    return _eval_data(data, card, max_pixels)[0]
+
+
+def _eval_data(data: Path, card: checkpoint.ModelCard, max_pixels: int
+               ) -> tuple[ImageDataset, list[Path]]:
+    """The dataset and the images discovery left out (unreadable headers, too large)."""
+    found = discover(data, task=card.task, classes=card.classes, max_pixels=max_pixels)
+    dataset = ImageDataset(found.samples, card.classes, card.task,
+                           eval_transform(card.preprocessing),
+                           decode_size=card.preprocessing.resize, max_pixels=max_pixels)
+    return dataset, [path for path, _ in found.skipped]
 
 
 def score_dataset(predictor: Predictor, dataset: ImageDataset, *, batch_size: int,
-                  workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and targets for every image, in dataset order."""
+                  workers: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Probabilities and targets for every decodable image, in dataset order, and the indices
+    of the images that could not be decoded (left out)."""
     loader = make_loader(dataset, batch_size=batch_size, workers=workers, shuffle=False,
                          pin_memory=predictor.runtime.is_cuda)
-    scores, targets = [], []
-    for images, y, _ in loader:
-        scores.append(predictor.probabilities(images).numpy())
-        targets.append(y.numpy())
-    return np.concatenate(scores), np.concatenate(targets)
+    scores, targets, failed = [], [], []
+    for batch in loader:
+        failed.extend(batch.failed.tolist())
+        if batch.images.shape[0]:
+            scores.append(predictor.probabilities(batch.images).numpy())
+            targets.append(batch.targets.numpy())
+    if not scores:
+        raise DataError(f"none of the {len(failed)} images could be decoded "
+                        "(see the warnings above)")
+    return np.concatenate(scores), np.concatenate(targets), failed
+
+
+def _check_options(batch_size: int, workers: int, max_pixels: int) -> None:
+    for name, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0),
+                             ("--max-pixels", max_pixels, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def evaluate_checkpoint(directory: Path, data: Path, *, device: str = "auto",
-                        batch_size: int = 64, workers: int = 0, amp: bool = True
-                        ) -> dict[str, Any]:
-    """Metrics of the checkpoint at `directory` on the labelled data at `data`."""
+                        batch_size: int = 64, workers: int = 0, amp: bool = True,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """Metrics of the checkpoint at `directory` on the labelled data at `data`.
+
+    Images that cannot be used (unreadable, too large, failing to decode) are excluded from
+    the metrics and listed under `excluded_images`.
+    """
+    _check_options(batch_size, workers, max_pixels)
     runtime = Runtime.create(device, "auto" if amp else "fp32")
+    checkpoint.verify_weights(directory)
     model, card = checkpoint.load(directory)
     predictor = Predictor(model, card, runtime)
-    dataset = build_eval_dataset(data, card)
+    dataset, unusable = _eval_data(data, card, max_pixels)
     logger.info("evaluating %s on %d images from %s", card.name, len(dataset), data)
     with torch.inference_mode():
-        scores, targets = score_dataset(predictor, dataset, batch_size=batch_size,
-                                        workers=workers)
+        scores, targets, failed = score_dataset(predictor, dataset, batch_size=batch_size,
+                                                workers=workers)
     if card.task == "single_label":
         metrics = single_label_metrics(scores, targets.astype(int), card.classes)
     else:
         thresholds = card.thresholds or [0.5] * card.num_classes
         metrics = multi_label_metrics(scores, targets, card.classes, thresholds)
-    return {"model": card.name, "task": card.task, "data": str(data), **metrics}
+    excluded = [str(p) for p in unusable] + [str(dataset.samples[i].path) for i in sorted(failed)]
+    if excluded:
+        logger.warning("%d images are excluded from the metrics (named above)", len(excluded))
+    return {"model": card.name, "task": card.task, "data": str(data), **metrics,
+            "excluded": len(excluded), "excluded_images": excluded}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,14 @@ def weights_preprocessing(arch: str) -> Preprocessing:
 def write_checkpoint(directory: Path, model: nn.Module, *, name: str, arch: str, task: str,
                      classes: list[str], preprocessing: Preprocessing, stem: str,
                      thresholds: list[float] | None, metrics: dict[str, Any],
-                     training: dict[str, Any]) -> Path:
-    """Build the card and save weights + card through models.checkpoint."""
+                     training: dict[str, Any],
+                     reports: Mapping[str, Callable[[Path], None]] | None = None,
+                     replaces: Collection[str] = ()) -> Path:
+    """Build the card and save weights + card + `reports` as one unit (models.checkpoint)."""
     card = ModelCard(name=name, arch=arch, task=task, classes=classes,
                      preprocessing=preprocessing, thresholds=thresholds, metrics=metrics,
                      training={**training, "versions": versions()}, stem=stem)
-    return checkpoint.save(directory, model, card)
+    return checkpoint.save(directory, model, card, reports=reports, replaces=replaces)
 
 
 def import_torchvision(arch: str, output: Path, *, name: str | None = None) -> Path:

@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from models.architectures import classifier_parameters
 from models.device import Runtime
+from training.data import Batch
 from training.distributed import DistInfo, all_reduce_mean, gather_objects
+from training.errors import DataError, NonFiniteError
 from training.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,8 @@ class EpochStats:
     loss: float
     images: int
     seconds: float
+    failed: set[int] = field(default_factory=set)  # dataset indices that did not decode
+    seen: int = 0  # images this rank trained on
 
     @property
     def images_per_second(self) -> float:
@@ -43,6 +47,7 @@ class EvalOutput:
     scores: np.ndarray
     targets: np.ndarray
     loss: float
+    failed: list[int] = field(default_factory=list)  # dataset indices excluded (not decodable)
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
@@ -95,69 +100,111 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Modul
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler,
                     scaler: torch.amp.GradScaler, runtime: Runtime, normalize: nn.Module,
-                    info: DistInfo, epoch: int, epochs: int, progress: bool) -> EpochStats:
-    """One pass over the training data; returns the mean loss across ranks."""
+                    info: DistInfo, epoch: int, epochs: int, progress: bool,
+                    image_size: int = 32) -> EpochStats:
+    """One pass over the training data; returns the mean loss across ranks.
+
+    Images that fail to decode are left out of their batch and their indices returned; a loss
+    that is not finite stops the run before the optimizer applies it.
+    """
     model.train()
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    total_loss, seen, failed, start = 0.0, 0, set(), time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, leave=False,
                disable=not (progress and info.is_main), dynamic_ncols=True, unit="batch")
-    for images, targets, _ in bar:
-        x = normalize(runtime.to_device(images))
-        y = targets.to(runtime.device, non_blocking=True)
+    for step, batch in enumerate(bar):
+        failed.update(batch.failed.tolist())
+        n = batch.images.shape[0]
+        if n == 0 and not info.enabled:
+            continue
         with runtime.autocast():
-            loss = criterion(model(x).float(), y)
+            loss = _batch_loss(model, batch, criterion, runtime, normalize, image_size)
+        value = loss.item()
+        if not math.isfinite(value):
+            head_lr = optimizer.param_groups[-1]["lr"]
+            raise NonFiniteError(
+                f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}: the "
+                f"run diverged and was stopped (head LR then {head_lr:.3g}); lower --lr or "
+                "--backbone-lr-scale, or try --no-amp")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        n = images.shape[0]
-        total_loss += loss.item() * n
+        total_loss += value * n
         seen += n
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}",
+        bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}",
                         img_s=f"{seen * info.world_size / elapsed:.0f}")
     bar.close()
     seconds = time.perf_counter() - start
     mean_loss = all_reduce_mean(info, total_loss / max(seen, 1), seen)
-    return EpochStats(loss=mean_loss, images=seen * info.world_size, seconds=seconds)
+    return EpochStats(loss=mean_loss, images=seen * info.world_size, seconds=seconds,
+                      failed=failed, seen=seen)
+
+
+def _batch_loss(model: nn.Module, batch: Batch, criterion: nn.Module, runtime: Runtime,
+                normalize: nn.Module, image_size: int) -> torch.Tensor:
+    """The batch's loss; a batch with no decodable image (possible only under DDP, where every
+    rank must take part in each step) runs one blank image in eval mode at zero weight."""
+    if batch.images.shape[0] > 0:
+        x = normalize(runtime.to_device(batch.images))
+        y = batch.targets.to(runtime.device, non_blocking=True)
+        return criterion(model(x).float(), y)
+    blank = torch.zeros(1, 3, image_size, image_size, device=runtime.device)
+    model.eval()
+    try:
+        return model(blank).float().sum() * 0.0
+    finally:
+        model.train()
 
 
 @torch.inference_mode()
 def predict_scores(model: nn.Module, loader: DataLoader, *, runtime: Runtime,
                    normalize: nn.Module, task: str,
                    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-    """Scores, targets, dataset indices and raw logits for this rank's share of `loader`."""
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, list[int]]:
+    """Scores, targets, dataset indices and raw logits for this rank's share of `loader`,
+    and the indices of the images that could not be decoded (left out of the rest)."""
     model.eval()
-    scores, targets, indices, logits_all = [], [], [], []
-    for images, y, idx in loader:
-        x = normalize(runtime.to_device(images))
+    scores, targets, indices, logits_all, failed = [], [], [], [], []
+    for batch in loader:
+        failed.extend(batch.failed.tolist())
+        if batch.images.shape[0] == 0:
+            continue
+        x = normalize(runtime.to_device(batch.images))
         with runtime.autocast():
             logits = model(x).float().cpu()
         probs = torch.softmax(logits, 1) if task == "single_label" else torch.sigmoid(logits)
         scores.append(probs.numpy())
-        targets.append(y.numpy())
-        indices.append(np.asarray(idx))
+        targets.append(batch.targets.numpy())
+        indices.append(batch.indices.numpy())
         logits_all.append(logits)
         if on_batch is not None:
-            on_batch(images, logits)
+            on_batch(batch.images, logits)
     if not scores:
-        return np.empty((0,)), np.empty((0,)), np.empty((0,), int), torch.empty(0)
+        return np.empty((0,)), np.empty((0,)), np.empty((0,), int), torch.empty(0), failed
     return (np.concatenate(scores), np.concatenate(targets), np.concatenate(indices),
-            torch.cat(logits_all))
+            torch.cat(logits_all), failed)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module, runtime: Runtime,
              normalize: nn.Module, task: str, info: DistInfo) -> EvalOutput:
-    """Validation over all ranks: gathered, de-duplicated (sampler padding dropped), ordered."""
-    scores, targets, indices, logits = predict_scores(
+    """Validation over all ranks: gathered, de-duplicated (sampler padding dropped), ordered.
+
+    Images that fail to decode are excluded and listed in `failed`; none decoding is an error.
+    """
+    scores, targets, indices, logits, failed = predict_scores(
         model, loader, runtime=runtime, normalize=normalize, task=task)
-    parts = gather_objects(info, (scores, targets, indices, logits))
+    parts = gather_objects(info, (scores, targets, indices, logits, failed))
     merged: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor]] = {}
-    for s, t, idx, lg in parts:
+    all_failed: set[int] = set()
+    for s, t, idx, lg, bad in parts:
+        all_failed.update(bad)
         for row, i in enumerate(idx.tolist()):
             merged.setdefault(i, (s[row], t[row], lg[row]))
+    if not merged:
+        raise DataError(f"none of the {len(all_failed)} validation images could be decoded "
+                        "(see the warnings above)")
     order = sorted(merged)
     all_scores = np.stack([merged[i][0] for i in order])
     all_targets = np.stack([merged[i][1] for i in order])
@@ -166,4 +213,5 @@ def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module, runt
     with torch.no_grad():
         loss = float(criterion.cpu()(all_logits, target_t))
     criterion.to(runtime.device)
-    return EvalOutput(scores=all_scores, targets=all_targets, loss=loss)
+    return EvalOutput(scores=all_scores, targets=all_targets, loss=loss,
+                      failed=sorted(all_failed))

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+F1_THRESHOLDS = "2-fold cross-fitted: each half scored with thresholds tuned on the other half"
+
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts[true, predicted]."""
@@ -91,11 +93,34 @@ def tune_thresholds(scores: np.ndarray, target: np.ndarray, *, default: float = 
     return out
 
 
+def cross_fitted_thresholds(scores: np.ndarray, target: np.ndarray, *, folds: int = 2,
+                            seed: int = 0) -> np.ndarray:
+    """Per-image thresholds (n x classes), each tuned on the folds the image is not in.
+
+    F1 scored with them is what tuned thresholds will do on images they were not tuned on;
+    scoring the tuning images themselves would flatter it.
+    """
+    n = len(scores)
+    fold = np.empty(n, dtype=int)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    out = np.empty(scores.shape, dtype=float)
+    for k in range(folds):
+        held_out = fold == k
+        out[held_out] = tune_thresholds(scores[~held_out], target[~held_out])
+    return out
+
+
 def multi_label_metrics(scores: np.ndarray, target: np.ndarray, classes: Sequence[str],
-                        thresholds: Sequence[float]) -> dict[str, Any]:
-    """mAP, f1_micro, f1_macro and per_class (precision, recall, f1, support, ap, threshold)."""
+                        thresholds: Sequence[float], *,
+                        decide_with: np.ndarray | None = None) -> dict[str, Any]:
+    """mAP, f1_micro, f1_macro and per_class (precision, recall, f1, support, ap, threshold).
+
+    `thresholds` (one per class) are reported and, unless `decide_with` gives per-image
+    thresholds (see `cross_fitted_thresholds`), also decide which labels are predicted.
+    """
     positive = target > 0.5
-    pred = scores >= np.asarray(thresholds)[None, :]
+    cut = np.asarray(thresholds)[None, :] if decide_with is None else decide_with
+    pred = scores >= cut
     tp = (pred & positive).sum(axis=0)
     fp = (pred & ~positive).sum(axis=0)
     fn = (~pred & positive).sum(axis=0)
@@ -114,6 +139,17 @@ def multi_label_metrics(scores: np.ndarray, target: np.ndarray, classes: Sequenc
         "num_samples": int(len(scores)),
         "per_class": per_class,
     }
+
+
+def held_out_multi_label_metrics(scores: np.ndarray, target: np.ndarray,
+                                 classes: Sequence[str]) -> tuple[dict[str, Any], list[float]]:
+    """Validation metrics with F1 from 2-fold cross-fitted thresholds, and the thresholds
+    tuned on all of it (the ones a checkpoint ships)."""
+    thresholds = tune_thresholds(scores, target)
+    metrics = multi_label_metrics(scores, target, classes, thresholds,
+                                  decide_with=cross_fitted_thresholds(scores, target))
+    metrics["f1_thresholds"] = F1_THRESHOLDS
+    return metrics, thresholds
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -21,19 +22,18 @@ logger = logging.getLogger(__name__)
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """metrics.json: the best epoch's full validation metrics."""
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    """metrics.json: the best epoch's full validation metrics (strict JSON: no NaN)."""
+    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 
 
-def write_history(path: Path, history: Sequence[dict[str, Any]]) -> None:
-    """history.csv: one row per epoch."""
-    if not history:
-        return
+def history_csv(history: Sequence[dict[str, Any]]) -> str:
+    """history.csv's text: one row per epoch."""
+    out = io.StringIO()
     columns = list(dict.fromkeys(k for row in history for k in row))
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
 
 
 def plot_curves(path: Path, history: Sequence[dict[str, Any]], monitor: str) -> None:

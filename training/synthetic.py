@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from training.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
@@ -97,12 +99,29 @@ def render(shapes: list[str], *, size: int, rng: np.random.Generator) -> Image.I
     return base.resize((size, size), Image.LANCZOS)
 
 
+def _check_options(task: str, size: int, per_class: int, classes: int | None) -> int:
+    """Refuse values that would write something other than asked; the number of classes."""
+    fewest = 2 if task == "single" else 1
+    count = len(SHAPES) if classes is None else classes
+    problems = []
+    if task not in ("single", "multi"):
+        problems.append(f"--task must be single or multi, got {task!r}")
+    if not 16 <= size <= 4096:
+        problems.append(f"--size must be in [16, 4096], got {size}")
+    if per_class < 1:
+        problems.append(f"--per-class must be at least 1, got {per_class}")
+    if not fewest <= count <= len(SHAPES):
+        problems.append(f"--classes must be in [{fewest}, {len(SHAPES)}] for --task {task} "
+                        f"(there are {len(SHAPES)} shapes), got {count}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return count
+
+
 def generate(out: Path, *, task: str = "single", size: int = 32, per_class: int = 100,
              seed: int = 0, classes: int | None = None) -> Path:
     """Write a class-folder tree (single) or images/ + labels.csv (multi); return DATA's path."""
-    if size < 16:
-        raise ValueError(f"--size must be at least 16, got {size}")
-    names = list(SHAPES)[: classes or len(SHAPES)]
+    names = list(SHAPES)[: _check_options(task, size, per_class, classes)]
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     if task == "single":

@@ -99,3 +99,23 @@ def test_corrupt_card_and_truncated_weights_are_named(trained, tmp_path):
     shutil.copy(out / "model.safetensors", broken / "model.safetensors")
     with pytest.raises(checkpoint.CheckpointError, match="wrong shapes"):
         checkpoint.load(broken)
+
+
+def test_evaluate_excludes_a_bomb_and_a_broken_image_and_counts_them(trained, single_data,
+                                                                     tmp_path):
+    from tests.imagegen import png_bomb
+
+    _, out = trained
+    data = tmp_path / "data"
+    shutil.copytree(single_data, data)
+    (data / "circle" / "bomb.png").write_bytes(png_bomb())  # 400 MP in a few kB
+    good = (data / "square" / "00000.png").read_bytes()
+    (data / "square" / "cut.png").write_bytes(good[: len(good) // 2])
+    proc = subprocess.run(
+        [sys.executable, "-m", "training", "evaluate", str(out), str(data), "--device", "cpu",
+         "--workers", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["num_samples"] == 36 and metrics["excluded"] == 2
+    assert {p.rsplit("/", 1)[-1] for p in metrics["excluded_images"]} == {"bomb.png", "cut.png"}

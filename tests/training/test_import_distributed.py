@@ -64,6 +64,12 @@ def test_torchrun_two_cpu_processes(single_data, tmp_path):
     assert metrics["num_samples"] == 9 == card.training["dataset"]["val"]
     assert sum(metrics["per_class"][c]["support"] for c in card.classes) == 9
     assert proc.stderr.count("saved checkpoint") == 2  # one rank writes (best epoch + final)
+    # Each rank saved its own random streams; the loaders' differ (one augmentation stream
+    # per rank, not the same one on every rank).
+    rng = torch.load(out / "last.pt", weights_only=True)["rng"]
+    assert len(rng) == 2
+    assert not torch.equal(rng[0]["loader"], rng[1]["loader"])
+    assert not torch.equal(rng[0]["process"]["torch"], rng[1]["process"]["torch"])
 
 
 @pytest.mark.slow
@@ -82,3 +88,28 @@ def test_from_scratch_on_synthetic_shapes_reaches_high_accuracy(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.9, metrics["accuracy"]
     assert seconds < 300  # ~45 s on an idle 2-core CPU; generous for a shared one
+
+
+def test_torchrun_with_an_undecodable_image_on_one_rank(tmp_path):
+    from PIL import Image
+
+    from training.synthetic import generate
+
+    data = generate(tmp_path / "train", size=32, per_class=4, classes=2, seed=5)
+    val = generate(tmp_path / "val", size=32, per_class=2, classes=2, seed=6)
+    for name in ("circle", "square"):
+        broken = data / name / "broken.png"
+        Image.effect_noise((32, 32), 60).convert("RGB").save(broken)
+        broken.write_bytes(broken.read_bytes()[:200])  # header fine, pixels cut short
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    # One image per step: a rank whose image fails has an empty batch while the other trains.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "training", "fit", str(data), "--val", str(val), "--output", str(out),
+           "--weights", "none", "--arch", "resnet18", "--image-size", "32", "--epochs", "1",
+           "--batch-size", "1", "--workers", "0", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = checkpoint.read_card(out).training["dataset"]["skipped"]
+    assert skipped["train_undecodable"] == 2 and skipped["val_undecodable"] == 0

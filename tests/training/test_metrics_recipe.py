@@ -12,6 +12,8 @@ from training.config import TrainConfig
 from training.loop import build_optimizer, build_scheduler
 from training.metrics import (
     average_precision,
+    cross_fitted_thresholds,
+    held_out_multi_label_metrics,
     multi_label_metrics,
     single_label_metrics,
     tune_thresholds,
@@ -82,3 +84,23 @@ def test_optimizer_groups_and_schedule():
     assert lrs[0]["backbone"] == 0.0 and lrs[2]["backbone"] == 0.0 and lrs[3]["backbone"] > 0
     assert lrs[1]["head"] == pytest.approx(1e-3) and lrs[9]["head"] < lrs[3]["head"]
     assert torch.is_tensor(model.fc.weight)
+
+
+def test_multi_label_f1_is_scored_on_images_the_thresholds_were_not_tuned_on():
+    rng = np.random.default_rng(0)
+    scores = rng.random((60, 3))  # scores that carry no information about the labels
+    targets = (rng.random((60, 3)) < 0.3).astype(float)
+    classes = ["a", "b", "c"]
+    metrics, thresholds = held_out_multi_label_metrics(scores, targets, classes)
+    assert thresholds == tune_thresholds(scores, targets)  # what the card ships
+    in_sample = multi_label_metrics(scores, targets, classes, thresholds)
+    held_out = multi_label_metrics(scores, targets, classes, thresholds,
+                                   decide_with=cross_fitted_thresholds(scores, targets))
+    assert metrics["f1_micro"] == held_out["f1_micro"] < in_sample["f1_micro"]
+    assert metrics["f1_macro"] == held_out["f1_macro"]
+    assert metrics["mAP"] == in_sample["mAP"]  # ranking figures need no threshold
+    assert metrics["per_class"]["a"]["threshold"] == thresholds[0]
+    assert "cross-fitted" in metrics["f1_thresholds"]
+    cut = cross_fitted_thresholds(scores, targets)
+    first_half = cut[:, 0] == cut[0, 0]
+    assert 0 < first_half.sum() < 60  # two folds, each with its own thresholds

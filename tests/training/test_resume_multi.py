@@ -67,6 +67,7 @@ def test_multi_label_csv_run(multi_data, tmp_path, tiny_config):
     assert card.thresholds is not None and len(card.thresholds) == 4
     assert all(0 < t <= 1 for t in card.thresholds)
     assert {"mAP", "f1_micro", "f1_macro", "per_class"} <= set(metrics)
+    assert "cross-fitted" in metrics["f1_thresholds"] == card.metrics["f1_thresholds"]
     assert (out / "pr_curves.png").is_file() and not (out / "confusion_matrix.png").exists()
     evaluated = evaluate_checkpoint(out, multi_data, device="cpu")
     assert {"mAP", "f1_micro", "f1_macro"} <= set(evaluated)
