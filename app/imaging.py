@@ -30,6 +30,14 @@ class Upload:
     data: bytes
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """An upload after decoding: its filename and the uint8 CHW crop the model will see."""
+
+    filename: str
+    pixels: torch.Tensor
+
+
 @dataclass(eq=False)
 class _Job:
     index: int
@@ -67,9 +75,8 @@ class ImageDecoder:
         for thread in self._threads:
             thread.start()
 
-    async def to_tensors(self, uploads: list[Upload], transform: Transform, *,
-                         target_size: int | None = None, timeout: float
-                         ) -> list[torch.Tensor]:
+    async def decode(self, uploads: list[Upload], transform: Transform, *,
+                     target_size: int | None = None, timeout: float) -> list[DecodedImage]:
         """Decode one request's uploads within `timeout` s; the first bad file (in upload
         order) raises, and DeadlineExceededError when the time runs out first."""
         loop = asyncio.get_running_loop()
@@ -82,7 +89,7 @@ class ImageDecoder:
             self._requests.append(request)
             self._lock.notify_all()
         try:
-            return await asyncio.wait_for(self._results(request, jobs), timeout)
+            return await asyncio.wait_for(self._results(request, jobs, uploads), timeout)
         except TimeoutError:
             raise DeadlineExceededError(
                 f"decoding {len(uploads)} image(s) did not finish within the request "
@@ -93,11 +100,13 @@ class ImageDecoder:
                 if not job.future.cancel() and not job.future.cancelled():
                     job.future.exception()
 
-    async def _results(self, request: _Request, jobs: list[_Job]) -> list[torch.Tensor]:
+    async def _results(self, request: _Request, jobs: list[_Job],
+                       uploads: list[Upload]) -> list[DecodedImage]:
         results = []
-        for job in jobs:  # in upload order, so the first bad file is the one reported
+        # in upload order, so that the first bad file is the one reported
+        for job, upload in zip(jobs, uploads, strict=True):
             try:
-                results.append(await job.future)
+                results.append(DecodedImage(upload.filename, await job.future))
             except Exception:
                 self._withdraw(request)  # nothing after a bad file needs decoding
                 raise

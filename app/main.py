@@ -23,8 +23,8 @@ from app.exceptions import ShuttingDownError
 from app.imaging import ImageDecoder
 from app.metrics import Metrics
 from app.registry import ModelRegistry
+from models.backends import backend_device
 from models.device import Runtime
-from models.predict import backend_device
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)  # each router declares who may call it (app.api.auth)
     # the last added runs first: ids for everything, metrics of every answer, then the
     # boundary that turns whatever escapes into a JSON answer
-    app.add_middleware(ErrorBoundaryMiddleware)
+    app.add_middleware(ErrorBoundaryMiddleware, stopping=lambda: _stopping(app))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _stopping(app: FastAPI) -> bool:
+    registry = getattr(app.state, "registry", None)
+    return registry is not None and registry.closing
 
 
 def begin_shutdown(app: FastAPI) -> None:

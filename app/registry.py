@@ -1,19 +1,13 @@
-"""ModelRegistry: finds checkpoints, loads and warms them up, serves and reloads them."""
+"""ModelRegistry: which version of each checkpoint serves now; rescans, swaps and retires."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-from app.batching import DynamicBatcher
-from app.compute import ComputeThread, name_native_thread, run_in_fresh_thread
+from app.compute import ComputeThread, run_in_fresh_thread
 from app.config import MODEL_NAME_PATTERN, Settings
 from app.exceptions import (
     ModelRequiredError,
@@ -21,13 +15,13 @@ from app.exceptions import (
     ShuttingDownError,
     UnknownModelError,
 )
-from app.imaging import ImageDecoder, Upload
+from app.imaging import ImageDecoder
 from app.metrics import Metrics
+from app.model_loader import ModelLoader
+from app.served_model import ServedModel
 from models import checkpoint
 from models.checkpoint import ModelCard
 from models.device import Runtime
-from models.predict import ImageResult, ModelOutputError, Predictor
-from models.preprocessing import Transform, eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -44,81 +38,6 @@ def fingerprint(path: Path) -> Fingerprint:
         except OSError:
             out.append((name, -1, -1))
     return tuple(out)
-
-
-class ServedModel:
-    """A loaded checkpoint with its transform, predictor and batcher."""
-
-    def __init__(self, *, name: str, card: ModelCard, predictor: Predictor,
-                 decoder: ImageDecoder, settings: Settings,
-                 on_event: Callable[[str, int], None] | None = None,
-                 compute: ComputeThread | None = None) -> None:
-        self.name = name
-        self.card = card
-        self.predictor = predictor
-        self.transform: Transform = eval_transform(card.preprocessing)
-        self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self._decoder = decoder
-        self._settings = settings
-        self._leases = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.batcher = DynamicBatcher(
-            self._run_batch, max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, name=name,
-            on_event=on_event, compute=compute)
-
-    def _run_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
-        return self.predictor.probabilities(torch.stack(images))
-
-    def start(self) -> None:
-        """Start the batcher's worker (on the event loop)."""
-        self.batcher.start()
-
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[ServedModel]:
-        """Hold the model for one request; retiring waits for every lease to end."""
-        self._leases += 1
-        self._idle.clear()
-        try:
-            yield self
-        finally:
-            self._leases -= 1
-            if self._leases == 0:
-                self._idle.set()
-
-    async def predict(self, uploads: list[Upload], *, timeout: float, top_k: int = 5,
-                      threshold: float | None = None, all_scores: bool = False
-                      ) -> list[ImageResult]:
-        """Decode, batch, run and post-process one request's images."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with self.batcher.reserve(len(uploads)):
-            tensors = await self._decoder.to_tensors(
-                uploads, self.transform, target_size=self.card.preprocessing.resize,
-                timeout=timeout)  # the request's deadline covers decoding too
-        remaining = max(1e-3, timeout - (loop.time() - started))
-        rows = await self.batcher.submit(tensors, timeout=remaining)
-        # one image at a time: torch parallelises ops on larger tensors, and the event loop
-        # must not start an OpenMP team of its own (see app.compute)
-        return [result for row in rows for result in self.predictor.postprocess(
-            row.unsqueeze(0), top_k=top_k, threshold=threshold, all_scores=all_scores)]
-
-    async def retire(self, timeout: float) -> None:
-        """Wait (bounded) for requests holding this model, then drain and stop the batcher."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            logger.warning("model %s: %d requests still running after %g s; stopping anyway",
-                           self.name, self._leases, timeout)
-        await self.batcher.stop(timeout)
-        # the batcher refers back to this model through its batch function; breaking that
-        # cycle frees the weights now instead of at some later full garbage collection
-        self.batcher.fn = _retired_batch
-
-
-def _retired_batch(images: list[torch.Tensor]) -> torch.Tensor:
-    raise RuntimeError("this model version has been retired")
 
 
 @dataclass
@@ -164,6 +83,8 @@ class ModelRegistry:
         self._retiring: set[ServedModel] = set()  # swapped out, not yet stopped
         self._lock = asyncio.Lock()
         self.compute = ComputeThread()  # every model's batches run here (see app.compute)
+        self._loader = ModelLoader(settings, runtime=runtime, decoder=decoder, metrics=metrics,
+                                   compute=self.compute)
 
     @property
     def ready(self) -> bool:
@@ -329,7 +250,7 @@ class ModelRegistry:
         that thread to end, so no load is still running torch when the process exits; the
         model it loaded is dropped, never started."""
         load = asyncio.ensure_future(
-            run_in_fresh_thread(self._load, name, path, name=f"load-{name}"))
+            run_in_fresh_thread(self._loader.load, name, path, name=f"load-{name}"))
         try:
             return await asyncio.shield(load)
         except asyncio.CancelledError:
@@ -341,29 +262,6 @@ class ModelRegistry:
             elif not load.cancelled():
                 load.exception()  # retrieved, so a failed load is not reported as unhandled
             raise
-
-    def _load(self, name: str, path: Path) -> ServedModel:
-        model, card = checkpoint.load(path)
-        if self.settings.backend == "onnxruntime":
-            # ONNX Runtime starts its worker pool on this thread and keeps it for the batches:
-            # the pool inherits this name, so its CPU time shows as compute, not as loading
-            name_native_thread(self.compute.name)
-        predictor = Predictor(model, card, self.runtime, backend=self.settings.backend,
-                              threads=self.settings.torch_threads)
-        # proves the outputs are well-formed probabilities before the model is marked loaded;
-        # without warm-up one image still runs, for that proof
-        try:
-            predictor.warmup(warmup_sizes(self.settings.max_batch_size) if self.settings.warmup
-                             else [1])
-        except ModelOutputError as exc:
-            raise checkpoint.CheckpointError(path / checkpoint.WEIGHTS_FILE,
-                                             f"failed warm-up: {exc}") from exc
-        logger.info("model %s loaded from %s (%s, %s, %d classes) on %s, %s, %s", name, path,
-                    card.arch, card.task, card.num_classes, self.runtime.describe(),
-                    self.runtime.precision_name, predictor.backend)
-        return ServedModel(name=name, card=card, predictor=predictor, decoder=self.decoder,
-                           settings=self.settings, on_event=self.metrics.batcher_hook(name),
-                           compute=self.compute)
 
     def begin_shutdown(self) -> None:
         """Turn not-ready and refuse new requests (safe to call from a signal handler)."""
@@ -378,16 +276,6 @@ class ModelRegistry:
         await asyncio.gather(*(s.retire(timeout) for s in served))
         self._retiring.clear()
         self.compute.close()
-
-
-def warmup_sizes(max_batch_size: int) -> list[int]:
-    """Batch sizes to run before serving: 1, the full batch, and the powers of two between."""
-    sizes = {1, max_batch_size}
-    size = 2
-    while size < max_batch_size:
-        sizes.add(size)
-        size *= 2
-    return sorted(sizes)
 
 
 def model_name(folder: str) -> tuple[str, str | None]:

@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     model, card = load(args.checkpoint or benchmark_checkpoint(args.arch))
-    multi_label = card.task == "multi_label"
     served = ProbabilityGraph(model.to(memory_format=torch.channels_last),
-                              Normalize(card.preprocessing), multi_label).eval()
+                              Normalize(card.preprocessing), card.task).eval()
     crop = card.preprocessing.crop
     onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
     onnx_path.write_bytes(export_onnx(served, (3, crop, crop)))

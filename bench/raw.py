@@ -16,9 +16,10 @@ import time
 import torch
 
 from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
+from models.backends import BACKENDS, backend_device
 from models.checkpoint import Preprocessing, load
 from models.device import Runtime
-from models.predict import BACKENDS, Predictor, backend_device
+from models.predict import Predictor
 from models.preprocessing import decode, eval_transform
 
 logger = logging.getLogger(__name__)

@@ -14,14 +14,14 @@ import numbers
 import os
 import stat
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_weights
 from safetensors.torch import save as serialize_weights
 from torch import nn
 
@@ -181,6 +181,7 @@ class ModelCard:
     created_at: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
+    weights_sha256: str | None = None  # of model.safetensors, written by save()
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -200,7 +201,9 @@ class ModelCard:
         for what, value, known in (("arch", self.arch, tuple(ARCHITECTURES)),
                                    ("stem", self.stem, tuple(STEMS)), ("task", self.task, TASKS)):
             if not isinstance(value, str) or value not in known:
-                out.append(f"{what} must be one of {', '.join(known)}, got {_shown(value)}")
+                out.append(f"unknown {what} {_shown(value)} (known: {', '.join(known)})")
+        if self.weights_sha256 is not None and not _is_sha256(self.weights_sha256):
+            out.append(f"weights_sha256 must be 64 hex digits, got {_shown(self.weights_sha256)}")
         classes_problem = _classes_problem(self.classes)
         if classes_problem:
             out.append(classes_problem)
@@ -269,7 +272,7 @@ def save(directory: str | Path, model: nn.Module, card: ModelCard, *,
     The unit is staged beside `directory` and swapped into place (models.atomic), so a reader
     sees the old checkpoint or the new one, never new weights with an old card; other files in
     the folder stay, except those named in `replaces`. `reports` maps a file name to a function
-    that writes it. The card names the weights' sha256 (checked by `verify_weights`).
+    that writes it. The card names the weights' sha256, which `load` checks.
     Non-finite weights and values JSON cannot hold are refused before anything is written.
     """
     directory = Path(directory)
@@ -277,7 +280,7 @@ def save(directory: str | Path, model: nn.Module, card: ModelCard, *,
                                 metadata={"format": "pt", "arch": card.arch})
     digest = hashlib.sha256(weights).hexdigest()
     try:
-        text = json.dumps({**card.to_dict(), WEIGHTS_DIGEST_FIELD: digest}, indent=2,
+        text = json.dumps(replace(card, weights_sha256=digest).to_dict(), indent=2,
                           allow_nan=False)
     except ValueError as exc:
         raise CheckpointError(directory / CARD_FILE, f"cannot be written as JSON: {exc}") from exc
@@ -306,23 +309,33 @@ def _state_to_save(model: nn.Module, card: ModelCard, directory: Path
 
 
 def verify_weights(directory: str | Path) -> None:
-    """Check `model.safetensors` against the sha256 named by `card.json` (none named: passes).
-
-    A reader calls it to refuse a folder whose two files come from different saves.
-    """
+    """Check `model.safetensors` against the sha256 its card names (a card naming none, as
+    older ones do, passes); a CheckpointError says the two files come from different saves."""
     directory = Path(directory)
-    try:
-        expected = json.loads((directory / CARD_FILE).read_bytes()).get(WEIGHTS_DIGEST_FIELD)
-        data = (directory / WEIGHTS_FILE).read_bytes()
-    except (OSError, ValueError, AttributeError):
-        return  # a missing or unreadable file is reported by read_card / load
-    if expected is None:
+    _check_weights_digest(read_card(directory), _read_weights(directory / WEIGHTS_FILE),
+                          directory / WEIGHTS_FILE)
+
+
+def _check_weights_digest(card: ModelCard, data: bytes, path: Path) -> None:
+    if card.weights_sha256 is None:
         return
     digest = hashlib.sha256(data).hexdigest()
-    if digest != expected:
-        raise CheckpointError(directory / WEIGHTS_FILE, (
+    if digest != card.weights_sha256:
+        raise CheckpointError(path, (
             f"does not match {CARD_FILE} (sha256 {digest[:12]}..., the card names "
-            f"{str(expected)[:12]}...): the two files come from different saves"))
+            f"{card.weights_sha256[:12]}...): the two files come from different saves"))
+
+
+def _read_weights(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and \
+        all(c in "0123456789abcdef" for c in value)
 
 
 def read_card(directory: str | Path) -> ModelCard:
@@ -385,8 +398,10 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu"
         hint = (f"; found {pickles}, but pickle files are never loaded (they can run code): "
                 "export to safetensors") if pickles else ""
         raise CheckpointError(weights_path, f"file is missing{hint}")
+    data = _read_weights(weights_path)  # hashed and parsed from the same bytes
+    _check_weights_digest(card, data, weights_path)
     try:
-        state = load_file(str(weights_path), device=str(map_location))
+        state = {k: v.to(map_location) for k, v in load_weights(data).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(weights_path, f"cannot be read ({exc})") from exc
     model = build(card.arch, num_classes=card.num_classes, weights=None, stem=card.stem)

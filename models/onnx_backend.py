@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.outputs import probabilities
+
 logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # largest probability difference to PyTorch accepted at load
@@ -32,13 +34,12 @@ class BackendError(RuntimeError):
 class ProbabilityGraph(nn.Module):
     """uint8 batch -> probabilities: what the service computes, as one graph."""
 
-    def __init__(self, model: nn.Module, normalize: nn.Module, multi_label: bool) -> None:
+    def __init__(self, model: nn.Module, normalize: nn.Module, task: str) -> None:
         super().__init__()
-        self.model, self.normalize, self.multi_label = model, normalize, multi_label
+        self.model, self.normalize, self.task = model, normalize, task
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(self.normalize(images))
-        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+        return probabilities(self.model(self.normalize(images)), self.task)
 
 
 def _import_onnxruntime() -> Any:
@@ -70,10 +71,10 @@ def export_onnx(graph: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
 class OnnxRuntimeModel:
     """An ONNX Runtime session computing probabilities from uint8 NCHW batches."""
 
-    def __init__(self, model: nn.Module, normalize: nn.Module, *, multi_label: bool,
+    def __init__(self, model: nn.Module, normalize: nn.Module, *, task: str,
                  input_shape: tuple[int, int, int], threads: int) -> None:
         ort = _import_onnxruntime()
-        graph = ProbabilityGraph(model, normalize, multi_label).eval()
+        graph = ProbabilityGraph(model, normalize, task).eval()
         exported = export_onnx(graph, input_shape)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)

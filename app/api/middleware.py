@@ -10,6 +10,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -84,10 +85,16 @@ class RequestMetricsMiddleware:
 
 
 class ErrorBoundaryMiddleware:
-    """Whatever escapes the app is answered in the service's JSON shape, never a traceback."""
+    """Whatever escapes the app is answered in the service's JSON shape, never a traceback.
 
-    def __init__(self, app: ASGIApp) -> None:
+    `stopping()` tells whether the service is shutting down: a request cancelled then (the
+    server's shutdown timeout ran out) is answered 503 and ends quietly; any other
+    cancellation is passed on, as cancellations must be.
+    """
+
+    def __init__(self, app: ASGIApp, *, stopping: Callable[[], bool]) -> None:
         self.app = app
+        self.stopping = stopping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI scope."""
@@ -104,6 +111,8 @@ class ErrorBoundaryMiddleware:
         try:
             await self.app(scope, receive, send_tracking)
         except asyncio.CancelledError:
+            if not self.stopping():
+                raise
             # the server stops waiting for this request (its shutdown timeout ran out): answer
             # in the service's own shape instead of letting the server log a traceback and
             # send a bare text 500; the task ends here either way

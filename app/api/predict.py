@@ -39,7 +39,7 @@ _UPLOAD_BODY: dict[str, Any] = {
     responses=error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503, 504),
     summary="Classify uploaded images",
 )
-async def predict(
+async def predict_images(
     request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
@@ -60,12 +60,13 @@ async def predict(
     served = registry.get(model)
     with served.lease():
         uploads = await read_uploads(request, settings)
-        results = await unless_disconnected(request, served.predict(
+        classified = await unless_disconnected(request, served.classify(
             uploads, timeout=settings.request_timeout, top_k=top_k, threshold=threshold,
             all_scores=all_scores))
     return PredictResponse(
         model=served.name, task=served.card.task,  # type: ignore[arg-type]
         results=[ImageResultOut(
-            filename=upload.filename,
-            predictions=[PredictionOut(label=p.label, score=p.score) for p in result.predictions],
-            scores=result.scores) for upload, result in zip(uploads, results, strict=True)])
+            filename=image.filename,
+            predictions=[PredictionOut(label=p.label, score=p.score)
+                         for p in image.result.predictions],
+            scores=image.result.scores) for image in classified])

@@ -27,7 +27,9 @@ async def test_models_lists_cards_without_weights(client: httpx.AsyncClient) -> 
     assert colors["card"]["classes"] == CLASSES
     assert colors["card"]["preprocessing"]["crop"] == 32
     assert by_name["tags"]["card"]["task"] == "multi_label"
-    assert "state_dict" not in r.text and "weight" not in r.text
+    # the card names its weights' digest, and holds none of their tensors
+    assert "state_dict" not in r.text and "fc.weight" not in r.text and "conv1" not in r.text
+    assert len(colors["card"]["weights_sha256"]) == 64 and len(r.text) < 10_000
     one = await client.get("/models/tags")
     assert one.status_code == 200 and one.json()["card"]["thresholds"] == [0.5, 0.3, 0.7]
 

@@ -70,7 +70,7 @@ async def test_out_of_memory_splits_the_batch_and_retries(checkpoint_root: Path)
     settings = fast_settings(checkpoint_root, default_model="colors", max_wait_ms=0)
     async with running_app(settings) as (http, app):
         predictor = app.state.registry.get("colors").predictor
-        real_forward, real_runtime, sizes = predictor._forward, predictor.runtime, []
+        real_forward, real_runtime, sizes = predictor.run, predictor.runtime, []
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
             sizes.append(batch.shape[0])
@@ -78,7 +78,7 @@ async def test_out_of_memory_splits_the_batch_and_retries(checkpoint_root: Path)
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return real_forward(batch)
 
-        predictor._forward, predictor.runtime = forward, PretendCuda(real_runtime)
+        predictor.run, predictor.runtime = forward, PretendCuda(real_runtime)
         try:
             colours = ["red", "green", "blue", "blue", "red"]
             files = [("file", (f"{i}.jpg", jpeg(c, seed=i))) for i, c in enumerate(colours)]
@@ -90,7 +90,7 @@ async def test_out_of_memory_splits_the_batch_and_retries(checkpoint_root: Path)
             def always_oom(batch: torch.Tensor) -> torch.Tensor:
                 raise torch.OutOfMemoryError("CUDA out of memory")
 
-            predictor._forward = always_oom  # even one image does not fit: that batch fails,
+            predictor.run = always_oom  # even one image does not fit: that batch fails,
             # answered as the passing condition it is (503, retry), not as a bug (500)
             r = await http.post("/predict", files={"file": ("x.jpg", jpeg("red"))})
             assert r.status_code == 503 and "out of memory" in r.json()["detail"]
@@ -99,11 +99,11 @@ async def test_out_of_memory_splits_the_batch_and_retries(checkpoint_root: Path)
             def host_oom(batch: torch.Tensor) -> torch.Tensor:
                 raise MemoryError()
 
-            predictor._forward = host_oom
+            predictor.run = host_oom
             r = await http.post("/predict", files={"file": ("z.jpg", jpeg("red"))})
             assert r.status_code == 503 and "out of memory" in r.json()["detail"]
         finally:
-            predictor._forward, predictor.runtime = real_forward, real_runtime
+            predictor.run, predictor.runtime = real_forward, real_runtime
         ok = await http.post("/predict", files={"file": ("y.jpg", jpeg("green"))})
         assert ok.status_code == 200
         assert ok.json()["results"][0]["predictions"][0]["label"] == "green"

@@ -119,9 +119,9 @@ async def test_threads_carry_their_role_as_os_name() -> None:
         def record_thread(image: object) -> torch.Tensor:
             return torch.tensor(threading.get_native_id())
 
-        [decode_id] = await decoder.to_tensors([Upload("a.png", png("red"))], record_thread,
-                                               timeout=10)
-        assert _os_name(int(decode_id)) == "decode"
+        [decoded] = await decoder.decode([Upload("a.png", png("red"))], record_thread,
+                                         timeout=10)
+        assert _os_name(int(decoded.pixels)) == "decode"
 
         def own_name() -> str:
             return _os_name(threading.get_native_id())

@@ -63,12 +63,12 @@ async def wait_for(condition, timeout: float = 10.0) -> None:
 async def test_a_request_of_heavy_images_cannot_starve_the_next_one(
         decoder: ImageDecoder) -> None:
     gate = GatedTransform()
-    big = asyncio.ensure_future(decoder.to_tensors(heavy(4), gate, timeout=30))
+    big = asyncio.ensure_future(decoder.decode(heavy(4), gate, timeout=30))
     await wait_for(lambda: gate.heavy_started() >= 1)
     small = [Upload("small.png", png("blue"))]
     try:
-        [tensor] = await asyncio.wait_for(decoder.to_tensors(small, gate, timeout=30), 10)
-        assert tensor.shape == (3, 40, 48)
+        [image] = await asyncio.wait_for(decoder.decode(small, gate, timeout=30), 10)
+        assert image.filename == "small.png" and image.pixels.shape == (3, 40, 48)
         assert not big.done() and gate.heavy_started() == decoder.share == 1
     finally:
         gate.release.set()
@@ -79,7 +79,7 @@ async def test_a_lone_request_uses_its_share_of_threads() -> None:
     pool = ImageDecoder(workers=3, max_pixels=10**7)
     gate = GatedTransform()
     try:
-        work = asyncio.ensure_future(pool.to_tensors(heavy(5), gate, timeout=30))
+        work = asyncio.ensure_future(pool.decode(heavy(5), gate, timeout=30))
         await wait_for(lambda: gate.heavy_started() == 2)
         await asyncio.sleep(0.1)
         assert gate.heavy_started() == 2 == pool.share  # one thread stays free for newcomers
@@ -97,12 +97,12 @@ async def test_the_deadline_covers_decoding_and_unstarted_images_never_run(
     began = loop.time()
     try:
         with pytest.raises(DeadlineExceededError, match="decoding 4 image"):
-            await decoder.to_tensors(heavy(4), gate, timeout=0.3)
+            await decoder.decode(heavy(4), gate, timeout=0.3)
         assert loop.time() - began < 5  # answered at its deadline, not when decoding ends
     finally:
         gate.release.set()
     small = [Upload("small.png", png("green"))]
-    assert len(await decoder.to_tensors(small, gate, timeout=10)) == 1
+    assert len(await decoder.decode(small, gate, timeout=10)) == 1
     assert gate.heavy_started() == 1  # the other three were dropped, never decoded
 
 
@@ -112,7 +112,7 @@ async def test_after_a_bad_file_the_rest_of_the_request_is_not_decoded(
     uploads = [Upload("broken.png", b"not an image"), *heavy(3)]
     try:
         with pytest.raises(InvalidImageError, match="broken.png"):
-            await decoder.to_tensors(uploads, gate, timeout=30)
+            await decoder.decode(uploads, gate, timeout=30)
     finally:
         gate.release.set()
     await asyncio.sleep(0.1)
@@ -125,4 +125,4 @@ async def test_first_bad_file_in_upload_order_is_the_one_reported(
     gate.release.set()
     uploads = [*heavy(1), Upload("first-bad.png", b"x"), Upload("second-bad.png", b"y")]
     with pytest.raises(InvalidImageError, match="first-bad.png"):
-        await decoder.to_tensors(uploads, gate, timeout=30)
+        await decoder.decode(uploads, gate, timeout=30)

@@ -8,7 +8,8 @@ import torch
 from models.architectures import build
 from models.checkpoint import ModelCard, Preprocessing
 from models.device import Runtime
-from models.predict import Predictor, fold_batch_norms
+from models.folding import fold_batch_norms
+from models.predict import Predictor
 
 PRE = Preprocessing.for_crop(32)
 
@@ -43,7 +44,7 @@ def test_single_label_probabilities_sum_to_one_and_top_k_is_sorted() -> None:
 
 def test_top_k_is_clamped_to_the_class_count() -> None:
     p = _predictor()
-    (result,) = p.predict(_batch(1), top_k=10**9)
+    (result,) = p.postprocess(p.probabilities(_batch(1)), top_k=10**9)
     assert sorted(x.label for x in result.predictions) == ["cat", "dog", "fox", "owl"]
 
 

@@ -13,7 +13,7 @@ from models import onnx_backend
 from models.architectures import build
 from models.checkpoint import ModelCard, Preprocessing
 from models.device import Runtime
-from models.onnx_backend import BackendError
+from models.onnx_backend import BackendError, OnnxRuntimeModel
 from models.predict import Predictor
 
 pytest.importorskip("onnxruntime")
@@ -46,7 +46,7 @@ def test_onnxruntime_matches_torch(task: str) -> None:
     cpu = Runtime.create("cpu", "fp32")
     reference = Predictor(model, card, cpu)
     onnx = Predictor(model, card, cpu, backend="onnxruntime", threads=1)
-    assert onnx.backend == "onnxruntime" and onnx.onnx is not None
+    assert onnx.backend == "onnxruntime" and isinstance(onnx.run, OnnxRuntimeModel)
     for n in (1, 5):  # the exported graph takes any batch size
         batch = _batch(n)
         expected, got = reference.probabilities(batch), onnx.probabilities(batch)
@@ -54,8 +54,7 @@ def test_onnxruntime_matches_torch(task: str) -> None:
         assert torch.allclose(got, expected, atol=1e-5)
     if task == "single_label":
         assert torch.allclose(got.sum(1), torch.ones(5), atol=1e-5)
-    (result,) = onnx.predict(_batch(1), top_k=2) if task == "single_label" else \
-        onnx.predict(_batch(1))
+    (result,) = onnx.postprocess(onnx.probabilities(_batch(1)), top_k=2)
     assert all(p.label in CLASSES for p in result.predictions)
 
 

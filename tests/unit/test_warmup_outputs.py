@@ -10,7 +10,8 @@ import torch
 from models.architectures import build
 from models.checkpoint import ModelCard, Preprocessing
 from models.device import Runtime
-from models.predict import ModelOutputError, Predictor
+from models.outputs import ModelOutputError, check_probabilities
+from models.predict import Predictor
 from tests.serving_helpers import CLASSES
 
 
@@ -44,15 +45,16 @@ def test_warmup_refuses_outputs_that_do_not_match_the_card(trained_model) -> Non
         predictor.warmup([1])
 
 
-def test_check_probabilities_judges_range_and_row_sums(trained_model) -> None:
-    model, pre = trained_model
-    single = Predictor(copy.deepcopy(model), card(pre), Runtime.create("cpu"))
-    single.check_probabilities(torch.tensor([[0.2, 0.3, 0.5]]), rows=1)
+def test_check_probabilities_judges_range_and_row_sums() -> None:
+    def single(probs: list[list[float]], rows: int = 1) -> None:
+        check_probabilities(torch.tensor(probs), rows=rows, classes=3, task="single_label")
+
+    single([[0.2, 0.3, 0.5]])
     with pytest.raises(ModelOutputError, match="sum to 1"):
-        single.check_probabilities(torch.tensor([[0.2, 0.2, 0.2]]), rows=1)
+        single([[0.2, 0.2, 0.2]])
     with pytest.raises(ModelOutputError, match=r"outside \[0, 1\]"):
-        single.check_probabilities(torch.tensor([[1.5, -0.5, 0.0]]), rows=1)
+        single([[1.5, -0.5, 0.0]])
     with pytest.raises(ModelOutputError, match="shape"):
-        single.check_probabilities(torch.tensor([[0.2, 0.3, 0.5]]), rows=2)
-    multi = Predictor(copy.deepcopy(model), card(pre, "multi_label"), Runtime.create("cpu"))
-    multi.check_probabilities(torch.tensor([[0.9, 0.9, 0.9]]), rows=1)  # need not sum to 1
+        single([[0.2, 0.3, 0.5]], rows=2)
+    # multi-label rows need not sum to 1
+    check_probabilities(torch.tensor([[0.9, 0.9, 0.9]]), rows=1, classes=3, task="multi_label")

@@ -1,0 +1,65 @@
+"""What runs a model's batches: PyTorch on the chosen device, or ONNX Runtime on the CPU.
+
+A runner takes a uint8 [N, 3, H, W] batch on the host and answers float32 [N, C]
+probabilities on the host. A new serving backend is one runner here (its own module for
+the heavy part, as models.onnx_backend is) plus its name in BACKENDS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from models.checkpoint import ModelCard
+from models.device import Runtime
+from models.onnx_backend import BackendError, OnnxRuntimeModel
+from models.outputs import probabilities
+from models.preprocessing import Normalize
+
+BACKENDS = ("torch", "onnxruntime")
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def backend_device(backend: str, device: str) -> str:
+    """The device to run `backend` on: ONNX Runtime always runs on the CPU."""
+    return "cpu" if backend == "onnxruntime" else device
+
+
+class TorchRunner:
+    """The model in PyTorch: normalised on the device, channels_last, autocast on CUDA."""
+
+    def __init__(self, model: nn.Module, card: ModelCard, runtime: Runtime) -> None:
+        self.model = runtime.prepare_model(model).eval()
+        self.normalize = Normalize(card.preprocessing).to(runtime.device)
+        self.runtime = runtime
+        self.task = card.task
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,3,H,W] -> float32 [N,C] probabilities on the CPU."""
+        x = self.normalize(self.runtime.to_device(batch))
+        if self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.runtime.autocast():
+            logits = self.model(x)
+        return probabilities(logits.float(), self.task).cpu()
+
+
+def make_runner(backend: str, model: nn.Module, card: ModelCard, runtime: Runtime, *,
+                threads: int = 0) -> Runner:
+    """The runner for `backend` ("torch" or "onnxruntime"; the latter CPU/fp32 only, on
+    `threads` threads, 0 meaning torch's thread count)."""
+    if backend == "torch":
+        return TorchRunner(model, card, runtime)
+    if backend == "onnxruntime":
+        if runtime.is_cuda or runtime.amp_dtype is not None:
+            raise BackendError("the onnxruntime backend runs fp32 on the CPU; use "
+                               f"device cpu and precision fp32 (got {runtime.describe()}, "
+                               f"{runtime.precision_name})")
+        return OnnxRuntimeModel(model.cpu().eval(), Normalize(card.preprocessing),
+                                task=card.task,
+                                input_shape=(3, card.preprocessing.crop, card.preprocessing.crop),
+                                threads=threads or torch.get_num_threads())
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
