@@ -20,7 +20,7 @@ from app.metrics import Metrics
 from app.model_loader import ModelLoader
 from app.served_model import ServedModel
 from models import checkpoint
-from models.checkpoint import ModelCard
+from models.card import ModelCard
 from models.device import Runtime
 
 logger = logging.getLogger(__name__)

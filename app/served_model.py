@@ -24,7 +24,7 @@ from app.batching import DynamicBatcher
 from app.compute import ComputeThread
 from app.config import Settings
 from app.imaging import ImageDecoder, Upload
-from models.checkpoint import ModelCard
+from models.card import ModelCard
 from models.predict import ImageResult, Predictor
 from models.preprocessing import Transform, eval_transform
 

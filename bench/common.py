@@ -20,7 +20,8 @@ from PIL import Image
 
 from app.allocator import loaded_allocator
 from models.architectures import build
-from models.checkpoint import ModelCard, Preprocessing, save
+from models.card import ModelCard, Preprocessing
+from models.checkpoint import save
 
 WEB_SIZES = [(500, 375), (640, 480), (800, 600), (1024, 768)]
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",

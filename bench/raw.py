@@ -17,7 +17,8 @@ import torch
 
 from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
 from models.backends import BACKENDS, backend_device
-from models.checkpoint import Preprocessing, load
+from models.card import Preprocessing
+from models.checkpoint import load
 from models.device import Runtime
 from models.predict import Predictor
 from models.preprocessing import decode, eval_transform

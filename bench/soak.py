@@ -32,7 +32,8 @@ from PIL import Image
 from bench.load import percentile
 from bench.rawhttp import RawHttpClient, build_request
 from models.architectures import build
-from models.checkpoint import ModelCard, Preprocessing, save
+from models.card import ModelCard, Preprocessing
+from models.checkpoint import save
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,10 @@
-"""Architectures: one table of ResNet factories and their ImageNet weights."""
+"""Architectures: one entry per architecture, carrying its own facts.
+
+Every other module asks the entry instead of knowing a name: how to build the network, which
+ImageNet weights it fine-tunes from (and so their eval preprocessing), where its classifier
+head and its stem are, which convolutions a batch norm follows, the eval resize ratio when no
+weights publish one. Adding an architecture is one entry here plus its tests.
+"""
 
 from __future__ import annotations
 
@@ -25,12 +31,40 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but cannot be loaded."""
 
 
+# resize / crop at evaluation (torchvision's classic 256 -> 224) when the weights publish none
+DEFAULT_EVAL_RESIZE_RATIO = 256 / 224
+
+
 @dataclass(frozen=True)
 class ArchSpec:
-    """How to build one architecture and which ImageNet weights it fine-tunes from."""
+    """One architecture's facts: its factory, its ImageNet weights, the names of its parts."""
 
     factory: Callable[..., nn.Module]
-    imagenet: WeightsEnum
+    imagenet: WeightsEnum | None = None  # None: no pretrained weights exist for it
+    classifier: str = "fc"  # the head: a Linear from pooled features to the classes
+    first_conv: str = "conv1"  # the stem's convolution (a small-image stem replaces it)
+    stem_pool: str = "maxpool"  # the stem's pooling (a small-image stem removes it)
+    conv_bn_prefixes: tuple[str, str] = ("conv", "bn")  # convN is followed by bnN in a block
+    eval_resize_ratio: float = DEFAULT_EVAL_RESIZE_RATIO
+
+    def head(self, model: nn.Module) -> nn.Linear:
+        """The classifier layer of a model built from this entry."""
+        return getattr(unwrap(model), self.classifier)
+
+    def imagenet_weights(self) -> WeightsEnum:
+        """torchvision's ImageNet weights entry (WeightsUnavailableError when there is none)."""
+        if self.imagenet is None:
+            raise WeightsUnavailableError(
+                f"{self.factory.__name__} has no ImageNet weights: train it with --weights none")
+        return self.imagenet
+
+    def pretrained_resize_ratio(self, weights: str) -> float:
+        """The eval resize/crop ratio to keep when fine-tuning from `weights`: the ImageNet
+        weights' own, else this entry's default (a local weights file says nothing of it)."""
+        if weights == "imagenet":
+            transforms = self.imagenet_weights().transforms()
+            return float(transforms.resize_size[0]) / float(transforms.crop_size[0])
+        return self.eval_resize_ratio
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -54,7 +88,7 @@ def arch_spec(arch: str) -> ArchSpec:
 
 def imagenet_weights(arch: str) -> WeightsEnum:
     """torchvision's ImageNet weights entry for `arch`."""
-    return arch_spec(arch).imagenet
+    return arch_spec(arch).imagenet_weights()
 
 
 def imagenet_categories(arch: str) -> list[str]:
@@ -121,24 +155,29 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _imagenet_stem(model: nn.Module) -> None:
+def _imagenet_stem(model: nn.Module, spec: ArchSpec) -> None:
     """Keep torchvision's stem: 7x7 stride-2 conv + 3x3 stride-2 max-pool (input / 4)."""
 
 
-def _small_stem(model: nn.Module) -> None:
+def _small_stem(model: nn.Module, spec: ArchSpec) -> None:
     """3x3 stride-1 conv, no max-pool: layer1 sees the full input (for ~32 px images)."""
-    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
+    _replace_stem(model, spec, stride=1)
 
 
-def _small_stride2_stem(model: nn.Module) -> None:
+def _small_stride2_stem(model: nn.Module, spec: ArchSpec) -> None:
     """3x3 stride-2 conv, no max-pool: layer1 sees input / 2 (for ~48-96 px images)."""
-    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=2, padding=1, bias=False)
-    model.maxpool = nn.Identity()
+    _replace_stem(model, spec, stride=2)
+
+
+def _replace_stem(model: nn.Module, spec: ArchSpec, *, stride: int) -> None:
+    channels = getattr(model, spec.first_conv).out_channels
+    setattr(model, spec.first_conv,
+            nn.Conv2d(3, channels, 3, stride=stride, padding=1, bias=False))
+    setattr(model, spec.stem_pool, nn.Identity())
 
 
 # The stem decides how much the first layers downsample; the rest of the network is unchanged.
-STEMS: dict[str, Callable[[nn.Module], None]] = {
+STEMS: dict[str, Callable[[nn.Module, ArchSpec], None]] = {
     "imagenet": _imagenet_stem,
     "small": _small_stem,
     "small_stride2": _small_stride2_stem,
@@ -163,30 +202,32 @@ def build(arch: str, *, num_classes: int, weights: str | Path | None = None,
     # From scratch, zero-initialised residual branches make each block start as the identity,
     # which trains faster and more stably in short runs (no effect on loaded weights).
     model = spec.factory(weights=None, num_classes=num_classes, zero_init_residual=scratch)
-    STEMS[stem](model)
+    STEMS[stem](model, spec)
     if scratch:
         return model
     if str(weights) == "imagenet":
         state = load_imagenet_state_dict(arch)
     else:
         state = load_weights_file(weights)
-    _load_backbone(model, state, source=str(weights))
+    _load_backbone(model, spec, state, source=str(weights))
     return model
 
 
-def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+def _load_backbone(model: nn.Module, spec: ArchSpec, state: dict[str, torch.Tensor], *,
+                   source: str) -> None:
     own = model.state_dict()
-    if "conv1.weight" in state and own["conv1.weight"].shape != state["conv1.weight"].shape:
-        state = {k: v for k, v in state.items() if k != "conv1.weight"}
-    head = {k: v for k, v in state.items() if k.startswith("fc.")}
-    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    stem_weight, head_prefix = f"{spec.first_conv}.weight", f"{spec.classifier}."
+    if stem_weight in state and own[stem_weight].shape != state[stem_weight].shape:
+        state = {k: v for k, v in state.items() if k != stem_weight}  # a small-image stem
+    head = {k: v for k, v in state.items() if k.startswith(head_prefix)}
+    body = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
     head_fits = all(k in own and own[k].shape == v.shape for k, v in head.items()) and head
     try:
         missing, unexpected = model.load_state_dict(
             {**body, **(head if head_fits else {})}, strict=False)
     except RuntimeError as exc:
         raise WeightsUnavailableError(f"weights from {source} do not fit: {exc}") from exc
-    missing = [k for k in missing if not k.startswith("fc.") and k != "conv1.weight"]
+    missing = [k for k in missing if not k.startswith(head_prefix) and k != stem_weight]
     if missing or unexpected:
         raise WeightsUnavailableError(
             f"weights from {source} do not fit this architecture: "
@@ -196,6 +237,13 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], *, source: 
                 "kept" if head_fits else "new")
 
 
-def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+def classifier_parameters(model: nn.Module, arch: str | None = None) -> list[nn.Parameter]:
     """The parameters of the classification head (for head-only warm-up and higher LR)."""
-    return list(model.fc.parameters())
+    spec = arch_spec(arch) if arch is not None else ArchSpec(nn.Module)  # TRANSITIONAL
+    return list(spec.head(model).parameters())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module itself, without a DistributedDataParallel or torch.compile wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

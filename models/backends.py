@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.checkpoint import ModelCard
+from models.card import ModelCard
 from models.device import Runtime
 from models.onnx_backend import BackendError, OnnxRuntimeModel
 from models.outputs import probabilities

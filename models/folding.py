@@ -12,11 +12,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 logger = logging.getLogger(__name__)
 
 
-def fold_batch_norms(model: nn.Module, probe: torch.Tensor) -> nn.Module:
+def fold_batch_norms(model: nn.Module, probe: torch.Tensor, *,
+                     conv_bn_prefixes: tuple[str, str]) -> nn.Module:
     """An inference copy of `model` with each BatchNorm folded into the convolution before it.
 
-    Folds the pairs a ResNet has: `convN` followed by `bnN` in one block, and a Conv2d followed
-    by a BatchNorm2d in an nn.Sequential (the downsample branch). The result computes the same
+    Folds the pairs the architecture entry names (for a ResNet `convN` followed by `bnN` in
+    one block: prefixes ("conv", "bn")), and a Conv2d followed by a BatchNorm2d in an
+    nn.Sequential (the downsample branch). The result computes the same
     function with one op fewer per convolution; it is checked on `probe` (one input batch)
     and `model` itself is returned when the outputs differ or nothing could be folded.
     `model` is never changed.
@@ -26,7 +28,7 @@ def fold_batch_norms(model: nn.Module, probe: torch.Tensor) -> nn.Module:
     for parent in list(folded.modules()):
         children = dict(parent.named_children())
         for name, conv in children.items():
-            bn_name = _batch_norm_after(parent, name, children)
+            bn_name = _batch_norm_after(parent, name, children, conv_bn_prefixes)
             if bn_name is None or not isinstance(conv, nn.Conv2d):
                 continue
             bn = children[bn_name]
@@ -53,12 +55,13 @@ def fold_batch_norms(model: nn.Module, probe: torch.Tensor) -> nn.Module:
     return folded
 
 
-def _batch_norm_after(parent: nn.Module, name: str, children: dict[str, nn.Module]
-                      ) -> str | None:
+def _batch_norm_after(parent: nn.Module, name: str, children: dict[str, nn.Module],
+                      prefixes: tuple[str, str]) -> str | None:
     """The name of the BatchNorm that follows the convolution `name` in `parent`, if any."""
     if isinstance(parent, nn.Sequential) and name.isdigit():
         after = str(int(name) + 1)
         return after if after in children else None
-    if name.startswith("conv") and f"bn{name[4:]}" in children:
-        return f"bn{name[4:]}"
+    conv, bn = prefixes
+    if name.startswith(conv) and f"{bn}{name[len(conv):]}" in children:
+        return f"{bn}{name[len(conv):]}"
     return None

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.architectures import arch_spec
 from models.backends import make_runner
-from models.checkpoint import ModelCard
+from models.card import ModelCard
 from models.device import Runtime, is_out_of_memory, release_cuda_cache
 from models.folding import fold_batch_norms
 from models.outputs import check_probabilities
@@ -46,8 +47,9 @@ class Predictor:
         self.backend = backend
         self.input_shape = (3, card.preprocessing.crop, card.preprocessing.crop)
         probe = torch.randn((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
-        self.run = make_runner(backend, fold_batch_norms(model, probe), card, runtime,
-                               threads=threads)
+        folded = fold_batch_norms(model, probe,
+                                  conv_bn_prefixes=arch_spec(card.arch).conv_bn_prefixes)
+        self.run = make_runner(backend, folded, card, runtime, threads=threads)
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:

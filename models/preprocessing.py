@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from models.checkpoint import Preprocessing
+from models.card import Preprocessing
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch
 
 from models import checkpoint
 from models.architectures import build
-from models.checkpoint import ModelCard, Preprocessing
+from models.card import ModelCard, Preprocessing
 from models.preprocessing import Normalize, eval_transform
 from tests.serving_helpers import CLASSES, CROP, MULTI_THRESHOLDS, color_image
 

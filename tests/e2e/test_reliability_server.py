@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from models.architectures import build
-from models.checkpoint import ModelCard, Preprocessing, save
+from models.card import ModelCard, Preprocessing
+from models.checkpoint import save
 from tests.e2e.test_server import ROOT, free_port
 from tests.serving_helpers import CLASSES, jpeg, metric
 

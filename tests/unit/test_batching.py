@@ -16,7 +16,7 @@ from app.batching import (
     DynamicBatcher,
     QueueFullError,
 )
-from models.checkpoint import ModelCard
+from models.card import ModelCard
 from models.device import Runtime
 from models.predict import Predictor
 from tests.serving_helpers import CLASSES, color_image

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from models import checkpoint
-from models.checkpoint import CheckpointError, ModelCard, Preprocessing
+from models.card import ModelCard, Preprocessing
+from models.checkpoint import CheckpointError
 from tests.cards import copy_checkpoint, nested, with_field
 
 

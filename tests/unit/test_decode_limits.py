@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.checkpoint import Preprocessing
+from models.card import Preprocessing
 from models.preprocessing import (
     ACCEPTED_FORMATS,
     ImageDecodeError,

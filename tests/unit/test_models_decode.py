@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from models.checkpoint import Preprocessing
+from models.card import Preprocessing
 from models.preprocessing import (
     ImageDecodeError,
     ImageTooLargeError,

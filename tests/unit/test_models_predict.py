@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.architectures import build
-from models.checkpoint import ModelCard, Preprocessing
+from models.card import ModelCard, Preprocessing
 from models.device import Runtime
 from models.folding import fold_batch_norms
 from models.predict import Predictor
@@ -104,7 +104,7 @@ def test_batch_norms_are_folded_without_changing_outputs() -> None:
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         expected = model(x)
-        folded = fold_batch_norms(model, x[:1])
+        folded = fold_batch_norms(model, x[:1], conv_bn_prefixes=("conv", "bn"))
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # untouched
         assert torch.allclose(folded(x), expected, atol=1e-4, rtol=1e-4)
@@ -124,4 +124,5 @@ def test_a_batch_norm_not_right_after_its_conv_is_not_folded() -> None:
     with torch.no_grad():
         model.bn1.running_mean.fill_(0.7)
         model.bn1.running_var.fill_(3.0)
-    assert fold_batch_norms(model, torch.randn(1, 3, 8, 8)) is model
+    unchanged = fold_batch_norms(model, torch.randn(1, 3, 8, 8), conv_bn_prefixes=("conv", "bn"))
+    assert unchanged is model

@@ -12,7 +12,8 @@ from torchvision.transforms import v2 as T
 
 from models import checkpoint
 from models.architectures import STEMS, build
-from models.checkpoint import CheckpointError, ModelCard, Preprocessing
+from models.card import ModelCard, Preprocessing
+from models.checkpoint import CheckpointError
 from models.preprocessing import train_transform
 
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from app.config import Settings
 from models import onnx_backend
 from models.architectures import build
-from models.checkpoint import ModelCard, Preprocessing
+from models.card import ModelCard, Preprocessing
 from models.device import Runtime
 from models.onnx_backend import BackendError, OnnxRuntimeModel
 from models.predict import Predictor

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.architectures import build
-from models.checkpoint import ModelCard, Preprocessing
+from models.card import ModelCard, Preprocessing
 from models.device import Runtime
 from models.outputs import ModelOutputError, check_probabilities
 from models.predict import Predictor

@@ -1,0 +1,242 @@
+"""What a checkpoint's card may hold: the ModelCard and its Preprocessing, validated strictly.
+
+A card is plain JSON values; whatever a file holds, building a card from it either succeeds
+with well-typed, in-range values or raises ValueError saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from models.architectures import ARCHITECTURES, DEFAULT_EVAL_RESIZE_RATIO, STEMS, arch_spec
+
+FORMAT_VERSION = 1
+TASKS = ("single_label", "multi_label")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+MAX_SIDE = 4096  # largest resize or crop, in pixels
+MAX_CARD_DEPTH = 32  # nesting of objects and arrays in a card (real cards use about 5)
+
+logger = logging.getLogger(__name__)
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A short, escaped rendering of a value from a card, for an error message."""
+    try:
+        text = ascii(value)
+    except ValueError:  # an integer with more digits than Python will print
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _numbers_problem(what: str, value: object, *, count: int, low: float, high: float,
+                     low_inclusive: bool = True) -> str | None:
+    """Why `value` is not a list of `count` finite numbers in the range (None when it is)."""
+    want = f"{count} finite numbers in {'[' if low_inclusive else '('}{low}, {high}]"
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        return f"{what} must be {want}, got {_shown(value)}"
+    for item in value:
+        if not _is_finite_number(item) or not low <= item <= high or \
+                (not low_inclusive and item == low):
+            return f"{what} must be {want}, got {_shown(item)} in {_shown(value)}"
+    return None
+
+
+def _classes_problem(classes: object) -> str | None:
+    """Why `classes` is not a non-empty list of unique non-empty strings (None when it is)."""
+    if not isinstance(classes, (list, tuple)) or not classes:
+        return f"classes must be a non-empty list of class names, got {_shown(classes)}"
+    bad = [c for c in classes if not isinstance(c, str) or not c]
+    if bad:
+        return f"classes must be non-empty strings, got {_shown(bad[0])} in {_shown(classes)}"
+    if len(set(classes)) != len(classes):
+        return "classes must be unique"
+    return None
+
+
+def _nesting_depth_exceeds(value: object, limit: int) -> bool:
+    """True when objects and arrays in `value` nest deeper than `limit` (checked without
+    recursion, so any depth is safe to check)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item \
+            if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The exact eval preprocessing: resize shorter side, center crop, normalize."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty when valid); pixels scale to [0, 1]."""
+        out = [f"preprocessing.{side} must be an integer in [1, {MAX_SIDE}], got {_shown(v)}"
+               for side, v in (("resize", self.resize), ("crop", self.crop))
+               if not _is_int(v) or not 1 <= v <= MAX_SIDE]
+        if not out and self.resize < self.crop:
+            out.append(f"preprocessing needs crop <= resize, got crop={self.crop} "
+                       f"resize={self.resize}")
+        for problem in (
+                _numbers_problem("preprocessing.mean", self.mean, count=3, low=0.0, high=1.0),
+                _numbers_problem("preprocessing.std", self.std, count=3, low=0.0, high=1.0,
+                                 low_inclusive=False)):
+            if problem:
+                out.append(problem)
+        if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
+            out.append(f"preprocessing.interpolation must be one of {INTERPOLATIONS}, "
+                       f"got {_shown(self.interpolation)}")
+        return out
+
+    @classmethod
+    def for_crop(cls, crop: int, *, ratio: float = DEFAULT_EVAL_RESIZE_RATIO, **kw: Any
+                 ) -> Preprocessing:
+        """Preprocessing for a crop size, keeping the resize/crop ratio of the weights."""
+        return cls(resize=max(crop, round(crop * ratio)), crop=crop, **kw)
+
+
+@dataclass
+class ModelCard:
+    """Everything about a checkpoint except its weights."""
+
+    name: str
+    arch: str
+    task: str
+    classes: list[str]
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    thresholds: list[float] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    allow_half: bool = True
+    stem: str = "imagenet"
+    created_at: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    format_version: int = FORMAT_VERSION
+    weights_sha256: str | None = None  # of model.safetensors, written by save()
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def problems(self) -> list[str]:
+        """What is wrong with this card (empty when valid)."""
+        out = self._field_type_problems()
+        if not _is_int(self.format_version) or self.format_version != FORMAT_VERSION:
+            out.append(f"format_version {_shown(self.format_version)} is not supported "
+                       f"(this code reads {FORMAT_VERSION})")
+        for what, value, known in (("arch", self.arch, tuple(ARCHITECTURES)),
+                                   ("stem", self.stem, tuple(STEMS)), ("task", self.task, TASKS)):
+            if not isinstance(value, str) or value not in known:
+                out.append(f"unknown {what} {_shown(value)} (known: {', '.join(known)})")
+        if self.weights_sha256 is not None and not _is_sha256(self.weights_sha256):
+            out.append(f"weights_sha256 must be 64 hex digits, got {_shown(self.weights_sha256)}")
+        classes_problem = _classes_problem(self.classes)
+        if classes_problem:
+            out.append(classes_problem)
+        elif self.thresholds is not None:
+            problem = _numbers_problem("thresholds", self.thresholds, count=len(self.classes),
+                                       low=0.0, high=1.0)
+            if problem:
+                out.append(f"{problem} (one per class)")
+        return out
+
+    def _field_type_problems(self) -> list[str]:
+        """Fields whose JSON type is wrong: strings, objects, the flag, the preprocessing."""
+        out = [f"{what} must be a non-empty string, got {_shown(value)}"
+               for what, value in (("name", self.name), ("created_at", self.created_at))
+               if not isinstance(value, str) or not value]
+        out += [f"{what} must be an object, got {_shown(value)}"
+                for what, value in (("metrics", self.metrics), ("training", self.training))
+                if not isinstance(value, dict)]
+        if not isinstance(self.allow_half, bool):
+            out.append(f"allow_half must be true or false, got {_shown(self.allow_half)}")
+        if not isinstance(self.preprocessing, Preprocessing):
+            out.append("preprocessing must be a Preprocessing")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        d = asdict(self)
+        d["preprocessing"] = {**asdict(self.preprocessing),
+                              "mean": list(self.preprocessing.mean),
+                              "std": list(self.preprocessing.std)}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """Validate and build a card from parsed JSON."""
+        if not isinstance(data, dict):
+            raise ValueError(f"card must be a JSON object, got {_shown(data)}")
+        if _nesting_depth_exceeds(data, MAX_CARD_DEPTH):
+            raise ValueError(f"card nests objects and arrays deeper than {MAX_CARD_DEPTH} levels")
+        required = ("name", "arch", "task", "classes", "preprocessing")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"missing fields {missing}")
+        known = set(cls.__dataclass_fields__)
+        extra = sorted(k for k in data if k not in known)
+        if extra:
+            logger.debug("ignoring unknown card fields %s", _shown(extra))
+        pre = data["preprocessing"]
+        if not isinstance(pre, dict):
+            raise ValueError(f"preprocessing must be an object, got {_shown(pre)}")
+        missing = [k for k in ("resize", "crop", "mean", "std") if k not in pre]
+        if missing:
+            raise ValueError(f"preprocessing is missing {missing}")
+        preprocessing = Preprocessing(
+            resize=pre["resize"], crop=pre["crop"], mean=pre["mean"], std=pre["std"],
+            interpolation=pre.get("interpolation", "bilinear"))
+        fields = {k: v for k, v in data.items() if k in known and k != "preprocessing"}
+        return cls(preprocessing=preprocessing, **fields)
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and \
+        all(c in "0123456789abcdef" for c in value)
+
+
+def weights_preprocessing(arch: str) -> Preprocessing:
+    """The eval preprocessing torchvision publishes with `arch`'s ImageNet weights."""
+    transforms = arch_spec(arch).imagenet_weights().transforms()
+    return Preprocessing(resize=int(transforms.resize_size[0]), crop=int(transforms.crop_size[0]),
+                         mean=tuple(transforms.mean), std=tuple(transforms.std),
+                         interpolation=transforms.interpolation.value)
