@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_weights
+from safetensors.torch import load_file
 from safetensors.torch import save as serialize_weights
 from torch import nn
 
@@ -100,25 +100,31 @@ def verify_weights(directory: str | Path) -> None:
     """Check `model.safetensors` against the sha256 its card names (a card naming none, as
     older ones do, passes); a CheckpointError says the two files come from different saves."""
     directory = Path(directory)
-    _check_weights_digest(read_card(directory), _read_weights(directory / WEIGHTS_FILE),
-                          directory / WEIGHTS_FILE)
+    _check_weights_digest(read_card(directory), directory / WEIGHTS_FILE)
 
 
-def _check_weights_digest(card: ModelCard, data: bytes, path: Path) -> None:
+def _check_weights_digest(card: ModelCard, path: Path) -> None:
     if card.weights_sha256 is None:
         return
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != card.weights_sha256:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:  # streamed: a model's weights are not held twice
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if digest.hexdigest() != card.weights_sha256:
         raise CheckpointError(path, (
-            f"does not match {CARD_FILE} (sha256 {digest[:12]}..., the card names "
+            f"does not match {CARD_FILE} (sha256 {digest.hexdigest()[:12]}..., the card names "
             f"{card.weights_sha256[:12]}...): the two files come from different saves"))
 
 
-def _read_weights(path: Path) -> bytes:
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
     try:
-        return path.read_bytes()
+        st = path.stat()
     except OSError as exc:
         raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_card(directory: str | Path) -> ModelCard:
@@ -181,12 +187,14 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu"
         hint = (f"; found {pickles}, but pickle files are never loaded (they can run code): "
                 "export to safetensors") if pickles else ""
         raise CheckpointError(weights_path, f"file is missing{hint}")
-    data = _read_weights(weights_path)  # hashed and parsed from the same bytes
-    _check_weights_digest(card, data, weights_path)
+    before = _file_identity(weights_path)
+    _check_weights_digest(card, weights_path)
     try:
-        state = {k: v.to(map_location) for k, v in load_weights(data).items()}
+        state = load_file(str(weights_path), device=str(map_location))  # mapped, not copied
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(weights_path, f"cannot be read ({exc})") from exc
+    if _file_identity(weights_path) != before:  # hashed one file and parsed another
+        raise CheckpointError(weights_path, "was replaced while it was being loaded; retry")
     model = build(card.arch, num_classes=card.num_classes, weights=None, stem=card.stem)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -150,3 +150,19 @@ def test_find_checkpoints_lists_odd_folder_names_for_the_caller_to_judge(tmp_pat
         shutil.copytree(checkpoint_root / "colors", tmp_path / name)
     (tmp_path / "empty").mkdir()
     assert [p.name for p in checkpoint.find_checkpoints(tmp_path)] == ["colors", "evil\nname"]
+
+
+def test_weights_from_another_save_are_refused_on_load(checkpoint_root: Path,
+                                                       tmp_path: Path) -> None:
+    first = copy_checkpoint(checkpoint_root / "colors", tmp_path / "first")
+    model, card = checkpoint.load(first)
+    assert card.weights_sha256 is not None
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    second = checkpoint.save(tmp_path / "second", model, card)
+    shutil.copy(second / checkpoint.WEIGHTS_FILE, first / checkpoint.WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="different saves"):
+        checkpoint.load(first)
+    with pytest.raises(CheckpointError, match="different saves"):
+        checkpoint.verify_weights(first)
+    assert checkpoint.load(second)[1].weights_sha256 != card.weights_sha256
