@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
+# The report files training writes beside the weights and the card.
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "curves.png"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"  # single-label checkpoints
+PR_CURVES_FILE = "pr_curves.png"  # multi-label checkpoints
+REPORT_FILES = (METRICS_FILE, HISTORY_FILE, CURVES_FILE, CONFUSION_MATRIX_FILE, PR_CURVES_FILE)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 WEIGHTS_DIGEST_FIELD = "weights_sha256"  # in card.json: the sha256 of model.safetensors
 MAX_CARD_BYTES = 4 * 1024 * 1024  # a card past this is refused unread

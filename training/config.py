@@ -1,115 +1,104 @@
-"""TrainConfig: the one typed home of a training run's options (CLI -> TrainConfig -> objects)."""
+"""The options of every `python -m training` command, one dataclass each; each field is one
+flag (training.options), so an option is declared here and nowhere else."""
 
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.architectures import STEMS
+from models.architectures import ARCHITECTURES, STEMS
+from models.device import DEVICE_CHOICES
 from models.preprocessing import DEFAULT_MAX_PIXELS
-from training.errors import ConfigError
+from training.exceptions import ConfigError
+from training.files import RESUME_FILE
+from training.options import Range, option, range_problems
 
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 4096
 STEM_CHOICES = ("auto", *STEMS)
-TASK_CHOICES = (None, "single", "multi", "single_label", "multi_label")
+TASK_FLAGS = ("single", "multi")  # what --task accepts
+TASK_CHOICES = (None, *TASK_FLAGS, "single_label", "multi_label")  # what a TrainConfig takes
+AUTO_RESUME = "auto"  # --resume without a file: the state in --output
+ARCH_CHOICES = tuple(ARCHITECTURES)
+DEVICE_HELP = "where to run; auto picks CUDA when present"
+AMP_HELP = "bf16/fp16 autocast on CUDA (no effect on the CPU)"
+MAX_PIXELS_HELP = ("decoding budget per image; larger JPEGs are decoded reduced, other larger "
+                   "images skipped")
 
 
-def flag(name: str) -> str:
-    """The command-line flag of a TrainConfig field (`batch_size` -> `--batch-size`)."""
-    return "--" + name.replace("_", "-")
-
-
-def _number_problem(name: str, value: Any, low: float, high: float, *, integer: bool = False,
-                    low_open: bool = False, high_open: bool = False) -> str | None:
-    """Why `value` is not a finite number in the range (None when it is)."""
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) \
-            or value < low or value > high or (low_open and value == low) \
-            or (high_open and value == high):
-        what = "an integer" if integer else "a finite number"
-        low_s, high_s = (f"{int(low)}", f"{int(high)}") if integer else (f"{low:g}", f"{high:g}")
-        span = f"{'(' if low_open else '['}{low_s}, {high_s}{')' if high_open else ']'}"
-        return f"{flag(name)} must be {what} in {span}, got {value!r}"
-    return None
-
-
-# name -> (low, high, integer, low_open, high_open); optional fields may also be None.
-_RANGES: dict[str, tuple[float, float, bool, bool, bool]] = {
-    "val_fraction": (0.0, 1.0, False, True, True),
-    "image_size": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, True, False, False),
-    "epochs": (1, 100_000, True, False, False),
-    "freeze_epochs": (0, 100_000, True, False, False),
-    "batch_size": (1, 1_000_000, True, False, False),
-    "lr": (0.0, 10.0, False, True, False),
-    "backbone_lr_scale": (0.0, 100.0, False, False, False),
-    "weight_decay": (0.0, 10.0, False, False, False),
-    "warmup_epochs": (0.0, 100_000.0, False, False, False),
-    "label_smoothing": (0.0, 1.0, False, False, True),
-    "min_scale": (0.0, 1.0, False, True, False),
-    "trivial_augment": (0.0, 1.0, False, False, False),
-    "eval_resize_ratio": (1.0, 4.0, False, False, False),
-    "workers": (0, 1024, True, False, False),
-    "patience": (1, 100_000, True, False, False),
-    "max_pixels": (1, 2**40, True, False, False),
-}
-_OPTIONAL = frozenset({"batch_size", "lr", "backbone_lr_scale", "warmup_epochs", "min_scale",
-                       "trivial_augment", "eval_resize_ratio", "patience"})
+def default_workers() -> int:
+    """DataLoader workers for `fit`: one core left to the training process, at most 4."""
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
 @dataclass
 class TrainConfig:
     """Every option of `fit`; None means "let the recipe choose" (see training.recipe)."""
 
-    data: Path
-    output: Path
-    val: Path | None = None
-    task: str | None = None  # "single" | "multi" | None (inferred from the layout)
-    val_fraction: float = 0.2
-    arch: str = "resnet50"
-    weights: str = "imagenet"  # "imagenet" | "none" | path to .pth/.safetensors
-    stem: str = "auto"  # "auto" | key of models.architectures.STEMS
-    image_size: int = 224
-    epochs: int = 10
-    freeze_epochs: int = 0
-    batch_size: int | None = None
-    lr: float | None = None
-    backbone_lr_scale: float | None = None
-    weight_decay: float = 0.05
-    warmup_epochs: float | None = None
-    label_smoothing: float = 0.1
-    min_scale: float | None = None
-    trivial_augment: float | None = None  # probability of TrivialAugmentWide per image
-    eval_resize_ratio: float | None = None
-    device: str = "auto"
-    workers: int = 2
-    seed: int = 0
-    amp: bool = True
-    patience: int | None = None
-    resume: Path | None = None
-    overwrite: bool = False  # replace a checkpoint already in `output`
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decoding budget per image (larger JPEGs are reduced)
-    progress: bool = True
+    data: Path = option(positional=True, help="class-folder tree, or a CSV with image,labels")
+    output: Path = option(help="checkpoint folder to write")
+    val: Path | None = option(None, help="validation data (same layout); else a split of DATA")
+    val_fraction: float = option(0.2, within=Range(0.0, 1.0, low_open=True, high_open=True),
+                                 help="share of DATA split off for validation without --val")
+    task: str | None = option(None, choices=TASK_FLAGS, help="override the inferred task")
+    arch: str = option("resnet50", choices=ARCH_CHOICES, help="network architecture")
+    weights: str = option("imagenet",
+                          help="imagenet | none | path to a .pth/.safetensors state dict")
+    stem: str = option("auto", choices=STEM_CHOICES,
+                       help="auto: small-image stem when training from scratch at <= 96 px")
+    image_size: int = option(224, within=Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+                             help="training crop size")
+    epochs: int = option(10, within=Range(1, 100_000), help="epochs to train")
+    freeze_epochs: int = option(0, within=Range(0, 100_000), help="head-only warm-up epochs")
+    batch_size: int | None = option(
+        None, within=Range(1, 1_000_000),
+        help="images per step and process (default 64 fine-tuning, 32 scratch)")
+    lr: float | None = option(None, within=Range(0.0, 10.0, low_open=True),
+                              help="head LR (default 1e-3 fine-tuning, 2e-3 scratch)")
+    backbone_lr_scale: float | None = option(
+        None, within=Range(0.0, 100.0),
+        help="backbone LR = lr x this (default 0.1 fine-tuning, 1.0 scratch)")
+    weight_decay: float = option(0.05, within=Range(0.0, 10.0),
+                                 help="AdamW weight decay (none on norm weights and biases)")
+    warmup_epochs: float | None = option(None, within=Range(0.0, 100_000.0),
+                                         help="linear LR warm-up (default min(1, 0.1 x epochs))")
+    label_smoothing: float = option(0.1, within=Range(0.0, 1.0, high_open=True),
+                                    help="label smoothing of the single-label loss")
+    min_scale: float | None = option(None, within=Range(0.0, 1.0, low_open=True),
+                                     help="RandomResizedCrop min area (default: auto)")
+    trivial_augment: float | None = option(
+        None, within=Range(0.0, 1.0),
+        help="share of images given TrivialAugmentWide (default: auto)")
+    eval_resize_ratio: float | None = option(None, within=Range(1.0, 4.0),
+                                             help="eval resize / crop (default: auto)")
+    device: str = option("auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
+    workers: int = option(default_factory=default_workers, within=Range(0, 1024),
+                          help="DataLoader worker processes (default: min(4, CPUs - 1))")
+    seed: int = option(0, help="seed of the split, the initial weights and the augmentations")
+    amp: bool = option(True, help=AMP_HELP)
+    patience: int | None = option(None, within=Range(1, 100_000),
+                                  help="stop after this many epochs without gain")
+    resume: Path | None = option(None, nargs="?", const=AUTO_RESUME, metavar="LAST_PT",
+                                 help=f"continue from OUTPUT/{RESUME_FILE} (or the given file)")
+    overwrite: bool = option(False,
+                             help="replace the checkpoint already in --output (refused otherwise)")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, within=Range(1, 2**40), help=MAX_PIXELS_HELP)
+    progress: bool = option(True, help="a progress bar per epoch on stderr")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.resume is not None:
+            self.resume = (self.output / RESUME_FILE if str(self.resume) == AUTO_RESUME
+                           else Path(self.resume))
         problems = self.problems()
         if problems:
             raise ConfigError("; ".join(problems))
 
     def problems(self) -> list[str]:
         """What is wrong with these options (empty when they are usable)."""
-        out = []
-        for name, (low, high, integer, low_open, high_open) in _RANGES.items():
-            value = getattr(self, name)
-            if value is None and name in _OPTIONAL:
-                continue
-            problem = _number_problem(name, value, low, high, integer=integer,
-                                      low_open=low_open, high_open=high_open)
-            if problem:
-                out.append(problem)
+        out = range_problems(self)
         if not out and self.freeze_epochs > self.epochs:
             out.append(f"--freeze-epochs ({self.freeze_epochs}) must not exceed --epochs "
                        f"({self.epochs})")
@@ -132,3 +121,47 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (paths as strings)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class EvaluateConfig:
+    """Every option of `evaluate`."""
+
+    checkpoint: Path = option(positional=True, help="checkpoint folder to evaluate")
+    data: Path = option(positional=True,
+                        help="labelled data: class-folder tree, or a CSV with image,labels")
+    device: str = option("auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
+    batch_size: int = option(64, help="images per batch")
+    workers: int = option(0, help="DataLoader worker processes")
+    amp: bool = option(True, help=AMP_HELP)
+    confusion_matrix: bool = option(False, help="include the confusion matrix in the JSON")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, help=MAX_PIXELS_HELP)
+
+    def __post_init__(self) -> None:
+        for name, value, low in (("--batch-size", self.batch_size, 1),
+                                 ("--workers", self.workers, 0),
+                                 ("--max-pixels", self.max_pixels, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class SynthConfig:
+    """Every option of `synth` (checked against the shapes there are by training.synthetic)."""
+
+    out: Path = option(positional=True, help="folder to write the dataset into")
+    task: str = option("single", choices=TASK_FLAGS,
+                       help="class folders (single) or images/ + labels.csv (multi)")
+    size: int = option(32, help="image side in pixels")
+    per_class: int = option(200, help="images per class")
+    classes: int | None = option(None, help="number of shape classes (max 6; default: all)")
+    seed: int = option(0, help="seed of the generator")
+
+
+@dataclass
+class ImportConfig:
+    """Every option of `import-torchvision`."""
+
+    output: Path = option(help="checkpoint folder to write")
+    arch: str = option("resnet50", choices=ARCH_CHOICES,
+                       help="which of torchvision's ImageNet classifiers")

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from models.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
-from training.errors import (
+from training.exceptions import (
     ClassMismatchError,
     CsvFormatError,
     DataError,

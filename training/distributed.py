@@ -22,10 +22,12 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """True when several processes train together."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """True on the rank that logs progress and writes files."""
         return self.rank == 0
 
 

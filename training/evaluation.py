@@ -13,8 +13,9 @@ from models import checkpoint
 from models.device import Runtime
 from models.predict import Predictor
 from models.preprocessing import DEFAULT_MAX_PIXELS, eval_transform
+from training.config import EvaluateConfig
 from training.data import ImageDataset, discover, make_loader
-from training.errors import ConfigError, DataError
+from training.exceptions import DataError
 from training.metrics import multi_label_metrics, single_label_metrics
 
 logger = logging.getLogger(__name__)
@@ -54,38 +55,31 @@ def score_dataset(predictor: Predictor, dataset: ImageDataset, *, batch_size: in
     return np.concatenate(scores), np.concatenate(targets), failed
 
 
-def _check_options(batch_size: int, workers: int, max_pixels: int) -> None:
-    for name, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0),
-                             ("--max-pixels", max_pixels, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def evaluate_checkpoint(directory: Path, data: Path, *, device: str = "auto",
-                        batch_size: int = 64, workers: int = 0, amp: bool = True,
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """Metrics of the checkpoint at `directory` on the labelled data at `data`.
+def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Metrics of the checkpoint at cfg.checkpoint on the labelled data at cfg.data (the
+    confusion matrix only with cfg.confusion_matrix).
 
     Images that cannot be used (unreadable, too large, failing to decode) are excluded from
     the metrics and listed under `excluded_images`.
     """
-    _check_options(batch_size, workers, max_pixels)
-    runtime = Runtime.create(device, "auto" if amp else "fp32")
-    checkpoint.verify_weights(directory)
-    model, card = checkpoint.load(directory)
+    runtime = Runtime.create(cfg.device, "auto" if cfg.amp else "fp32")
+    checkpoint.verify_weights(cfg.checkpoint)
+    model, card = checkpoint.load(cfg.checkpoint)
     predictor = Predictor(model, card, runtime)
-    dataset, unusable = _eval_data(data, card, max_pixels)
-    logger.info("evaluating %s on %d images from %s", card.name, len(dataset), data)
+    dataset, unusable = _eval_data(cfg.data, card, cfg.max_pixels)
+    logger.info("evaluating %s on %d images from %s", card.name, len(dataset), cfg.data)
     with torch.inference_mode():
-        scores, targets, failed = score_dataset(predictor, dataset, batch_size=batch_size,
-                                                workers=workers)
+        scores, targets, failed = score_dataset(predictor, dataset, batch_size=cfg.batch_size,
+                                                workers=cfg.workers)
     if card.task == "single_label":
         metrics = single_label_metrics(scores, targets.astype(int), card.classes)
+        if not cfg.confusion_matrix:
+            del metrics["confusion_matrix"]
     else:
         thresholds = card.thresholds or [0.5] * card.num_classes
         metrics = multi_label_metrics(scores, targets, card.classes, thresholds)
     excluded = [str(p) for p in unusable] + [str(dataset.samples[i].path) for i in sorted(failed)]
     if excluded:
         logger.warning("%d images are excluded from the metrics (named above)", len(excluded))
-    return {"model": card.name, "task": card.task, "data": str(data), **metrics,
+    return {"model": card.name, "task": card.task, "data": str(cfg.data), **metrics,
             "excluded": len(excluded), "excluded_images": excluded}

@@ -1,21 +1,35 @@
-"""Writing checkpoints: a trained model's card, and ImageNet classifiers from torchvision."""
+"""Exporting a trained model: its card, weights and report files, written as one unit."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
 
 from models import checkpoint
-from models.architectures import build, imagenet_categories, imagenet_weights
-from models.checkpoint import ModelCard, Preprocessing
+from models.checkpoint import (
+    CONFUSION_MATRIX_FILE,
+    CURVES_FILE,
+    METRICS_FILE,
+    PR_CURVES_FILE,
+    ModelCard,
+    Preprocessing,
+)
+from training import report
+from training.metrics import summary
+from training.storage import write_errors
 
 logger = logging.getLogger(__name__)
+
+# Written with each exported checkpoint (curves.png at the end of the run), never carried over.
+PER_EXPORT_REPORTS = (METRICS_FILE, CONFUSION_MATRIX_FILE, PR_CURVES_FILE, CURVES_FILE)
+ReportWriters = Mapping[str, Callable[[Path], None]]
 
 
 def versions() -> dict[str, str]:
@@ -23,19 +37,10 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
-def weights_preprocessing(arch: str) -> Preprocessing:
-    """The eval preprocessing torchvision publishes with `arch`'s ImageNet weights."""
-    transforms = imagenet_weights(arch).transforms()
-    return Preprocessing(resize=int(transforms.resize_size[0]), crop=int(transforms.crop_size[0]),
-                         mean=tuple(transforms.mean), std=tuple(transforms.std),
-                         interpolation=transforms.interpolation.value)
-
-
 def write_checkpoint(directory: Path, model: nn.Module, *, name: str, arch: str, task: str,
                      classes: list[str], preprocessing: Preprocessing, stem: str,
                      thresholds: list[float] | None, metrics: dict[str, Any],
-                     training: dict[str, Any],
-                     reports: Mapping[str, Callable[[Path], None]] | None = None,
+                     training: dict[str, Any], reports: ReportWriters | None = None,
                      replaces: Collection[str] = ()) -> Path:
     """Build the card and save weights + card + `reports` as one unit (models.checkpoint)."""
     card = ModelCard(name=name, arch=arch, task=task, classes=classes,
@@ -44,13 +49,39 @@ def write_checkpoint(directory: Path, model: nn.Module, *, name: str, arch: str,
     return checkpoint.save(directory, model, card, reports=reports, replaces=replaces)
 
 
-def import_torchvision(arch: str, output: Path, *, name: str | None = None) -> Path:
-    """Write torchvision's ImageNet classifier for `arch` as a checkpoint (1000 classes)."""
-    weights = imagenet_weights(arch)
-    model = build(arch, num_classes=1000, weights="imagenet")
-    metrics = {k: v for k, v in weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).items()}
-    return write_checkpoint(
-        output, model, name=name or output.name, arch=arch, task="single_label",
-        classes=imagenet_categories(arch), preprocessing=weights_preprocessing(arch),
-        stem="imagenet", thresholds=None, metrics=metrics,
-        training={"source": f"torchvision {weights}", "recipe": weights.meta.get("recipe")})
+def card_metrics(best_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The card's `metrics`: the best epoch's scalar validation figures."""
+    out = {**summary(best_metrics), "epoch": best_metrics["epoch"], "split": "validation"}
+    if "f1_thresholds" in best_metrics:
+        out["f1_thresholds"] = best_metrics["f1_thresholds"]
+    return out
+
+
+def validation_reports(task: str, best_metrics: dict[str, Any], classes: Sequence[str], *,
+                       scores: np.ndarray, targets: np.ndarray,
+                       thresholds: list[float] | None) -> ReportWriters:
+    """The report files of one export: metrics.json and the task's diagnostic figure."""
+    reports: dict[str, Callable[[Path], None]] = {
+        METRICS_FILE: lambda p: report.write_metrics(p, best_metrics)}
+    if task == "single_label":
+        reports[CONFUSION_MATRIX_FILE] = lambda p: report.plot_confusion(
+            p, best_metrics["confusion_matrix"], classes)
+    else:
+        reports[PR_CURVES_FILE] = lambda p: report.plot_pr_curves(
+            p, scores, targets, classes, thresholds or [])
+    return reports
+
+
+def finish_checkpoint(directory: Path, model: nn.Module, *, training: dict[str, Any],
+                      history: Sequence[dict[str, Any]], monitor: str) -> None:
+    """Load the exported (best) weights back into `model`; rewrite the card with the whole
+    run's `training` record and draw the curves beside it."""
+    best, card = checkpoint.load(directory)
+    model.load_state_dict(best.state_dict())
+    with write_errors(directory):
+        write_checkpoint(directory, model, name=card.name, arch=card.arch, task=card.task,
+                         classes=card.classes, preprocessing=card.preprocessing,
+                         stem=card.stem, thresholds=card.thresholds, metrics=card.metrics,
+                         training=training,
+                         reports={CURVES_FILE: lambda p: report.plot_curves(p, history,
+                                                                            monitor)})

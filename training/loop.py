@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from models.architectures import classifier_parameters
 from models.device import Runtime
+from models.outputs import probabilities
 from training.data import Batch
 from training.distributed import DistInfo, all_reduce_mean, gather_objects
-from training.errors import DataError, NonFiniteError
+from training.exceptions import DataError, NonFiniteError
 from training.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class EpochStats:
 
     @property
     def images_per_second(self) -> float:
+        """Training throughput over all ranks."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -70,18 +72,20 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
 def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
                     freeze_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up then cosine decay to 1%, per step; backbone LR held at 0 while frozen."""
-    def shape(step: int) -> float:
+    def lr_multiplier(step: int) -> float:
+        """The factor on a group's base LR at `step`."""
         if step < warmup_steps:
             return 0.01 + 0.99 * (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    def backbone(step: int) -> float:
-        return 0.0 if step < freeze_steps else shape(step)
+    def backbone_lr_multiplier(step: int) -> float:
+        """The same factor for the backbone, 0 during the head-only warm-up."""
+        return 0.0 if step < freeze_steps else lr_multiplier(step)
 
-    lambdas = [backbone if g.get("part") == "backbone" else shape
-               for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    multipliers = [backbone_lr_multiplier if g.get("part") == "backbone" else lr_multiplier
+                   for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
 
 
 def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.Tensor
@@ -174,8 +178,7 @@ def predict_scores(model: nn.Module, loader: DataLoader, *, runtime: Runtime,
         x = normalize(runtime.to_device(batch.images))
         with runtime.autocast():
             logits = model(x).float().cpu()
-        probs = torch.softmax(logits, 1) if task == "single_label" else torch.sigmoid(logits)
-        scores.append(probs.numpy())
+        scores.append(probabilities(logits, task).numpy())
         targets.append(batch.targets.numpy())
         indices.append(batch.indices.numpy())
         logits_all.append(logits)
@@ -198,10 +201,10 @@ def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module, runt
     parts = gather_objects(info, (scores, targets, indices, logits, failed))
     merged: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor]] = {}
     all_failed: set[int] = set()
-    for s, t, idx, lg, bad in parts:
-        all_failed.update(bad)
-        for row, i in enumerate(idx.tolist()):
-            merged.setdefault(i, (s[row], t[row], lg[row]))
+    for rank_scores, rank_targets, rank_indices, rank_logits, rank_failed in parts:
+        all_failed.update(rank_failed)
+        for row, i in enumerate(rank_indices.tolist()):  # padding repeats an index: keep one
+            merged.setdefault(i, (rank_scores[row], rank_targets[row], rank_logits[row]))
     if not merged:
         raise DataError(f"none of the {len(all_failed)} validation images could be decoded "
                         "(see the warnings above)")

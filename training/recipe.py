@@ -1,8 +1,9 @@
-"""The recipe: defaults resolved from the run's shape (pretrained or not, image size, epochs).
+"""The recipe: defaults resolved from the kind of run (pretrained or not, image size, epochs).
 
 Fine-tuning a pretrained network and training a small network from scratch for a few epochs
 want different settings; the user passes neither and gets the right one. Every value can still
-be pinned on the command line, and the resolved values are written to the card.
+be pinned on the command line, and the resolved values are written to the card. The runs that
+checked the from-scratch defaults on real images are in docs/training-recipe.md.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from typing import Any
 
 from training.config import TrainConfig
 
-# From scratch, crops up to this size halve once before layer1 (ImageNet's stem quarters them).
-# Measured at 32 px, resnet18, 5 epochs (docs/training-recipe.md): on real grey photo patches
-# the stride-1 stem scored 2 points above the stride-2 one at a third of its speed, and the
-# ImageNet stem 1 point below; stride 1 stays available as --stem small.
+# From scratch, crops up to this size halve once before layer1: ImageNet's stem quarters them,
+# which leaves small images too little resolution, and stride 1 (--stem small) is far slower.
 STRIDE2_STEM_MAX = 96
 
 
@@ -51,9 +50,7 @@ def default_min_scale(cfg: TrainConfig) -> float:
     """RandomResizedCrop's smallest area: aggressive for large pretrained crops, mild when small.
 
     A 32 px image cropped to 8% keeps ~9x9 pixels of the object, which teaches nothing in a
-    short run; so the floor rises as the crop shrinks and as the run gets shorter (measured on
-    32 px shapes, 5 epochs from scratch: 0.8 beat 0.5; on real photo patches and digits the
-    two were within noise, see docs/training-recipe.md).
+    short run; so the floor rises as the crop shrinks and as the run gets shorter.
     """
     if cfg.pretrained and cfg.image_size >= 128:
         return 0.08
@@ -68,30 +65,32 @@ def default_min_scale(cfg: TrainConfig) -> float:
 def default_trivial_augment(cfg: TrainConfig) -> float:
     """Share of images given TrivialAugmentWide: all when fine-tuning, few in short scratch runs.
 
-    Measured from scratch on real 32 px photo patches, resnet18, 10 epochs: TrivialAugment on
-    every image cost 6 points of held-out accuracy, so it stays off up to 10 epochs.
+    Strong augmentation slows learning more than a short run from scratch can make up for, so
+    it stays off up to 10 epochs and ramps in up to 40.
     """
     if cfg.pretrained:
         return 1.0
     return round(min(1.0, max(0.0, (cfg.epochs - 10) / 30)), 3)
 
 
+def set_or_default(value: Any, default: Any) -> Any:
+    """The option's value where the user set it, else the recipe's default (None: unset)."""
+    return default if value is None else value
+
+
 def resolve(cfg: TrainConfig, *, weights_ratio: float = 256 / 224) -> Recipe:
     """Fill every unset option of `cfg` with the default for this kind of run."""
-    def pick(value: Any, default: Any) -> Any:
-        return default if value is None else value
-
     stem = default_stem(cfg) if cfg.stem == "auto" else cfg.stem
     return Recipe(
         stem=stem,
-        batch_size=pick(cfg.batch_size, 64 if cfg.pretrained else 32),
-        lr=pick(cfg.lr, 1e-3 if cfg.pretrained else 2e-3),
-        backbone_lr_scale=pick(cfg.backbone_lr_scale, 0.1 if cfg.pretrained else 1.0),
+        batch_size=set_or_default(cfg.batch_size, 64 if cfg.pretrained else 32),
+        lr=set_or_default(cfg.lr, 1e-3 if cfg.pretrained else 2e-3),
+        backbone_lr_scale=set_or_default(cfg.backbone_lr_scale, 0.1 if cfg.pretrained else 1.0),
         weight_decay=cfg.weight_decay,
-        warmup_epochs=pick(cfg.warmup_epochs, min(1.0, 0.1 * cfg.epochs)),
+        warmup_epochs=set_or_default(cfg.warmup_epochs, min(1.0, 0.1 * cfg.epochs)),
         label_smoothing=cfg.label_smoothing,
-        min_scale=pick(cfg.min_scale, default_min_scale(cfg)),
-        trivial_augment=pick(cfg.trivial_augment, default_trivial_augment(cfg)),
-        eval_resize_ratio=pick(cfg.eval_resize_ratio,
-                               weights_ratio if cfg.pretrained else 1.0),
+        min_scale=set_or_default(cfg.min_scale, default_min_scale(cfg)),
+        trivial_augment=set_or_default(cfg.trivial_augment, default_trivial_augment(cfg)),
+        eval_resize_ratio=set_or_default(cfg.eval_resize_ratio,
+                                         weights_ratio if cfg.pretrained else 1.0),
     )

@@ -1,4 +1,4 @@
-"""The resume-state file (`last.pt`): plain tensors and values, loaded with weights_only=True.
+"""The resume state (`last.pt`): plain tensors and values, loaded with weights_only=True.
 
 A state records what it belongs to: the options that shape the run and a digest of its
 train/validation split. Resuming checks both, so a state is never continued under other
@@ -9,19 +9,79 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-from training.config import flag
-from training.errors import ResumeError
+from training.config import TrainConfig
+from training.exceptions import ResumeError
+from training.options import flag_of
+from training.recipe import Recipe
 from training.storage import write_atomically
 
 logger = logging.getLogger(__name__)
 
-RESUME_FILE = "last.pt"
+TIE_TOLERANCE = 1e-9  # monitored figures closer than this are equal (float rounding, no gain)
+
+
+@dataclass
+class Progress:
+    """What survives an epoch boundary (and a resume)."""
+
+    epoch: int = 0  # epochs done
+    best_value: float = -1.0
+    best_loss: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the best one
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, epoch: int, row: dict[str, Any], *, value: float, loss: float,
+               metrics: dict[str, Any]) -> bool:
+        """Add the history row of the epoch just validated (0-based `epoch`); True when it is
+        the best so far (`value` is the monitored figure, `loss` the validation loss)."""
+        self.history.append(row)
+        self.epoch = epoch + 1
+        # Accuracy on a small validation set often ties between epochs: then the epoch with
+        # the lower validation loss is the better model.
+        improved = value > self.best_value + TIE_TOLERANCE or (
+            abs(value - self.best_value) <= TIE_TOLERANCE and loss < self.best_loss)
+        if improved:
+            self.best_value, self.best_loss, self.best_epoch = value, loss, epoch
+            self.bad_epochs = 0
+            self.best_metrics = {**metrics, "loss": loss, "epoch": epoch + 1}
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds the run had spent when its last epoch ended (0 before the first)."""
+        return self.history[-1].get("elapsed", 0) if self.history else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for the resume state."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Progress:
+        """The progress a resume state recorded."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+
+
+def run_identity(cfg: TrainConfig, recipe: Recipe, *, task: str, split: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """What a resume state must match: the options that shape the run, and the split."""
+    options = {"task": task, "arch": cfg.arch, "weights": cfg.weights,
+               "image_size": cfg.image_size, "epochs": cfg.epochs,
+               "freeze_epochs": cfg.freeze_epochs, "seed": cfg.seed,
+               "val": None if cfg.val is None else str(cfg.val),
+               "val_fraction": cfg.val_fraction, "max_pixels": cfg.max_pixels,
+               **recipe.to_dict()}
+    return {"options": options, "split": dict(split)}
 
 
 def capture_rng() -> dict[str, Any]:
@@ -87,14 +147,19 @@ def load_state(path: Path) -> dict[str, Any]:
         raise ResumeError(f"{path}: cannot be read ({exc})") from exc
 
 
-def check_identity(path: Path, state: dict[str, Any], identity: dict[str, Any]) -> None:
-    """Refuse a state saved under other options or for another split, saying what differs."""
+def check_fits_run(path: Path, state: dict[str, Any], *, arch: str, classes: list[str],
+                   identity: dict[str, Any]) -> None:
+    """Refuse a state saved for another model, under other options or for another split,
+    saying what differs."""
+    if state.get("classes") != classes or state.get("arch") != arch:
+        raise ResumeError(f"{path}: saved for {state.get('arch')} with classes "
+                          f"{state.get('classes')!r:.80}, not this run")
     saved = state.get("identity")
     if not isinstance(saved, dict):
         raise ResumeError(f"{path}: records neither the options nor the split it was saved "
                           "with, so it cannot be checked against this run; start a new run")
     before, now = saved.get("options", {}), identity["options"]
-    changed = [f"{flag(k)} {before.get(k)!r} -> {v!r}" for k, v in now.items()
+    changed = [f"{flag_of(TrainConfig, k)} {before.get(k)!r} -> {v!r}" for k, v in now.items()
                if before.get(k) != v]
     if changed:
         raise ResumeError(f"{path}: saved with other options than this run's: "
@@ -106,3 +171,13 @@ def check_identity(path: Path, state: dict[str, Any], identity: dict[str, Any]) 
             f"{path}: saved for another train/validation split ({old.get('train')} / "
             f"{old.get('val')} images) than this run's ({new['train']} / {new['val']}, "
             f"from {new['source']}); resume with the split it was saved with or start a new run")
+
+
+def restore_objects(path: Path, state: dict[str, Any], objects: dict[str, Any]) -> None:
+    """Load each object's state dict from `state[name]` (model, optimizer, scheduler, ...)."""
+    try:
+        for name, target in objects.items():
+            target.load_state_dict(state[name])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResumeError(f"{path}: does not fit this run ({first})") from exc

@@ -15,46 +15,48 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.errors import ConfigError
+from training.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TASK_FLAGS, SynthConfig
+from training.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 
-Box = tuple[float, float, float, float]
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+Colour = tuple[int, ...]
 
 
-def _ellipse(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
-    d.ellipse(b, fill=c)
+def _ellipse(draw: ImageDraw.ImageDraw, box: Box, colour: Colour) -> None:
+    draw.ellipse(box, fill=colour)
 
 
-def _square(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
-    d.rectangle(b, fill=c)
+def _square(draw: ImageDraw.ImageDraw, box: Box, colour: Colour) -> None:
+    draw.rectangle(box, fill=colour)
 
 
-def _triangle(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
-    x0, y0, x1, y1 = b
-    d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=c)
+def _triangle(draw: ImageDraw.ImageDraw, box: Box, colour: Colour) -> None:
+    x0, y0, x1, y1 = box
+    draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
 
 
-def _cross(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
-    x0, y0, x1, y1 = b
+def _cross(draw: ImageDraw.ImageDraw, box: Box, colour: Colour) -> None:
+    x0, y0, x1, y1 = box
     w = (x1 - x0) / 3.5
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    d.rectangle((cx - w / 2, y0, cx + w / 2, y1), fill=c)
-    d.rectangle((x0, cy - w / 2, x1, cy + w / 2), fill=c)
+    draw.rectangle((cx - w / 2, y0, cx + w / 2, y1), fill=colour)
+    draw.rectangle((x0, cy - w / 2, x1, cy + w / 2), fill=colour)
 
 
-def _ring(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
-    d.ellipse(b, outline=c, width=max(2, round((b[2] - b[0]) / 6)))
+def _ring(draw: ImageDraw.ImageDraw, box: Box, colour: Colour) -> None:
+    draw.ellipse(box, outline=colour, width=max(2, round((box[2] - box[0]) / 6)))
 
 
-def _stripes(d: ImageDraw.ImageDraw, b: Box, c: tuple[int, ...]) -> None:
-    x0, y0, x1, y1 = b
+def _stripes(draw: ImageDraw.ImageDraw, box: Box, colour: Colour) -> None:
+    x0, y0, x1, y1 = box
     step = (x1 - x0) / 5
     for i in range(0, 5, 2):
-        d.rectangle((x0 + i * step, y0, x0 + (i + 1) * step, y1), fill=c)
+        draw.rectangle((x0 + i * step, y0, x0 + (i + 1) * step, y1), fill=colour)
 
 
-SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, Box, tuple[int, ...]], None]] = {
+SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, Box, Colour], None]] = {
     "circle": _ellipse, "square": _square, "triangle": _triangle,
     "cross": _cross, "ring": _ring, "stripes": _stripes,
 }
@@ -99,32 +101,32 @@ def render(shapes: list[str], *, size: int, rng: np.random.Generator) -> Image.I
     return base.resize((size, size), Image.LANCZOS)
 
 
-def _check_options(task: str, size: int, per_class: int, classes: int | None) -> int:
+def _class_count(cfg: SynthConfig) -> int:
     """Refuse values that would write something other than asked; the number of classes."""
-    fewest = 2 if task == "single" else 1
-    count = len(SHAPES) if classes is None else classes
+    fewest = 2 if cfg.task == "single" else 1
+    count = len(SHAPES) if cfg.classes is None else cfg.classes
     problems = []
-    if task not in ("single", "multi"):
-        problems.append(f"--task must be single or multi, got {task!r}")
-    if not 16 <= size <= 4096:
-        problems.append(f"--size must be in [16, 4096], got {size}")
-    if per_class < 1:
-        problems.append(f"--per-class must be at least 1, got {per_class}")
+    if cfg.task not in TASK_FLAGS:
+        problems.append(f"--task must be single or multi, got {cfg.task!r}")
+    if not MIN_IMAGE_SIZE <= cfg.size <= MAX_IMAGE_SIZE:
+        problems.append(f"--size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {cfg.size}")
+    if cfg.per_class < 1:
+        problems.append(f"--per-class must be at least 1, got {cfg.per_class}")
     if not fewest <= count <= len(SHAPES):
-        problems.append(f"--classes must be in [{fewest}, {len(SHAPES)}] for --task {task} "
+        problems.append(f"--classes must be in [{fewest}, {len(SHAPES)}] for --task {cfg.task} "
                         f"(there are {len(SHAPES)} shapes), got {count}")
     if problems:
         raise ConfigError("; ".join(problems))
     return count
 
 
-def generate(out: Path, *, task: str = "single", size: int = 32, per_class: int = 100,
-             seed: int = 0, classes: int | None = None) -> Path:
+def generate(cfg: SynthConfig) -> Path:
     """Write a class-folder tree (single) or images/ + labels.csv (multi); return DATA's path."""
-    names = list(SHAPES)[: _check_options(task, size, per_class, classes)]
-    rng = np.random.default_rng(seed)
+    names = list(SHAPES)[: _class_count(cfg)]
+    out, size, per_class = cfg.out, cfg.size, cfg.per_class
+    rng = np.random.default_rng(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    if task == "single":
+    if cfg.task == "single":
         for name in names:
             (out / name).mkdir(exist_ok=True)
             for i in range(per_class):

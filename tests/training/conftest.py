@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import TrainConfig
+from training.config import SynthConfig, TrainConfig
 from training.synthetic import generate
 
 
@@ -34,15 +34,15 @@ def _few_threads() -> None:
 @pytest.fixture(scope="session")
 def single_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three shape classes, 12 images each, 32 px."""
-    return generate(tmp_path_factory.mktemp("single"), task="single", size=32, per_class=12,
-                    classes=3, seed=3)
+    return generate(SynthConfig(out=tmp_path_factory.mktemp("single"), task="single", size=32,
+                                per_class=12, classes=3, seed=3))
 
 
 @pytest.fixture(scope="session")
 def multi_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A multi-label CSV over four shapes, 32 px."""
-    return generate(tmp_path_factory.mktemp("multi"), task="multi", size=32, per_class=12,
-                    classes=4, seed=4)
+    return generate(SynthConfig(out=tmp_path_factory.mktemp("multi"), task="multi", size=32,
+                                per_class=12, classes=4, seed=4))
 
 
 @pytest.fixture(scope="session")

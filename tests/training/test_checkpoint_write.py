@@ -21,8 +21,9 @@ import models.atomic
 from models import checkpoint
 from models.architectures import build
 from models.checkpoint import CheckpointError, ModelCard, Preprocessing
-from training.errors import DiskFullError
+from training.config import EvaluateConfig
 from training.evaluation import evaluate_checkpoint
+from training.exceptions import DiskFullError
 from training.state import load_state, save_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,7 +184,7 @@ def test_evaluate_refuses_weights_and_card_from_different_saves(trained, single_
     checkpoint.save(other, model, card)
     shutil.copy(other / checkpoint.WEIGHTS_FILE, mixed / checkpoint.WEIGHTS_FILE)
     with pytest.raises(CheckpointError, match="come from different saves"):
-        evaluate_checkpoint(mixed, single_data, device="cpu")
+        evaluate_checkpoint(EvaluateConfig(checkpoint=mixed, data=single_data, device="cpu"))
 
 
 def test_full_disk_mid_run_is_one_line_and_keeps_the_best_so_far(single_data, tmp_path,

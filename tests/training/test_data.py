@@ -25,7 +25,7 @@ from training.data import (
     split_payload,
     stratified_split,
 )
-from training.errors import CsvFormatError, DataError, EmptyClassError, MissingImageError
+from training.exceptions import CsvFormatError, DataError, EmptyClassError, MissingImageError
 from training.images import load_training_image
 
 
@@ -236,7 +236,7 @@ def test_one_class_folder_is_refused_with_a_hint(tmp_path):
 def test_class_without_validation_support_is_warned(tmp_path, caplog, tiny_config):
     from models.checkpoint import Preprocessing
     from training.distributed import DistInfo
-    from training.fit import load_data
+    from training.fit_data import load_data
     from training.recipe import resolve
 
     for i in range(5):

@@ -12,7 +12,8 @@ import torch
 
 from models import checkpoint
 from models.preprocessing import Normalize, eval_transform
-from training.evaluation import build_eval_dataset
+from training.config import EvaluateConfig
+from training.evaluation import build_eval_dataset, evaluate_checkpoint
 
 
 def test_export_loads_back_with_identical_outputs(trained):
@@ -75,6 +76,16 @@ def test_evaluate_prints_only_json_matching_a_manual_pass(trained, single_data):
             image, target, _ = ds[i]
             correct += int(model(norm(image[None])).argmax(1).item() == int(target))
     assert metrics["accuracy"] == pytest.approx(correct / len(ds))
+
+
+def test_evaluate_gives_the_confusion_matrix_only_when_asked(trained, single_data):
+    _, out = trained
+    plain = evaluate_checkpoint(EvaluateConfig(checkpoint=out, data=single_data, device="cpu"))
+    asked = evaluate_checkpoint(EvaluateConfig(checkpoint=out, data=single_data, device="cpu",
+                                               confusion_matrix=True))
+    assert "confusion_matrix" not in plain
+    matrix = asked["confusion_matrix"]
+    assert len(matrix) == 3 and sum(map(sum, matrix)) == plain["num_samples"] == 36
 
 
 def test_corrupt_card_and_truncated_weights_are_named(trained, tmp_path):

@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from models import checkpoint
 from models.architectures import build
 from training.cli import main
+from training.config import SynthConfig
 from training.data import discover, split_payload, stratified_split
-from training.errors import DataError, NonFiniteError, OutputError, ResumeError
+from training.exceptions import DataError, NonFiniteError, OutputError, ResumeError
 from training.fit import fit
 from training.state import rank_rng
 from training.synthetic import generate
@@ -76,8 +77,8 @@ def test_resume_refuses_a_state_of_another_split(trained, single_data, tmp_path,
 
 
 def test_undecodable_images_are_left_out_and_counted(tmp_path, tiny_config):
-    data = generate(tmp_path / "train", size=32, per_class=6, classes=3, seed=1)
-    val = generate(tmp_path / "val", size=32, per_class=2, classes=3, seed=2)
+    data = generate(SynthConfig(out=tmp_path / "train", size=32, per_class=6, classes=3, seed=1))
+    val = generate(SynthConfig(out=tmp_path / "val", size=32, per_class=2, classes=3, seed=2))
     _truncated(data / "circle" / "broken.png")
     _truncated(val / "square" / "broken.png")
     out = tmp_path / "out"
@@ -90,7 +91,7 @@ def test_undecodable_images_are_left_out_and_counted(tmp_path, tiny_config):
 
 
 def test_a_class_that_never_decodes_stops_the_run(tmp_path, tiny_config):
-    data = generate(tmp_path / "d", size=32, per_class=6, classes=2, seed=1)
+    data = generate(SynthConfig(out=tmp_path / "d", size=32, per_class=6, classes=2, seed=1))
     for i in range(6):
         _truncated(data / "ring" / f"{i}.png")
     out = tmp_path / "out"

@@ -74,10 +74,11 @@ def test_torchrun_two_cpu_processes(single_data, tmp_path):
 
 @pytest.mark.slow
 def test_from_scratch_on_synthetic_shapes_reaches_high_accuracy(tmp_path):
+    from training.config import SynthConfig
     from training.synthetic import generate
 
-    data = generate(tmp_path / "shapes", task="single", size=32, per_class=300, classes=4,
-                    seed=11)
+    data = generate(SynthConfig(out=tmp_path / "shapes", task="single", size=32, per_class=300,
+                                classes=4, seed=11))
     out = tmp_path / "shapes-ckpt"
     start = time.monotonic()
     code = main(["fit", str(data), "--output", str(out), "--weights", "none", "--arch",
@@ -93,10 +94,11 @@ def test_from_scratch_on_synthetic_shapes_reaches_high_accuracy(tmp_path):
 def test_torchrun_with_an_undecodable_image_on_one_rank(tmp_path):
     from PIL import Image
 
+    from training.config import SynthConfig
     from training.synthetic import generate
 
-    data = generate(tmp_path / "train", size=32, per_class=4, classes=2, seed=5)
-    val = generate(tmp_path / "val", size=32, per_class=2, classes=2, seed=6)
+    data = generate(SynthConfig(out=tmp_path / "train", size=32, per_class=4, classes=2, seed=5))
+    val = generate(SynthConfig(out=tmp_path / "val", size=32, per_class=2, classes=2, seed=6))
     for name in ("circle", "square"):
         broken = data / name / "broken.png"
         Image.effect_noise((32, 32), 60).convert("RGB").save(broken)

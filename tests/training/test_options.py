@@ -1,15 +1,24 @@
-"""Options: a bad value is one line naming the flag, an internal error keeps its traceback."""
+"""Options: each is one config field whose flag the command line is generated from; a bad
+value is one line naming the flag, an internal error keeps its traceback."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import re
+from dataclasses import MISSING
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from models.architectures import build
-from training.cli import main
+from training.cli import COMMANDS, build_parser, main
+from training.config import TrainConfig
+from training.options import flag_of, from_args, option_fields
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -82,3 +91,43 @@ def test_safetensors_weights_saved_from_ddp_lose_their_prefix(tmp_path):
     loaded = build("resnet18", num_classes=3, weights=str(path))
     torch.testing.assert_close(loaded.conv1.weight, net.conv1.weight)
     torch.testing.assert_close(loaded.fc.weight, net.fc.weight)
+
+
+def _subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_each_option_is_one_field_with_its_help_and_its_default(name):
+    config = COMMANDS[name].config
+    required = {f.name: Path("x") for f, _ in option_fields(config)
+                if f.default is MISSING and f.default_factory is MISSING}
+    argv = [name]
+    for f, spec in option_fields(config):
+        if f.name in required:
+            argv += ["x"] if spec.positional else [flag_of(config, f.name), "x"]
+    # The command line and a config made in code agree on every default.
+    assert from_args(config, build_parser().parse_args(argv)) == config(**required)
+    actions = [a for a in _subcommand_parsers()[name]._actions if a.dest != "help"]
+    assert sorted(a.dest for a in actions) == sorted(f.name for f, _ in option_fields(config))
+    assert [a.dest for a in actions if not a.help] == []
+
+
+def test_a_bare_resume_continues_the_state_in_the_output_folder():
+    def resume(*args: str) -> Path | None:
+        parsed = build_parser().parse_args(["fit", "d", "--output", "o", *args])
+        return from_args(TrainConfig, parsed).resume
+
+    assert resume() is None
+    assert resume("--resume") == resume("--resume", "auto") == Path("o") / "last.pt"
+    assert resume("--resume", "runs/old.pt") == Path("runs/old.pt")
+
+
+def test_every_flag_the_readme_shows_for_training_exists():
+    section = README.read_text(encoding="utf-8").split("\n## Training", 1)[1].split("\n## ", 1)[0]
+    prose = "\n".join(line for line in section.splitlines() if not line.startswith("torchrun"))
+    shown = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", prose))
+    known = {flag for parser in (build_parser(), *_subcommand_parsers().values())
+             for action in parser._actions for flag in action.option_strings}
+    assert len(shown) > 20 and shown <= known, sorted(shown - known)

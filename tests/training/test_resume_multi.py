@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from models import checkpoint
+from training.config import EvaluateConfig
 from training.distributed import DistInfo
 from training.evaluation import evaluate_checkpoint
 from training.fit import FitRun, fit
@@ -50,7 +51,7 @@ def test_resume_refuses_a_state_for_other_data(single_data, multi_data, tmp_path
                                                   tiny_config):
     out = tmp_path / "run"
     fit(tiny_config(single_data, out))
-    from training.errors import DataError, ResumeError
+    from training.exceptions import DataError, ResumeError
 
     with pytest.raises(DataError, match="images of the recorded split are gone"):
         fit(tiny_config(multi_data, out, resume=out / "last.pt"))
@@ -69,7 +70,7 @@ def test_multi_label_csv_run(multi_data, tmp_path, tiny_config):
     assert {"mAP", "f1_micro", "f1_macro", "per_class"} <= set(metrics)
     assert "cross-fitted" in metrics["f1_thresholds"] == card.metrics["f1_thresholds"]
     assert (out / "pr_curves.png").is_file() and not (out / "confusion_matrix.png").exists()
-    evaluated = evaluate_checkpoint(out, multi_data, device="cpu")
+    evaluated = evaluate_checkpoint(EvaluateConfig(checkpoint=out, data=multi_data, device="cpu"))
     assert {"mAP", "f1_micro", "f1_macro"} <= set(evaluated)
     assert set(evaluated["per_class"]["circle"]) >= {"precision", "recall", "f1", "ap"}
     assert json.loads(json.dumps(evaluated)) == evaluated

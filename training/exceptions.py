@@ -1,4 +1,4 @@
-"""Specific errors raised by training; the CLI turns each into a one-line message."""
+"""Exceptions for problems the user can fix; the CLI turns each into a one-line message."""
 
 from __future__ import annotations
 

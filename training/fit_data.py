@@ -1,0 +1,169 @@
+"""The data of one `fit`: the split, the datasets and loaders, and the images that failed."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from torch.utils.data import DataLoader, DistributedSampler
+
+from models.checkpoint import Preprocessing
+from models.preprocessing import eval_transform, train_transform
+from training.config import TrainConfig
+from training.data import (
+    ImageDataset,
+    Sample,
+    SampleSet,
+    classes_without,
+    discover,
+    make_loader,
+    read_split,
+    sample_key,
+    split_digest,
+    split_payload,
+    stratified_split,
+)
+from training.distributed import DistInfo, gather_objects
+from training.exceptions import DataError
+from training.files import SPLIT_FILE
+from training.recipe import Recipe
+from training.storage import write_atomically
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_EXAMPLES = 20  # how many skipped images the card names
+
+
+@dataclass
+class TrainingData:
+    """Training and validation datasets with their shared classes, task and split record."""
+
+    train: ImageDataset
+    val: ImageDataset
+    classes: list[str]
+    task: str
+    split: dict[str, Any] = field(default_factory=dict)  # sha256, sizes, where it came from
+    unusable: list[tuple[Path, str]] = field(default_factory=list)  # skipped at discovery
+
+
+class Loaders(NamedTuple):
+    """The training sampler (its epoch is set each epoch) and both loaders."""
+
+    train_sampler: DistributedSampler
+    train: DataLoader
+    val: DataLoader
+
+
+def split_samples(cfg: TrainConfig, found: SampleSet, info: DistInfo
+                  ) -> tuple[list[Sample], list[Sample], Path, str]:
+    """Train and validation samples, the validation root, and where the split came from."""
+    split_path = cfg.output / SPLIT_FILE
+    if cfg.val is not None:
+        val_set = discover(cfg.val, task=found.task, classes=found.classes,
+                           max_pixels=cfg.max_pixels)
+        found.skipped.extend(val_set.skipped)
+        return found.samples, val_set.samples, val_set.root, f"--val {cfg.val}"
+    if cfg.resume is not None and split_path.is_file():
+        train, val = read_split(split_path, found.samples, found.root)
+        return train, val, found.root, str(split_path)
+    train, val = stratified_split(found.samples, fraction=cfg.val_fraction, seed=cfg.seed)
+    if info.is_main:
+        write_atomically(split_path, split_payload(found.root, train, val, seed=cfg.seed,
+                                                   fraction=cfg.val_fraction))
+    return train, val, found.root, f"a new split (seed {cfg.seed})"
+
+
+def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, info: DistInfo
+              ) -> TrainingData:
+    """Discover, split (or read --val), and wrap both sides in datasets with their transforms."""
+    found = discover(cfg.data, task=cfg.task, max_pixels=cfg.max_pixels)
+    train_samples, val_samples, val_root, source = split_samples(cfg, found, info)
+    if len(train_samples) < 2:
+        raise DataError(f"{cfg.data}: need at least 2 training images, found {len(train_samples)}")
+    for name in classes_without(val_samples, found.classes):
+        logger.warning("class %r has no validation image (too few images to split off one); "
+                       "its validation figures are empty: add images or pass --val", name)
+    augment = train_transform(preprocessing, min_scale=recipe.min_scale, hflip=True,
+                              trivial_augment=recipe.trivial_augment > 0,
+                              augment_probability=recipe.trivial_augment)
+    train = ImageDataset(train_samples, found.classes, found.task, augment,
+                         decode_size=preprocessing.resize, max_pixels=cfg.max_pixels)
+    val = ImageDataset(val_samples, found.classes, found.task, eval_transform(preprocessing),
+                       decode_size=preprocessing.resize, max_pixels=cfg.max_pixels)
+    logger.info("data: %d training / %d validation images, %d classes, %s",
+                len(train), len(val), len(found.classes), found.task)
+    split = {"sha256": split_digest(train_samples, found.root, val_samples, val_root),
+             "train": len(train), "val": len(val), "source": source}
+    return TrainingData(train, val, found.classes, found.task, split, found.skipped)
+
+
+def make_loaders(data: TrainingData, cfg: TrainConfig, batch_size: int, info: DistInfo, *,
+                 pin_memory: bool) -> Loaders:
+    """This rank's share of both sides; validation runs at twice the batch size."""
+    # The sampler's seed is shared (one permutation split across ranks); the loader's is
+    # per rank, so each rank's workers draw their own augmentation stream.
+    train_sampler = DistributedSampler(data.train, num_replicas=info.world_size, rank=info.rank,
+                                       shuffle=True, seed=cfg.seed)
+    # A last batch of one image is dropped: BatchNorm in training mode fails on it where the
+    # features shrink to 1x1. Each rank holds the same count, so all ranks drop it together.
+    drop_last = len(train_sampler) % batch_size == 1
+    train = make_loader(data.train, batch_size=batch_size, workers=cfg.workers, shuffle=False,
+                        pin_memory=pin_memory, sampler=train_sampler, seed=cfg.seed + info.rank,
+                        drop_last=drop_last)
+    val_sampler = (DistributedSampler(data.val, num_replicas=info.world_size, rank=info.rank,
+                                      shuffle=False)
+                   if info.enabled else None)
+    val = make_loader(data.val, batch_size=batch_size * 2, workers=cfg.workers, shuffle=False,
+                      pin_memory=pin_memory, sampler=val_sampler)
+    return Loaders(train_sampler, train, val)
+
+
+@dataclass
+class DecodeFailures:
+    """The dataset indices of the images that failed to decode during the run, per side."""
+
+    train: set[int] = field(default_factory=set)
+    val: set[int] = field(default_factory=set)
+
+    def add_train(self, failed: set[int], *, epoch: int, data: TrainingData, info: DistInfo,
+                  data_root: Path) -> None:
+        """Record this epoch's undecodable training images (all ranks); refuse a run in
+        which a class has no decodable training image left."""
+        new = set().union(*gather_objects(info, failed)) - self.train
+        self.train |= new
+        if new:
+            logger.warning("epoch %d: %d training images could not be decoded and were "
+                           "skipped with their labels (%d in all)", epoch + 1, len(new),
+                           len(self.train))
+        if not self.train:
+            return
+        usable = [s for i, s in enumerate(data.train.samples) if i not in self.train]
+        if not usable:
+            raise DataError(f"{data_root}: none of the {len(self.train)} training "
+                            "images could be decoded (see the warnings above)")
+        unseen = classes_without(usable, data.classes)
+        if unseen:
+            total = sum(unseen[0] in s.labels for s in data.train.samples)
+            raise DataError(f"{data_root}: class {unseen[0]!r} has no decodable training "
+                            f"image (all {total} failed, see the warnings above); the model "
+                            "would never see it")
+
+    def add_val(self, failed: list[int]) -> None:
+        """Record the validation images that were excluded from the metrics."""
+        new = set(failed) - self.val
+        self.val |= new
+        if new:
+            logger.warning("%d validation images could not be decoded and are excluded from "
+                           "the metrics (%d in all)", len(new), len(self.val))
+
+    def record(self, data: TrainingData, data_root: Path) -> dict[str, Any]:
+        """The card's account of images left out: unusable at discovery, failed to decode."""
+        train = [data.train.samples[i].path for i in sorted(self.train)]
+        val = [data.val.samples[i].path for i in sorted(self.val)]
+        named = [*(p for p, _ in data.unusable), *train, *val]
+        base = data_root if data_root.is_dir() else data_root.parent
+        return {"unusable": len(data.unusable), "train_undecodable": len(train),
+                "val_undecodable": len(val),
+                "examples": [sample_key(p, base) for p in named[:SKIPPED_EXAMPLES]]}
