@@ -24,7 +24,7 @@ from app.imaging import ImageDecoder
 from app.metrics import Metrics
 from app.registry import ModelRegistry
 from models.backends import backend_device
-from models.device import Runtime
+from models.device import Accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +38,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        runtime = Runtime.create(backend_device(settings.backend, settings.device),
+        accelerator = Accelerator.create(backend_device(settings.backend, settings.device),
                                  settings.precision)
         decoder = ImageDecoder(workers=settings.decode_workers, max_pixels=settings.max_pixels)
-        registry = ModelRegistry(settings, runtime=runtime, decoder=decoder, metrics=metrics)
+        registry = ModelRegistry(settings, accelerator=accelerator, decoder=decoder,
+                                 metrics=metrics)
         app.state.registry = registry
         logger.info("serving from %s on %s (%s)", settings.checkpoint_dir,
-                    runtime.describe(), runtime.precision_name)
+                    accelerator.describe(), accelerator.precision_name)
         loading = asyncio.create_task(_initial_load(registry), name="initial-load")
         rescans: set[asyncio.Task[None]] = set()  # held here so none is collected mid-run
         sighup = _install_sighup(registry, rescans) if settings.reload_on_sighup else False

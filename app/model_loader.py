@@ -11,7 +11,7 @@ from app.imaging import ImageDecoder
 from app.metrics import Metrics
 from app.served_model import ServedModel
 from models import checkpoint
-from models.device import Runtime
+from models.device import Accelerator
 from models.outputs import ModelOutputError
 from models.predict import Predictor
 
@@ -31,10 +31,10 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
 class ModelLoader:
     """Builds served models with the service's settings, device, decoder and compute thread."""
 
-    def __init__(self, settings: Settings, *, runtime: Runtime, decoder: ImageDecoder,
+    def __init__(self, settings: Settings, *, accelerator: Accelerator, decoder: ImageDecoder,
                  metrics: Metrics, compute: ComputeThread) -> None:
         self.settings = settings
-        self.runtime = runtime
+        self.accelerator = accelerator
         self.decoder = decoder
         self.metrics = metrics
         self.compute = compute
@@ -47,7 +47,7 @@ class ModelLoader:
             # ONNX Runtime starts its worker pool on this thread and keeps it for the batches:
             # the pool inherits this name, so its CPU time shows as compute, not as loading
             name_native_thread(self.compute.name)
-        predictor = Predictor(model, card, self.runtime, backend=self.settings.backend,
+        predictor = Predictor(model, card, self.accelerator, backend=self.settings.backend,
                               threads=self.settings.torch_threads)
         # proves the outputs are well-formed probabilities before the model is marked loaded;
         # without warm-up one image still runs, for that proof
@@ -58,8 +58,8 @@ class ModelLoader:
             raise checkpoint.CheckpointError(path / checkpoint.WEIGHTS_FILE,
                                              f"failed warm-up: {exc}") from exc
         logger.info("model %s loaded from %s (%s, %s, %d classes) on %s, %s, %s", name, path,
-                    card.arch, card.task, card.num_classes, self.runtime.describe(),
-                    self.runtime.precision_name, predictor.backend)
+                    card.arch, card.task, card.num_classes, self.accelerator.describe(),
+                    self.accelerator.precision_name, predictor.backend)
         return ServedModel(name=name, card=card, predictor=predictor, decoder=self.decoder,
                            settings=self.settings, on_event=self.metrics.batcher_hook(name),
                            compute=self.compute)

@@ -21,7 +21,7 @@ from app.model_loader import ModelLoader
 from app.served_model import ServedModel
 from models import checkpoint
 from models.card import ModelCard
-from models.device import Runtime
+from models.device import Accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ class ReloadReport:
 class ModelRegistry:
     """Every checkpoint found under the checkpoint folder, by folder name."""
 
-    def __init__(self, settings: Settings, *, runtime: Runtime, decoder: ImageDecoder,
+    def __init__(self, settings: Settings, *, accelerator: Accelerator, decoder: ImageDecoder,
                  metrics: Metrics) -> None:
         self.settings = settings
-        self.runtime = runtime
+        self.accelerator = accelerator
         self.decoder = decoder
         self.metrics = metrics
         self.closing = False
@@ -83,8 +83,8 @@ class ModelRegistry:
         self._retiring: set[ServedModel] = set()  # swapped out, not yet stopped
         self._lock = asyncio.Lock()
         self.compute = ComputeThread()  # every model's batches run here (see app.compute)
-        self._loader = ModelLoader(settings, runtime=runtime, decoder=decoder, metrics=metrics,
-                                   compute=self.compute)
+        self._loader = ModelLoader(settings, accelerator=accelerator, decoder=decoder,
+                                   metrics=metrics, compute=self.compute)
 
     @property
     def ready(self) -> bool:

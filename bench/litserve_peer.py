@@ -5,7 +5,7 @@ import torch
 from fastapi import Request
 
 from models.checkpoint import load
-from models.device import Runtime
+from models.device import Accelerator
 from models.predict import Predictor
 from models.preprocessing import decode, eval_transform
 
@@ -19,7 +19,8 @@ class ResNetAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         model, card = load(self.checkpoint)
-        self.predictor = Predictor(model, card, Runtime.create(self.device_name, self.precision))
+        accelerator = Accelerator.create(self.device_name, self.precision)
+        self.predictor = Predictor(model, card, accelerator)
         self.pre = card.preprocessing
         self.transform = eval_transform(self.pre)
 

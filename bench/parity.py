@@ -16,7 +16,7 @@ import torch
 from bench.common import benchmark_checkpoint, emit, environment, web_jpegs
 from bench.raw import model_images_per_s
 from models.checkpoint import load
-from models.device import Runtime
+from models.device import Accelerator
 from models.predict import Predictor
 from models.preprocessing import decode, eval_transform
 
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
     path = args.checkpoint or benchmark_checkpoint(args.arch)
-    fp32 = Predictor(*load(path), Runtime.create(args.device, "fp32"))
-    low = Predictor(*load(path), Runtime.create(args.device, args.precision))
+    fp32 = Predictor(*load(path), Accelerator.create(args.device, "fp32"))
+    low = Predictor(*load(path), Accelerator.create(args.device, args.precision))
     transform = eval_transform(fp32.card.preprocessing)
     batch = torch.stack([transform(decode(b)) for b in web_jpegs(28)])
     a, b = fp32.probabilities(batch), low.probabilities(batch)

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from models.checkpoint import load
-from models.device import Runtime
+from models.device import Accelerator
 from models.predict import Predictor
 from models.preprocessing import decode, eval_transform
 
@@ -28,7 +28,7 @@ class _Model:
 
     def __init__(self, checkpoint: str, device: str, precision: str) -> None:
         model, card = load(checkpoint)
-        self.predictor = Predictor(model, card, Runtime.create(device, precision))
+        self.predictor = Predictor(model, card, Accelerator.create(device, precision))
         self.pre = card.preprocessing
         self.transform = eval_transform(self.pre)
 

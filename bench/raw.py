@@ -19,7 +19,7 @@ from bench.common import benchmark_checkpoint, emit, environment, images_per_s, 
 from models.backends import BACKENDS, backend_device
 from models.card import Preprocessing
 from models.checkpoint import load
-from models.device import Runtime
+from models.device import Accelerator
 from models.predict import Predictor
 from models.preprocessing import decode, eval_transform
 
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, card = load(args.checkpoint or benchmark_checkpoint(args.arch))
-    runtime = Runtime.create(backend_device(args.backend, args.device), args.precision)
-    predictor = Predictor(model, card, runtime,
+    accelerator = Accelerator.create(backend_device(args.backend, args.device), args.precision)
+    predictor = Predictor(model, card, accelerator,
                           backend=args.backend, threads=args.threads)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     model_only = {b: round(model_images_per_s(predictor, b, args.seconds), 2) for b in sizes}
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     preprocess = preprocess_images_per_s(card.preprocessing, web_jpegs(), min(args.seconds, 3.0))
     result = {
         "env": environment(), "arch": card.arch, "crop": card.preprocessing.crop,
-        "precision": predictor.runtime.precision_name, "backend": predictor.backend,
+        "precision": predictor.accelerator.precision_name, "backend": predictor.backend,
         "model_images_per_s": model_only, "best_batch": best,
         "ceiling_images_per_s": model_only[best],
         "pipeline_images_per_s": round(pipe, 2), "pipeline_single_image_ms": round(single_ms, 2),

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.checkpoint import HISTORY_FILE
+
 TEXTURES = ["brick", "grass", "gravel", "camera", "moon", "coins", "astronaut", "coffee"]
 
 
@@ -100,7 +102,7 @@ def run(data: Path, arch: str, epochs: int, label: str, extra: list[str]) -> dic
     out = Path("/tmp/recipe-runs") / f"{data.name}-{arch}-e{epochs}-{label}"
     fit = [sys.executable, "-m", "training", "fit", str(data / "train"), "--output", str(out),
            "--arch", arch, "--weights", "none", "--image-size", "32", "--epochs", str(epochs),
-           "--no-progress", *extra]
+           "--no-progress", "--overwrite", *extra]
     start = time.perf_counter()
     subprocess.run(fit, check=True, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
@@ -108,7 +110,7 @@ def run(data: Path, arch: str, epochs: int, label: str, extra: list[str]) -> dic
                          str(data / "test")], check=True, capture_output=True, text=True)
     metrics = json.loads(ev.stdout)
     card = json.loads((out / "card.json").read_text())
-    with open(out / "history.csv") as fh:
+    with open(out / HISTORY_FILE) as fh:
         speeds = [float(e["images_per_second"]) for e in csv.DictReader(fh)]
     row = {"dataset": data.name, "arch": arch, "epochs": epochs, "label": label,
            "args": " ".join(extra), "recipe": card["training"]["recipe"],
@@ -131,7 +133,7 @@ def table(results: Path) -> str:
         rec = r["recipe"]
         if "best_images_per_second" not in r:  # rows written before the field existed
             name = f"{r['dataset']}-{r['arch']}-e{r['epochs']}-{r['label']}"
-            with open(Path("/tmp/recipe-runs") / name / "history.csv") as fh:
+            with open(Path("/tmp/recipe-runs") / name / HISTORY_FILE) as fh:
                 r["best_images_per_second"] = max(
                     float(e["images_per_second"]) for e in csv.DictReader(fh))
         lines.append(

@@ -34,12 +34,12 @@ PLACEMENTS = ("main-loads", "same-thread", "service")
 
 def _forward_ms(checkpoint: str, placement: str, runs: int) -> float:
     from models.checkpoint import load
-    from models.device import Runtime
+    from models.device import Accelerator
     from models.predict import Predictor
 
     def setup() -> Predictor:
         model, card = load(checkpoint)
-        return Predictor(model, card, Runtime.create("cpu", "fp32"))
+        return Predictor(model, card, Accelerator.create("cpu", "fp32"))
 
     def measure(predictor: Predictor) -> float:
         x = torch.randint(0, 256, (1, *predictor.input_shape), dtype=torch.uint8)

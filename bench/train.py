@@ -24,24 +24,25 @@ import torch
 
 from bench.common import emit, environment
 from models.architectures import build
-from models.device import Runtime
+from models.checkpoint import HISTORY_FILE
+from models.device import Accelerator
 
 logger = logging.getLogger(__name__)
 
 
 def bare_images_per_s(arch: str, stem: str, num_classes: int, batch_size: int, size: int,
-                      runtime: Runtime, steps: int) -> float:
+                      accelerator: Accelerator, steps: int) -> float:
     """Images/s of forward+backward+AdamW on an in-memory batch."""
-    model = runtime.prepare_model(build(arch, num_classes=num_classes, stem=stem)).train()
+    model = accelerator.prepare_model(build(arch, num_classes=num_classes, stem=stem)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    x = runtime.to_device(torch.randn(batch_size, 3, size, size))
-    y = torch.randint(0, num_classes, (batch_size,)).to(runtime.device)
-    scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+    x = accelerator.to_device(torch.randn(batch_size, 3, size, size))
+    y = torch.randint(0, num_classes, (batch_size,)).to(accelerator.device)
+    scaler = torch.amp.GradScaler(enabled=accelerator.amp_dtype == torch.float16)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with runtime.autocast():
+        with accelerator.autocast():
             loss = criterion(model(x), y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -49,11 +50,11 @@ def bare_images_per_s(arch: str, stem: str, num_classes: int, batch_size: int, s
 
     for _ in range(3):
         step()
-    runtime.synchronize()
+    accelerator.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    runtime.synchronize()
+    accelerator.synchronize()
     return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -81,19 +82,19 @@ def main(argv: list[str] | None = None) -> dict:
         fit_cmd += ["--workers", str(args.workers)]
     subprocess.run(fit_cmd, check=True)
     card = json.loads((work / "ck" / "card.json").read_text())
-    with open(work / "ck" / "history.csv") as fh:
+    with open(work / "ck" / HISTORY_FILE) as fh:
         rows = list(csv.DictReader(fh))
     steady = rows[1:] or rows  # the first epoch includes worker start-up and warm-up
     fit_rate = sum(float(r["images_per_second"]) for r in steady) / len(steady)
     recipe = card["training"]["recipe"]
-    runtime = Runtime.create(args.device, "auto")
+    accelerator = Accelerator.create(args.device, "auto")
     train_size = card["training"]["dataset"]["train"]
     bare = bare_images_per_s(card["arch"], card.get("stem", "imagenet"), len(card["classes"]),
-                             recipe["batch_size"], args.image_size, runtime,
+                             recipe["batch_size"], args.image_size, accelerator,
                              steps=max(5, train_size // recipe["batch_size"]))
     result = {"env": environment(), "arch": card["arch"], "stem": card.get("stem"),
               "image_size": args.image_size, "batch_size": recipe["batch_size"],
-              "precision": runtime.precision_name,
+              "precision": accelerator.precision_name,
               "fit_images_per_s": round(fit_rate, 1), "bare_images_per_s": round(bare, 1),
               "ratio": round(fit_rate / bare, 3)}
     emit(result)

@@ -237,10 +237,9 @@ def _load_backbone(model: nn.Module, spec: ArchSpec, state: dict[str, torch.Tens
                 "kept" if head_fits else "new")
 
 
-def classifier_parameters(model: nn.Module, arch: str | None = None) -> list[nn.Parameter]:
+def classifier_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
     """The parameters of the classification head (for head-only warm-up and higher LR)."""
-    spec = arch_spec(arch) if arch is not None else ArchSpec(nn.Module)  # TRANSITIONAL
-    return list(spec.head(model).parameters())
+    return list(arch_spec(arch).head(model).parameters())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

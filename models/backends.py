@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models.card import ModelCard
-from models.device import Runtime
+from models.device import Accelerator
 from models.onnx_backend import BackendError, OnnxRuntimeModel
 from models.outputs import probabilities
 from models.preprocessing import Normalize
@@ -31,33 +31,33 @@ def backend_device(backend: str, device: str) -> str:
 class TorchRunner:
     """The model in PyTorch: normalised on the device, channels_last, autocast on CUDA."""
 
-    def __init__(self, model: nn.Module, card: ModelCard, runtime: Runtime) -> None:
-        self.model = runtime.prepare_model(model).eval()
-        self.normalize = Normalize(card.preprocessing).to(runtime.device)
-        self.runtime = runtime
+    def __init__(self, model: nn.Module, card: ModelCard, accelerator: Accelerator) -> None:
+        self.model = accelerator.prepare_model(model).eval()
+        self.normalize = Normalize(card.preprocessing).to(accelerator.device)
+        self.accelerator = accelerator
         self.task = card.task
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 [N,3,H,W] -> float32 [N,C] probabilities on the CPU."""
-        x = self.normalize(self.runtime.to_device(batch))
-        if self.runtime.channels_last:
+        x = self.normalize(self.accelerator.to_device(batch))
+        if self.accelerator.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self.runtime.autocast():
+        with self.accelerator.autocast():
             logits = self.model(x)
         return probabilities(logits.float(), self.task).cpu()
 
 
-def make_runner(backend: str, model: nn.Module, card: ModelCard, runtime: Runtime, *,
+def make_runner(backend: str, model: nn.Module, card: ModelCard, accelerator: Accelerator, *,
                 threads: int = 0) -> Runner:
     """The runner for `backend` ("torch" or "onnxruntime"; the latter CPU/fp32 only, on
     `threads` threads, 0 meaning torch's thread count)."""
     if backend == "torch":
-        return TorchRunner(model, card, runtime)
+        return TorchRunner(model, card, accelerator)
     if backend == "onnxruntime":
-        if runtime.is_cuda or runtime.amp_dtype is not None:
+        if accelerator.is_cuda or accelerator.amp_dtype is not None:
             raise BackendError("the onnxruntime backend runs fp32 on the CPU; use "
-                               f"device cpu and precision fp32 (got {runtime.describe()}, "
-                               f"{runtime.precision_name})")
+                               f"device cpu and precision fp32 (got {accelerator.describe()}, "
+                               f"{accelerator.precision_name})")
         return OnnxRuntimeModel(model.cpu().eval(), Normalize(card.preprocessing),
                                 task=card.task,
                                 input_shape=(3, card.preprocessing.crop, card.preprocessing.crop),

@@ -24,7 +24,7 @@ from torch import nn
 
 from models.architectures import arch_spec, build, unwrap
 from models.atomic import write_unit
-from models.card import ModelCard, Preprocessing  # noqa: F401 - part of the contract
+from models.card import ModelCard
 
 logger = logging.getLogger(__name__)
 

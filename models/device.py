@@ -1,7 +1,7 @@
 """One device abstraction: where tensors live, which precision runs, how batches get there.
 
 Everything CUDA-specific (autocast dtype, pinned host memory, non-blocking copies) lives here
-so the rest of the code asks a `Runtime` and never branches on the device itself.
+so the rest of the code asks a `Accelerator` and never branches on the device itself.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dt
 
 
 @dataclass(frozen=True)
-class Runtime:
+class Accelerator:
     """Where and how a model runs."""
 
     device: torch.device
@@ -65,8 +65,8 @@ class Runtime:
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", *,
-               channels_last: bool = True) -> Runtime:
-        """Resolve device and precision names into a Runtime."""
+               channels_last: bool = True) -> Accelerator:
+        """Resolve device and precision names into a Accelerator."""
         dev = resolve_device(device)
         return cls(device=dev, amp_dtype=resolve_precision(dev, precision),
                    channels_last=channels_last)

@@ -12,7 +12,7 @@ from torch import nn
 from models.architectures import arch_spec
 from models.backends import make_runner
 from models.card import ModelCard
-from models.device import Runtime, is_out_of_memory, release_cuda_cache
+from models.device import Accelerator, is_out_of_memory, release_cuda_cache
 from models.folding import fold_batch_norms
 from models.outputs import check_probabilities
 
@@ -38,18 +38,18 @@ class ImageResult:
 class Predictor:
     """Runs a checkpoint's model on batches and turns outputs into labelled predictions."""
 
-    def __init__(self, model: nn.Module, card: ModelCard, runtime: Runtime, *,
+    def __init__(self, model: nn.Module, card: ModelCard, accelerator: Accelerator, *,
                  backend: str = "torch", threads: int = 0) -> None:
         """`backend` names the runner (models.backends): "torch", or "onnxruntime" (CPU,
         fp32 only) on `threads` threads (0: torch's thread count)."""
         self.card = card
-        self.runtime = runtime
+        self.accelerator = accelerator
         self.backend = backend
         self.input_shape = (3, card.preprocessing.crop, card.preprocessing.crop)
         probe = torch.randn((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
         folded = fold_batch_norms(model, probe,
                                   conv_bn_prefixes=arch_spec(card.arch).conv_bn_prefixes)
-        self.run = make_runner(backend, folded, card, runtime, threads=threads)
+        self.run = make_runner(backend, folded, card, accelerator, threads=threads)
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class Predictor:
         try:
             return self.run(batch)
         except RuntimeError as exc:
-            if not (self.runtime.is_cuda and is_out_of_memory(exc)) or batch.shape[0] == 1:
+            if not (self.accelerator.is_cuda and is_out_of_memory(exc)) or batch.shape[0] == 1:
                 raise
             logger.warning("CUDA out of memory at batch %d; splitting and retrying",
                            batch.shape[0])
@@ -93,7 +93,7 @@ class Predictor:
                                   generator=noise)
             check_probabilities(self.probabilities(batch), rows=size,
                                 classes=self.card.num_classes, task=self.card.task)
-        self.runtime.synchronize()
+        self.accelerator.synchronize()
 
     def _top_k(self, probs: torch.Tensor, top_k: int, all_scores: bool) -> list[ImageResult]:
         k = max(1, min(int(top_k), probs.shape[1]))

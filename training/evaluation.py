@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from models import checkpoint
-from models.device import Runtime
+from models.device import Accelerator
 from models.predict import Predictor
 from models.preprocessing import DEFAULT_MAX_PIXELS, eval_transform
 from training.config import EvaluateConfig
@@ -42,7 +42,7 @@ def score_dataset(predictor: Predictor, dataset: ImageDataset, *, batch_size: in
     """Probabilities and targets for every decodable image, in dataset order, and the indices
     of the images that could not be decoded (left out)."""
     loader = make_loader(dataset, batch_size=batch_size, workers=workers, shuffle=False,
-                         pin_memory=predictor.runtime.is_cuda)
+                         pin_memory=predictor.accelerator.is_cuda)
     scores, targets, failed = [], [], []
     for batch in loader:
         failed.extend(batch.failed.tolist())
@@ -62,10 +62,10 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, Any]:
     Images that cannot be used (unreadable, too large, failing to decode) are excluded from
     the metrics and listed under `excluded_images`.
     """
-    runtime = Runtime.create(cfg.device, "auto" if cfg.amp else "fp32")
+    accelerator = Accelerator.create(cfg.device, "auto" if cfg.amp else "fp32")
     checkpoint.verify_weights(cfg.checkpoint)
     model, card = checkpoint.load(cfg.checkpoint)
-    predictor = Predictor(model, card, runtime)
+    predictor = Predictor(model, card, accelerator)
     dataset, unusable = _eval_data(cfg.data, card, cfg.max_pixels)
     logger.info("evaluating %s on %d images from %s", card.name, len(dataset), cfg.data)
     with torch.inference_mode():

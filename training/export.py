@@ -13,14 +13,8 @@ import torchvision
 from torch import nn
 
 from models import checkpoint
-from models.checkpoint import (
-    CONFUSION_MATRIX_FILE,
-    CURVES_FILE,
-    METRICS_FILE,
-    PR_CURVES_FILE,
-    ModelCard,
-    Preprocessing,
-)
+from models.card import ModelCard, Preprocessing
+from models.checkpoint import CONFUSION_MATRIX_FILE, CURVES_FILE, METRICS_FILE, PR_CURVES_FILE
 from training import report
 from training.metrics import summary
 from training.storage import write_errors

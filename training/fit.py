@@ -20,8 +20,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models.architectures import build
-from models.checkpoint import HISTORY_FILE, ModelCard, Preprocessing
-from models.device import Runtime
+from models.card import ModelCard, Preprocessing
+from models.checkpoint import HISTORY_FILE
+from models.device import Accelerator
 from models.preprocessing import Normalize
 from training import distributed, report
 from training.config import TrainConfig
@@ -46,7 +47,7 @@ from training.loop import (
     train_one_epoch,
 )
 from training.metrics import held_out_multi_label_metrics, single_label_metrics, summary
-from training.pretrained import check_weights_option, weights_eval_ratio
+from training.pretrained import check_weights_option
 from training.recipe import Recipe, resolve
 from training.state import (
     Progress,
@@ -123,11 +124,11 @@ class FitRun:
         self.cfg, self.info, self.on_epoch_end = cfg, info, on_epoch_end
         check_output(cfg)
         check_weights_option(cfg)
-        self.runtime = Runtime.create(_training_device(cfg, info),
+        self.accelerator = Accelerator.create(_training_device(cfg, info),
                                       "auto" if cfg.amp else "fp32")
-        distributed.init(info, self.runtime.device)
+        distributed.init(info, self.accelerator.device)
         seed_everything(cfg.seed + info.rank)
-        self.recipe = resolve(cfg, weights_ratio=weights_eval_ratio(cfg))
+        self.recipe = resolve(cfg)
         self.preprocessing = make_preprocessing(cfg, self.recipe)
         if info.is_main:
             prepare_output(cfg)
@@ -136,7 +137,7 @@ class FitRun:
         self._check_card_fields()
         self._build_model()
         self.train_sampler, self.train_loader, self.val_loader = make_loaders(
-            self.data, cfg, self.recipe.batch_size, info, pin_memory=self.runtime.is_cuda)
+            self.data, cfg, self.recipe.batch_size, info, pin_memory=self.accelerator.is_cuda)
         self._build_optimization()
         self.progress = Progress()
         self.failures = DecodeFailures()
@@ -164,25 +165,25 @@ class FitRun:
     def _build_model(self) -> None:
         model = build(self.cfg.arch, num_classes=len(self.data.classes),
                       weights=self.cfg.weights, stem=self.recipe.stem)
-        self.model = self.runtime.prepare_model(model)
-        self.normalize = Normalize(self.preprocessing).to(self.runtime.device)
+        self.model = self.accelerator.prepare_model(model)
+        self.normalize = Normalize(self.preprocessing).to(self.accelerator.device)
         self.net: nn.Module = self.model
         if self.info.enabled:
-            ids = [self.runtime.device.index] if self.runtime.is_cuda else None
+            ids = [self.accelerator.device.index] if self.accelerator.is_cuda else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
 
     def _build_optimization(self) -> None:
         steps = len(self.train_loader)
-        self.optimizer = build_optimizer(self.model, self.recipe)
+        self.optimizer = build_optimizer(self.model, self.recipe, arch=self.cfg.arch)
         self.scheduler = build_scheduler(
             self.optimizer, total_steps=steps * self.cfg.epochs,
             warmup_steps=max(1, round(self.recipe.warmup_epochs * steps)),
             freeze_steps=self.cfg.freeze_epochs * steps)
-        fp16 = self.runtime.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=fp16)
+        fp16 = self.accelerator.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=fp16)
         self.criterion = build_criterion(
             self.data.task, label_smoothing=self.recipe.label_smoothing,
-            train_targets=self.data.train.targets()).to(self.runtime.device)
+            train_targets=self.data.train.targets()).to(self.accelerator.device)
 
     def _stateful(self) -> dict[str, Any]:
         """The objects whose state dicts a resume state holds, by key."""
@@ -229,8 +230,8 @@ class FitRun:
                         "root": str(self.cfg.data),
                         "skipped": self.failures.record(self.data, self.cfg.data)},
             "epochs_run": self.progress.epoch, "best_epoch": self.progress.best_epoch + 1,
-            "seconds": round(seconds, 2), "device": self.runtime.describe(),
-            "precision": self.runtime.precision_name, "world_size": self.info.world_size,
+            "seconds": round(seconds, 2), "device": self.accelerator.describe(),
+            "precision": self.accelerator.precision_name, "world_size": self.info.world_size,
         }
 
     def _export(self, thresholds: list[float] | None, validation: EvalOutput, seconds: float
@@ -253,7 +254,7 @@ class FitRun:
         self.train_sampler.set_epoch(epoch)
         stats = train_one_epoch(
             self.net, self.train_loader, criterion=self.criterion, optimizer=self.optimizer,
-            scheduler=self.scheduler, scaler=self.scaler, runtime=self.runtime,
+            scheduler=self.scheduler, scaler=self.scaler, accelerator=self.accelerator,
             normalize=self.normalize, info=self.info, epoch=epoch, epochs=self.cfg.epochs,
             progress=self.cfg.progress, image_size=self.preprocessing.crop)
         self.failures.add_train(stats.failed, epoch=epoch, data=self.data, info=self.info,
@@ -263,7 +264,7 @@ class FitRun:
     def _validate(self, epoch: int) -> EvalOutput:
         """The validation pass over all ranks; a non-finite loss stops the run."""
         validation = evaluate(self.model, self.val_loader, criterion=self.criterion,
-                              runtime=self.runtime, normalize=self.normalize,
+                              accelerator=self.accelerator, normalize=self.normalize,
                               task=self.data.task, info=self.info)
         if not math.isfinite(validation.loss):
             raise NonFiniteError(f"the validation loss became {validation.loss} at epoch "

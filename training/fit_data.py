@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from models.checkpoint import Preprocessing
+from models.card import Preprocessing
 from models.preprocessing import eval_transform, train_transform
 from training.config import TrainConfig
 from training.data import (

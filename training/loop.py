@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.architectures import classifier_parameters
-from models.device import Runtime
+from models.device import Accelerator
 from models.outputs import probabilities
 from training.data import Batch
 from training.distributed import DistInfo, all_reduce_mean, gather_objects
@@ -52,9 +52,9 @@ class EvalOutput:
     failed: list[int] = field(default_factory=list)  # dataset indices excluded (not decodable)
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, recipe: Recipe, *, arch: str) -> torch.optim.AdamW:
     """AdamW with four groups: backbone/head x decay/no-decay (norm weights and biases)."""
-    head_ids = {id(p) for p in classifier_parameters(model)}
+    head_ids = {id(p) for p in classifier_parameters(model, arch)}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if not p.requires_grad:
@@ -103,7 +103,7 @@ def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.T
 def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    scaler: torch.amp.GradScaler, runtime: Runtime, normalize: nn.Module,
+                    scaler: torch.amp.GradScaler, accelerator: Accelerator, normalize: nn.Module,
                     info: DistInfo, epoch: int, epochs: int, progress: bool,
                     image_size: int = 32) -> EpochStats:
     """One pass over the training data; returns the mean loss across ranks.
@@ -120,8 +120,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Modul
         n = batch.images.shape[0]
         if n == 0 and not info.enabled:
             continue
-        with runtime.autocast():
-            loss = _batch_loss(model, batch, criterion, runtime, normalize, image_size)
+        with accelerator.autocast():
+            loss = _batch_loss(model, batch, criterion, accelerator, normalize, image_size)
         value = loss.item()
         if not math.isfinite(value):
             head_lr = optimizer.param_groups[-1]["lr"]
@@ -146,15 +146,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Modul
                       failed=failed, seen=seen)
 
 
-def _batch_loss(model: nn.Module, batch: Batch, criterion: nn.Module, runtime: Runtime,
+def _batch_loss(model: nn.Module, batch: Batch, criterion: nn.Module, accelerator: Accelerator,
                 normalize: nn.Module, image_size: int) -> torch.Tensor:
     """The batch's loss; a batch with no decodable image (possible only under DDP, where every
     rank must take part in each step) runs one blank image in eval mode at zero weight."""
     if batch.images.shape[0] > 0:
-        x = normalize(runtime.to_device(batch.images))
-        y = batch.targets.to(runtime.device, non_blocking=True)
+        x = normalize(accelerator.to_device(batch.images))
+        y = batch.targets.to(accelerator.device, non_blocking=True)
         return criterion(model(x).float(), y)
-    blank = torch.zeros(1, 3, image_size, image_size, device=runtime.device)
+    blank = torch.zeros(1, 3, image_size, image_size, device=accelerator.device)
     model.eval()
     try:
         return model(blank).float().sum() * 0.0
@@ -163,7 +163,7 @@ def _batch_loss(model: nn.Module, batch: Batch, criterion: nn.Module, runtime: R
 
 
 @torch.inference_mode()
-def predict_scores(model: nn.Module, loader: DataLoader, *, runtime: Runtime,
+def predict_scores(model: nn.Module, loader: DataLoader, *, accelerator: Accelerator,
                    normalize: nn.Module, task: str,
                    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, list[int]]:
@@ -175,8 +175,8 @@ def predict_scores(model: nn.Module, loader: DataLoader, *, runtime: Runtime,
         failed.extend(batch.failed.tolist())
         if batch.images.shape[0] == 0:
             continue
-        x = normalize(runtime.to_device(batch.images))
-        with runtime.autocast():
+        x = normalize(accelerator.to_device(batch.images))
+        with accelerator.autocast():
             logits = model(x).float().cpu()
         scores.append(probabilities(logits, task).numpy())
         targets.append(batch.targets.numpy())
@@ -190,14 +190,15 @@ def predict_scores(model: nn.Module, loader: DataLoader, *, runtime: Runtime,
             torch.cat(logits_all), failed)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module, runtime: Runtime,
-             normalize: nn.Module, task: str, info: DistInfo) -> EvalOutput:
+def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module,
+             accelerator: Accelerator, normalize: nn.Module, task: str, info: DistInfo
+             ) -> EvalOutput:
     """Validation over all ranks: gathered, de-duplicated (sampler padding dropped), ordered.
 
     Images that fail to decode are excluded and listed in `failed`; none decoding is an error.
     """
     scores, targets, indices, logits, failed = predict_scores(
-        model, loader, runtime=runtime, normalize=normalize, task=task)
+        model, loader, accelerator=accelerator, normalize=normalize, task=task)
     parts = gather_objects(info, (scores, targets, indices, logits, failed))
     merged: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor]] = {}
     all_failed: set[int] = set()
@@ -215,6 +216,6 @@ def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module, runt
     target_t = torch.as_tensor(all_targets)
     with torch.no_grad():
         loss = float(criterion.cpu()(all_logits, target_t))
-    criterion.to(runtime.device)
+    criterion.to(accelerator.device)
     return EvalOutput(scores=all_scores, targets=all_targets, loss=loss,
                       failed=sorted(all_failed))

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from models.architectures import arch_spec
 from training.config import TrainConfig
 
 # From scratch, crops up to this size halve once before layer1: ImageNet's stem quarters them,
@@ -78,7 +79,7 @@ def set_or_default(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def resolve(cfg: TrainConfig, *, weights_ratio: float = 256 / 224) -> Recipe:
+def resolve(cfg: TrainConfig) -> Recipe:
     """Fill every unset option of `cfg` with the default for this kind of run."""
     stem = default_stem(cfg) if cfg.stem == "auto" else cfg.stem
     return Recipe(
@@ -92,5 +93,6 @@ def resolve(cfg: TrainConfig, *, weights_ratio: float = 256 / 224) -> Recipe:
         min_scale=set_or_default(cfg.min_scale, default_min_scale(cfg)),
         trivial_augment=set_or_default(cfg.trivial_augment, default_trivial_augment(cfg)),
         eval_resize_ratio=set_or_default(cfg.eval_resize_ratio,
-                                         weights_ratio if cfg.pretrained else 1.0),
+                                         arch_spec(cfg.arch).pretrained_resize_ratio(cfg.weights)
+                                         if cfg.pretrained else 1.0),
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.architectures import build, imagenet_categories, imagenet_weights
+from models.card import weights_preprocessing
 from training.config import ImportConfig
 from training.export import write_checkpoint
-from training.pretrained import weights_preprocessing
 
 
 def import_torchvision(cfg: ImportConfig) -> Path:

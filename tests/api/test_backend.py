@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -40,7 +41,11 @@ async def test_onnxruntime_backend_serves_the_same_answers(checkpoint_root: Path
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names from /proc")
 async def test_onnxruntime_worker_pool_is_named_for_compute(checkpoint_root: Path) -> None:
     def names() -> list[str]:
-        return [(t / "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()]
+        found = []
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+                found.append((task / "comm").read_text().strip())
+        return found
 
     before = names()
     settings = fast_settings(checkpoint_root, default_model="colors", backend="onnxruntime",

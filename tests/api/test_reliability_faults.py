@@ -17,7 +17,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 class PretendCuda:
-    """A runtime that claims to be CUDA (so out-of-memory is retried) but runs on the CPU."""
+    """A accelerator that claims to be CUDA (so out-of-memory is retried) but runs on the CPU."""
 
     is_cuda = True
 
@@ -70,7 +70,7 @@ async def test_out_of_memory_splits_the_batch_and_retries(checkpoint_root: Path)
     settings = fast_settings(checkpoint_root, default_model="colors", max_wait_ms=0)
     async with running_app(settings) as (http, app):
         predictor = app.state.registry.get("colors").predictor
-        real_forward, real_runtime, sizes = predictor.run, predictor.runtime, []
+        real_forward, real_accelerator, sizes = predictor.run, predictor.accelerator, []
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
             sizes.append(batch.shape[0])
@@ -78,7 +78,7 @@ async def test_out_of_memory_splits_the_batch_and_retries(checkpoint_root: Path)
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return real_forward(batch)
 
-        predictor.run, predictor.runtime = forward, PretendCuda(real_runtime)
+        predictor.run, predictor.accelerator = forward, PretendCuda(real_accelerator)
         try:
             colours = ["red", "green", "blue", "blue", "red"]
             files = [("file", (f"{i}.jpg", jpeg(c, seed=i))) for i, c in enumerate(colours)]
@@ -103,7 +103,7 @@ async def test_out_of_memory_splits_the_batch_and_retries(checkpoint_root: Path)
             r = await http.post("/predict", files={"file": ("z.jpg", jpeg("red"))})
             assert r.status_code == 503 and "out of memory" in r.json()["detail"]
         finally:
-            predictor.run, predictor.runtime = real_forward, real_runtime
+            predictor.run, predictor.accelerator = real_forward, real_accelerator
         ok = await http.post("/predict", files={"file": ("y.jpg", jpeg("green"))})
         assert ok.status_code == 200
         assert ok.json()["results"][0]["predictions"][0]["label"] == "green"

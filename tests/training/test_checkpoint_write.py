@@ -20,7 +20,8 @@ import torch
 import models.atomic
 from models import checkpoint
 from models.architectures import build
-from models.checkpoint import CheckpointError, ModelCard, Preprocessing
+from models.card import ModelCard, Preprocessing
+from models.checkpoint import CheckpointError
 from training.config import EvaluateConfig
 from training.evaluation import evaluate_checkpoint
 from training.exceptions import DiskFullError
@@ -33,7 +34,7 @@ SAVER = textwrap.dedent("""
     import json, sys, torch
     from models import checkpoint
     from models.architectures import build
-    from models.checkpoint import ModelCard, Preprocessing
+    from models.card import ModelCard, Preprocessing
     target = sys.argv[1]
     nets = []
     for version in range(2):

@@ -234,7 +234,7 @@ def test_one_class_folder_is_refused_with_a_hint(tmp_path):
 
 
 def test_class_without_validation_support_is_warned(tmp_path, caplog, tiny_config):
-    from models.checkpoint import Preprocessing
+    from models.card import Preprocessing
     from training.distributed import DistInfo
     from training.fit_data import load_data
     from training.recipe import resolve

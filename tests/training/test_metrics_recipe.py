@@ -70,7 +70,7 @@ def test_optimizer_groups_and_schedule():
 
     model = build("resnet18", num_classes=3)
     recipe = resolve(_cfg(weights="imagenet", lr=1e-3))
-    opt = build_optimizer(model, recipe)
+    opt = build_optimizer(model, recipe, arch="resnet18")
     by = {(g["part"], g["weight_decay"] > 0): g for g in opt.param_groups}
     assert by[("head", True)]["lr"] == pytest.approx(1e-3)
     assert by[("backbone", True)]["lr"] == pytest.approx(1e-4)

@@ -11,7 +11,7 @@ from torch import nn
 from models import architectures, checkpoint
 from models.architectures import ArchSpec, build, classifier_parameters
 from models.card import ModelCard, Preprocessing
-from models.device import Runtime
+from models.device import Accelerator
 from models.predict import Predictor
 
 
@@ -66,7 +66,7 @@ def test_a_new_entry_builds_saves_loads_and_serves(odd_arch: str, tmp_path: Path
     checkpoint.save(tmp_path / "odd", model, card)
     loaded, loaded_card = checkpoint.load(tmp_path / "odd")
     batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    predictor = Predictor(loaded, loaded_card, Runtime.create("cpu"))
+    predictor = Predictor(loaded, loaded_card, Accelerator.create("cpu"))
     folded = predictor.run.model
     assert isinstance(folded.body.norm1, nn.Identity)  # folded by the entry's prefixes
     normalized = predictor.run.normalize(batch)

@@ -17,7 +17,7 @@ from app.batching import (
     QueueFullError,
 )
 from models.card import ModelCard
-from models.device import Runtime
+from models.device import Accelerator
 from models.predict import Predictor
 from tests.serving_helpers import CLASSES, color_image
 
@@ -212,7 +212,7 @@ async def test_batched_real_predictor_matches_one_by_one(trained_model) -> None:
     model, pre = trained_model
     card = ModelCard(name="colors", arch="resnet18", task="single_label", classes=CLASSES,
                      preprocessing=pre)
-    predictor = Predictor(model, card, Runtime.create("cpu", "fp32"))
+    predictor = Predictor(model, card, Accelerator.create("cpu", "fp32"))
     from models.preprocessing import eval_transform
     transform = eval_transform(pre)
     images = [transform(color_image(CLASSES[i % 3], seed=50 + i)) for i in range(6)]

@@ -7,7 +7,7 @@ import torch
 
 from models.architectures import build
 from models.card import ModelCard, Preprocessing
-from models.device import Runtime
+from models.device import Accelerator
 from models.folding import fold_batch_norms
 from models.predict import Predictor
 
@@ -15,13 +15,13 @@ PRE = Preprocessing.for_crop(32)
 
 
 def _predictor(task: str = "single_label", thresholds: list[float] | None = None,
-               runtime: Runtime | None = None) -> Predictor:
+               accelerator: Accelerator | None = None) -> Predictor:
     torch.manual_seed(0)
     classes = ["cat", "dog", "fox", "owl"]
     card = ModelCard(name="t", arch="resnet18", task=task, classes=classes,
                      preprocessing=PRE, thresholds=thresholds)
     model = build("resnet18", num_classes=len(classes))
-    return Predictor(model, card, runtime or Runtime.create("cpu"))
+    return Predictor(model, card, accelerator or Accelerator.create("cpu"))
 
 
 def _batch(n: int) -> torch.Tensor:
@@ -72,8 +72,8 @@ def test_wrong_input_shape_is_refused() -> None:
         _predictor().probabilities(torch.zeros((2, 3, 64, 64), dtype=torch.uint8))
 
 
-class _SmallMemoryRuntime(Runtime):
-    """A CPU runtime that behaves like a GPU that runs out of memory above 2 images."""
+class _SmallMemoryRuntime(Accelerator):
+    """A CPU accelerator that behaves like a GPU that runs out of memory above 2 images."""
 
     @property
     def is_cuda(self) -> bool:
@@ -87,7 +87,7 @@ class _SmallMemoryRuntime(Runtime):
 
 def test_out_of_memory_splits_the_batch_and_matches_the_full_result() -> None:
     reference = _predictor().probabilities(_batch(7))
-    small = _predictor(runtime=_SmallMemoryRuntime(device=torch.device("cpu")))
+    small = _predictor(accelerator=_SmallMemoryRuntime(device=torch.device("cpu")))
     assert torch.allclose(small.probabilities(_batch(7)), reference, atol=1e-5)
 
 

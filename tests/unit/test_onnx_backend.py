@@ -12,7 +12,7 @@ from app.config import Settings
 from models import onnx_backend
 from models.architectures import build
 from models.card import ModelCard, Preprocessing
-from models.device import Runtime
+from models.device import Accelerator
 from models.onnx_backend import BackendError, OnnxRuntimeModel
 from models.predict import Predictor
 
@@ -43,7 +43,7 @@ def _batch(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("task", ["single_label", "multi_label"])
 def test_onnxruntime_matches_torch(task: str) -> None:
     model, card = _model_and_card(task)
-    cpu = Runtime.create("cpu", "fp32")
+    cpu = Accelerator.create("cpu", "fp32")
     reference = Predictor(model, card, cpu)
     onnx = Predictor(model, card, cpu, backend="onnxruntime", threads=1)
     assert onnx.backend == "onnxruntime" and isinstance(onnx.run, OnnxRuntimeModel)
@@ -61,24 +61,24 @@ def test_onnxruntime_matches_torch(task: str) -> None:
 def test_onnxruntime_refuses_cuda_or_reduced_precision() -> None:
     model, card = _model_and_card()
     with pytest.raises(BackendError, match="fp32 on the CPU"):
-        Predictor(model, card, Runtime(device=torch.device("cpu"), amp_dtype=torch.bfloat16),
+        Predictor(model, card, Accelerator(device=torch.device("cpu"), amp_dtype=torch.bfloat16),
                   backend="onnxruntime")
     with pytest.raises(ValueError, match="unknown backend"):
-        Predictor(model, card, Runtime.create("cpu"), backend="tensorrt")
+        Predictor(model, card, Accelerator.create("cpu"), backend="tensorrt")
 
 
 def test_outputs_that_differ_from_torch_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     model, card = _model_and_card()
     monkeypatch.setattr(onnx_backend, "PARITY_TOLERANCE", -1.0)
     with pytest.raises(BackendError, match="differ from PyTorch"):
-        Predictor(model, card, Runtime.create("cpu"), backend="onnxruntime")
+        Predictor(model, card, Accelerator.create("cpu"), backend="onnxruntime")
 
 
 def test_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     model, card = _model_and_card()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(BackendError, match=r"resnet-serve\[onnx\]"):
-        Predictor(model, card, Runtime.create("cpu"), backend="onnxruntime")
+        Predictor(model, card, Accelerator.create("cpu"), backend="onnxruntime")
 
 
 def test_settings_refuse_onnxruntime_on_cuda_or_bf16() -> None:

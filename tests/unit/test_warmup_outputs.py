@@ -9,7 +9,7 @@ import torch
 
 from models.architectures import build
 from models.card import ModelCard, Preprocessing
-from models.device import Runtime
+from models.device import Accelerator
 from models.outputs import ModelOutputError, check_probabilities
 from models.predict import Predictor
 from tests.serving_helpers import CLASSES
@@ -24,7 +24,8 @@ def card(pre: Preprocessing, task: str = "single_label") -> ModelCard:
 def test_warmup_passes_for_a_sound_model(trained_model) -> None:
     model, pre = trained_model
     for task in ("single_label", "multi_label"):
-        Predictor(copy.deepcopy(model), card(pre, task), Runtime.create("cpu")).warmup([1, 2, 4])
+        cpu = Accelerator.create("cpu")
+        Predictor(copy.deepcopy(model), card(pre, task), cpu).warmup([1, 2, 4])
 
 
 def test_warmup_refuses_a_model_whose_scores_overflow_to_nan(trained_model) -> None:
@@ -32,7 +33,7 @@ def test_warmup_refuses_a_model_whose_scores_overflow_to_nan(trained_model) -> N
     overflowing = copy.deepcopy(model)
     with torch.no_grad():
         overflowing.fc.weight.fill_(1e38)  # finite weights, infinite logits, NaN softmax
-    predictor = Predictor(overflowing, card(pre), Runtime.create("cpu"))
+    predictor = Predictor(overflowing, card(pre), Accelerator.create("cpu"))
     with pytest.raises(ModelOutputError, match="NaN or infinite"):
         predictor.warmup([1, 2])
 
@@ -40,7 +41,7 @@ def test_warmup_refuses_a_model_whose_scores_overflow_to_nan(trained_model) -> N
 def test_warmup_refuses_outputs_that_do_not_match_the_card(trained_model) -> None:
     _, pre = trained_model
     four_outputs = build("resnet18", num_classes=len(CLASSES) + 1)
-    predictor = Predictor(four_outputs, card(pre), Runtime.create("cpu"))
+    predictor = Predictor(four_outputs, card(pre), Accelerator.create("cpu"))
     with pytest.raises(ModelOutputError, match=r"shape \[1, 4\].*expected.*\[1, 3\]"):
         predictor.warmup([1])
 
