@@ -16,7 +16,7 @@ import torch
 from app.batching import DeadlineExceededError
 from app.compute import name_native_thread
 from app.exceptions import InsufficientMemoryError, InvalidImageError, OversizedImageError
-from models import preprocessing
+from models import decoding
 from models.preprocessing import Transform
 
 logger = logging.getLogger(__name__)
@@ -119,12 +119,12 @@ class ImageDecoder:
     def _convert(self, upload: Upload, transform: Transform,
                  target_size: int | None) -> torch.Tensor:
         try:
-            image = preprocessing.decode(upload.data, max_pixels=self.max_pixels,
+            image = decoding.decode(upload.data, max_pixels=self.max_pixels,
                                          target_size=target_size)
             return transform(image)
-        except preprocessing.ImageTooLargeError as exc:
+        except decoding.ImageTooLargeError as exc:
             raise OversizedImageError(upload.filename, str(exc)) from None
-        except preprocessing.ImageDecodeError as exc:
+        except decoding.ImageDecodeError as exc:
             raise InvalidImageError(upload.filename, str(exc)) from None
         except MemoryError:
             raise InsufficientMemoryError(

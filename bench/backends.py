@@ -27,8 +27,9 @@ import torch
 from app.allocator import loaded_allocator
 from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
 from models.checkpoint import load
+from models.decoding import decode
 from models.onnx_backend import ProbabilityGraph, export_onnx
-from models.preprocessing import Normalize, decode, eval_transform
+from models.preprocessing import Normalize, eval_transform
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,10 @@ import torch
 from fastapi import Request
 
 from models.checkpoint import load
+from models.decoding import decode
 from models.device import Accelerator
 from models.predict import Predictor
-from models.preprocessing import decode, eval_transform
+from models.preprocessing import eval_transform
 
 
 class ResNetAPI(ls.LitAPI):

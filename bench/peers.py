@@ -16,9 +16,10 @@ import sys
 import torch
 
 from models.checkpoint import load
+from models.decoding import decode
 from models.device import Accelerator
 from models.predict import Predictor
-from models.preprocessing import decode, eval_transform
+from models.preprocessing import eval_transform
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ from bench.common import benchmark_checkpoint, emit, environment, images_per_s, 
 from models.backends import BACKENDS, backend_device
 from models.card import Preprocessing
 from models.checkpoint import load
+from models.decoding import decode
 from models.device import Accelerator
 from models.predict import Predictor
-from models.preprocessing import decode, eval_transform
+from models.preprocessing import eval_transform
 
 logger = logging.getLogger(__name__)
 

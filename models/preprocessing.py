@@ -1,4 +1,6 @@
-"""Decoding and transforms, built from a card's `Preprocessing` so serving matches training.
+"""Transforms built from a card's `Preprocessing`, so serving matches training.
+
+Decoding bytes to an image, within limits, is models.decoding.
 
 Transforms produce uint8 CHW tensors; normalization to float happens on the batch, on the
 device (`Normalize`), which keeps host-to-device copies four times smaller.
@@ -6,15 +8,11 @@ device (`Normalize`), which keeps host-to-device copies four times smaller.
 
 from __future__ import annotations
 
-import io
 import logging
-import struct
-import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
@@ -23,7 +21,6 @@ from models.card import Preprocessing
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: larger than any phone photo, far from a bomb
 _INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
@@ -31,138 +28,6 @@ _INTERPOLATION = {
 }
 
 Transform = Callable[[Image.Image], torch.Tensor]
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not an image Pillow can decode."""
-
-
-class ImageTooLargeError(ValueError):
-    """The image has more pixels than allowed (a decompression bomb or simply too big)."""
-
-
-# What uploads may be: the formats whose real frame size is known before any pixel is decoded
-# (ICO through `_ico_frame_size`; JPEG includes the MPO files of phone cameras). Pillow's other
-# formats are refused rather than trusted.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
-_DRAFT_FORMATS = ("JPEG", "MPO")  # may be decoded at a reduced scale
-_ICO_MAGIC = b"\x00\x00\x01\x00"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           target_size: int | None = None) -> Image.Image:
-    """Decode image bytes to an RGB PIL image.
-
-    Only `ACCEPTED_FORMATS` are read, and the size of the frame that will be decoded is checked
-    against `max_pixels` before any pixel is decoded. EXIF orientation is applied, animated
-    and multi-page images give their first frame, every mode (CMYK, 16-bit, palette, alpha)
-    becomes 8-bit RGB. When `target_size` is given, JPEGs are decoded at a reduced scale that
-    still leaves the shorter side >= target_size (much faster for photos).
-    """
-    if not data:
-        raise ImageDecodeError("empty file")
-    try:
-        if data.startswith(_ICO_MAGIC):
-            _check_pixels(_ico_frame_size(data), max_pixels)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-            _check_pixels(img.size, max_pixels)
-            width, height = img.size
-            if target_size and img.format in _DRAFT_FORMATS \
-                    and min(width, height) > 2 * target_size:
-                img.draft(None, (target_size, target_size))
-            img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
-    except ImageTooLargeError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image is too large to decode safely: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not a recognised image format (accepted: "
-                               f"{', '.join(ACCEPTED_FORMATS)})") from exc
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError,
-            KeyError, struct.error) as exc:
-        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
-
-
-def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
-    width, height = size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"image is {width}x{height} = {width * height:,} pixels, "
-            f"over the limit of {max_pixels:,}")
-
-
-def _ico_frame_size(data: bytes) -> tuple[int, int]:
-    """The largest real frame of an ICO file, read from each embedded PNG or DIB header.
-
-    Pillow decodes an ICO's largest frame while opening it, and the directory's own sizes stop
-    at 256: a small icon file can embed a huge PNG. So every frame's header is read first.
-    """
-    count = struct.unpack_from("<H", data, 4)[0]
-    if count == 0:
-        raise ImageDecodeError("ICO file holds no images")
-    largest = (0, 0)
-    for entry in range(count):
-        offset = struct.unpack_from("<I", data, 6 + 16 * entry + 12)[0]
-        if data[offset:offset + 8] == _PNG_MAGIC:
-            width, height = struct.unpack_from(">II", data, offset + 16)  # IHDR
-        else:
-            width, height = struct.unpack_from("<ii", data, offset + 4)  # BITMAPINFOHEADER
-            height //= 2  # a DIB's height counts the image and its AND mask
-        size = (abs(width), abs(height))
-        if size[0] * size[1] > largest[0] * largest[1]:
-            largest = size
-    return largest
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), stretch=img.mode == "F"),
-                               "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-_BLOCK_PIXELS = 1 << 20  # high bit depths are converted about a megapixel at a time
-
-
-def _high_depth_to_uint8(arr: np.ndarray, *, stretch: bool) -> np.ndarray:
-    """16/32-bit integer or float pixels -> uint8, one block of rows at a time.
-
-    Integers above 255 are read as 16-bit (scaled by 255/65535); with `stretch` (float images)
-    the range from the minimum to the maximum becomes 0-255. Working in blocks keeps the
-    float64 arithmetic to a few megabytes instead of 8 bytes per pixel of the whole image.
-    """
-    out = np.empty(arr.shape, dtype=np.uint8)
-    if not arr.size:
-        return out
-    lo, hi = float(arr.min()), float(arr.max())
-    if stretch:
-        offset, scale = lo, (255.0 / (hi - lo) if hi > lo else 1.0)
-    else:
-        offset, scale = 0.0, (255.0 / 65535.0 if hi > 255 else 1.0)
-    rows = max(1, _BLOCK_PIXELS // max(1, arr.shape[1]))
-    work = np.empty((min(rows, arr.shape[0]), *arr.shape[1:]), dtype=np.float64)
-    for top in range(0, arr.shape[0], rows):
-        source = arr[top:top + rows]
-        block = work[:len(source)]
-        np.copyto(block, source)
-        block -= offset
-        block *= scale
-        out[top:top + rows] = np.clip(block, 0, 255, out=block)
-    return out
 
 
 MAX_ENLARGED_ASPECT = 4  # a strip longer than this is cut to its centre before enlarging
@@ -269,10 +134,3 @@ class Normalize(nn.Module):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return (batch.float() - self.mean) * self.inv_std
-
-
-def load_image_file(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    target_size: int | None = None) -> Image.Image:
-    """Read and decode an image file from disk."""
-    with open(path, "rb") as fh:
-        return decode(fh.read(), max_pixels=max_pixels, target_size=target_size)

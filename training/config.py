@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from models.architectures import ARCHITECTURES, STEMS
+from models.decoding import DEFAULT_MAX_PIXELS
 from models.device import DEVICE_CHOICES
-from models.preprocessing import DEFAULT_MAX_PIXELS
 from training.exceptions import ConfigError
 from training.files import RESUME_FILE
 from training.options import Range, option, range_problems

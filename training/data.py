@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from models.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
+from models.decoding import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
 from training.exceptions import (
     ClassMismatchError,
     CsvFormatError,

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from models import checkpoint
+from models.decoding import DEFAULT_MAX_PIXELS
 from models.device import Accelerator
 from models.predict import Predictor
-from models.preprocessing import DEFAULT_MAX_PIXELS, eval_transform
+from models.preprocessing import eval_transform
 from training.config import EvaluateConfig
 from training.data import ImageDataset, discover, make_loader
 from training.exceptions import DataError

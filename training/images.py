@@ -1,7 +1,7 @@
 """Decoding images for training and evaluation within a pixel budget.
 
 An image within `max_pixels` is decoded exactly as the server decodes it
-(`models.preprocessing.decode`). A larger JPEG (a 48 MP phone photo) is decoded at the 1/2, 1/4
+(`models.decoding.decode`). A larger JPEG (a 48 MP phone photo) is decoded at the 1/2, 1/4
 or 1/8 scale that fits the budget, which libjpeg does without ever holding the full-size
 pixels; any other format over the budget cannot be reduced before decoding and is refused, as
 is anything Pillow itself calls a decompression bomb.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.preprocessing import ImageDecodeError, ImageTooLargeError, decode
+from models.decoding import ImageDecodeError, ImageTooLargeError, decode
 
 logger = logging.getLogger(__name__)
 

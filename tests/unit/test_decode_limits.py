@@ -10,15 +10,14 @@ import pytest
 from PIL import Image
 
 from models.card import Preprocessing
-from models.preprocessing import (
+from models.decoding import (
     ACCEPTED_FORMATS,
     ImageDecodeError,
     ImageTooLargeError,
-    ResizeCenterCrop,
     _high_depth_to_uint8,
     decode,
-    eval_transform,
 )
+from models.preprocessing import ResizeCenterCrop, eval_transform
 from tests.imagegen import ico_embedding, icon, png_bomb, strip_png
 
 

@@ -1,4 +1,4 @@
-"""Decoding every real-world image, and refusing every bad one, in models.preprocessing."""
+"""Decoding every real-world image, and refusing every bad one, in models.decoding."""
 
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from models.card import Preprocessing
-from models.preprocessing import (
-    ImageDecodeError,
-    ImageTooLargeError,
-    decode,
-    eval_transform,
-)
+from models.decoding import ImageDecodeError, ImageTooLargeError, decode
+from models.preprocessing import eval_transform
 from tests.imagegen import bad_images, exif_rotated, good_images, png_bomb
 
 GOOD = good_images()
