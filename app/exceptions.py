@@ -26,6 +26,10 @@ class ModelRequiredError(ServiceError):
                          f"(one of: {', '.join(known)})")
 
 
+class CheckpointFolderError(ServiceError):
+    """The checkpoint folder itself cannot be read; the models already loaded keep serving."""
+
+
 class NotReadyError(ServiceError):
     """No model is loaded and warmed up yet."""
 

@@ -19,7 +19,7 @@ from app.api.middleware import (
     RequestMetricsMiddleware,
 )
 from app.config import Settings
-from app.exceptions import ShuttingDownError
+from app.exceptions import CheckpointFolderError, ShuttingDownError
 from app.imaging import ImageDecoder
 from app.metrics import Metrics
 from app.registry import ModelRegistry
@@ -102,6 +102,9 @@ async def _initial_load(registry: ModelRegistry) -> None:
     except ShuttingDownError:
         logger.info("stopped before the models were loaded")
         return
+    except CheckpointFolderError as exc:
+        logger.error("no model loaded; /ready stays 503: %s", exc)
+        return
     except Exception:  # noqa: BLE001 - the service stays up (not ready) and says why
         logger.exception("loading models failed")
         return
@@ -131,5 +134,7 @@ async def _reload_logged(registry: ModelRegistry) -> None:
         await registry.reload()
     except ShuttingDownError:
         logger.info("SIGHUP rescan skipped: shutting down")
+    except CheckpointFolderError as exc:
+        logger.error("%s", exc)
     except Exception:  # noqa: BLE001 - a failed rescan must not kill the server
         logger.exception("reload failed")

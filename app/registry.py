@@ -10,6 +10,7 @@ from pathlib import Path
 from app.compute import ComputeThread, run_in_fresh_thread
 from app.config import MODEL_NAME_PATTERN, Settings
 from app.exceptions import (
+    CheckpointFolderError,
     ModelRequiredError,
     NotReadyError,
     ShuttingDownError,
@@ -152,8 +153,12 @@ class ModelRegistry:
             if self.closing:
                 raise ShuttingDownError("the service is shutting down")
             report = ReloadReport()
-            paths = await asyncio.to_thread(checkpoint.find_checkpoints,
-                                            self.settings.checkpoint_dir)
+            try:
+                paths = await asyncio.to_thread(checkpoint.find_checkpoints,
+                                                self.settings.checkpoint_dir)
+            except checkpoint.CheckpointError as exc:  # nothing is known: nothing changes
+                raise CheckpointFolderError(
+                    f"rescan skipped, the models loaded keep serving: {exc}") from None
             named = [(*model_name(path.name), path) for path in paths]
             retired = await self._load_each(named, report)
             if not self.closing:

@@ -248,7 +248,11 @@ def find_checkpoints(root: str | Path) -> list[Path]:
         return [root]
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and _holds_checkpoint(p))
+    try:
+        children = list(root.iterdir())
+    except OSError as exc:
+        raise CheckpointError(root, f"cannot be listed ({exc.strerror or exc})") from exc
+    return sorted(p for p in children if not p.name.startswith(".") and _holds_checkpoint(p))
 
 
 def _holds_checkpoint(folder: Path) -> bool:

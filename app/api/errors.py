@@ -18,6 +18,7 @@ from app.batching import (
 )
 from app.exceptions import (
     AuthenticationError,
+    CheckpointFolderError,
     ClientDisconnectedError,
     InsufficientMemoryError,
     InvalidImageError,
@@ -52,6 +53,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     BatchOutOfMemoryError: 503,  # before BatchFailedError: the first match wins
     BatchFailedError: 500,
     NotReadyError: 503,
+    CheckpointFolderError: 503,
     InsufficientMemoryError: 503,
     ShuttingDownError: 503,
     BatcherClosedError: 503,
@@ -76,7 +78,7 @@ def response_for(exc: Exception) -> JSONResponse:
     if isinstance(exc, QueueFullError):
         headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, (ShuttingDownError, BatcherClosedError, NotReadyError,
-                          InsufficientMemoryError, BatchOutOfMemoryError)):
+                          CheckpointFolderError, InsufficientMemoryError, BatchOutOfMemoryError)):
         headers["Retry-After"] = "1"
     elif isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"

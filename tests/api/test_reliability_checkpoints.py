@@ -177,3 +177,24 @@ async def test_sighup_rescan_survives_broken_checkpoints(
         assert_listed_as_failed(models, ["deep", "huge-int", "classes-object"])
         r = await http.post("/predict?model=tags", files={"file": ("g.jpg", jpeg("green"))})
         assert r.status_code == 200
+
+
+async def test_a_checkpoint_folder_that_cannot_be_listed_changes_nothing(
+        make_checkpoint_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_checkpoint_dir("colors")
+    async with running_app(fast_settings(root, default_model="colors")) as (http, _app):
+        real_iterdir = Path.iterdir
+
+        def unlistable(self: Path):
+            if self == root:  # what a folder without read permission does (tests run as root)
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_iterdir(self)
+
+        monkeypatch.setattr(Path, "iterdir", unlistable)
+        r = await http.post("/models/reload")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "cannot be listed" in r.json()["detail"] and "keep serving" in r.json()["detail"]
+        ok = await http.post("/predict", files={"file": ("a.jpg", jpeg("red"))})
+        assert ok.status_code == 200  # the loaded model was neither removed nor retired
+        monkeypatch.undo()
+        assert (await http.post("/models/reload")).status_code == 200
