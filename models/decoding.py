@@ -6,10 +6,15 @@ RGB; shared by serving (uploads) and training (files).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import math
 import struct
 import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,37 +37,73 @@ class ImageTooLargeError(ValueError):
 # formats are refused rather than trusted.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
 _DRAFT_FORMATS = ("JPEG", "MPO")  # may be decoded at a reduced scale
+_REDUCED_SCALES = (2, 4, 8)  # the scales libjpeg decodes at
 _ICO_MAGIC = b"\x00\x00\x01\x00"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           target_size: int | None = None) -> Image.Image:
+           target_size: int | None = None, shrink_to_fit: bool = False) -> Image.Image:
     """Decode image bytes to an RGB PIL image.
 
     Only `ACCEPTED_FORMATS` are read, and the size of the frame that will be decoded is checked
-    against `max_pixels` before any pixel is decoded. EXIF orientation is applied, animated
-    and multi-page images give their first frame, every mode (CMYK, 16-bit, palette, alpha)
-    becomes 8-bit RGB. When `target_size` is given, JPEGs are decoded at a reduced scale that
-    still leaves the shorter side >= target_size (much faster for photos).
+    against `max_pixels` before any pixel is decoded; with `shrink_to_fit`, a JPEG over it is
+    decoded at the 1/2, 1/4 or 1/8 scale that fits instead (libjpeg never holds the full-size
+    pixels). EXIF orientation is applied, animated and multi-page images give their first
+    frame, every mode (CMYK, 16-bit, palette, alpha) becomes 8-bit RGB. When `target_size` is
+    given, JPEGs are decoded at a reduced scale that still leaves the shorter side >=
+    target_size (much faster for photos).
     """
     if not data:
         raise ImageDecodeError("empty file")
+    with _decode_errors():
+        img = _open_within(io.BytesIO(data), data[:4], lambda: data, max_pixels=max_pixels,
+                           target_size=target_size, shrink_to_fit=shrink_to_fit)
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return _to_rgb(img)
+
+
+def check_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               shrink_to_fit: bool = False) -> None:
+    """Raise what `decode` would raise for the file's format and frame size, from its headers
+    alone (no pixel is decoded, and only an ICO is read whole)."""
+    with _decode_errors(), path.open("rb") as fh:
+        head = fh.read(4)
+        fh.seek(0)
+        _open_within(fh, head, path.read_bytes, max_pixels=max_pixels, target_size=None,
+                     shrink_to_fit=shrink_to_fit).close()
+
+
+def _open_within(source: BinaryIO, head: bytes, whole: Callable[[], bytes], *,
+                 max_pixels: int, target_size: int | None, shrink_to_fit: bool) -> Image.Image:
+    """The image opened (not decoded), its frame already known to fit `max_pixels`."""
+    if head == _ICO_MAGIC:
+        _check_pixels(_ico_frame_size(whole()), max_pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(source, formats=ACCEPTED_FORMATS)
+    width, height = img.size
+    scale = 1
+    if width * height > max_pixels and shrink_to_fit and img.format in _DRAFT_FORMATS:
+        scale = next((s for s in _REDUCED_SCALES
+                      if math.ceil(width / s) * math.ceil(height / s) <= max_pixels), 1)
+    if target_size and img.format in _DRAFT_FORMATS and min(width, height) > 2 * target_size:
+        # reduce further while the shorter side still covers target_size
+        scale = max([scale, *(s for s in _REDUCED_SCALES
+                              if s <= min(width // target_size, height // target_size))])
+    if scale > 1:  # Pillow picks the largest scale whose result is at least the size asked
+        img.draft(None, (width // scale, height // scale))
+    _check_pixels(img.size, max_pixels)
+    return img
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Pillow's and the parsers' many failures, as ImageDecodeError / ImageTooLargeError."""
     try:
-        if data.startswith(_ICO_MAGIC):
-            _check_pixels(_ico_frame_size(data), max_pixels)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-            _check_pixels(img.size, max_pixels)
-            width, height = img.size
-            if target_size and img.format in _DRAFT_FORMATS \
-                    and min(width, height) > 2 * target_size:
-                img.draft(None, (target_size, target_size))
-            img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
+        yield
     except ImageTooLargeError:
         raise
     except Image.DecompressionBombError as exc:

@@ -247,3 +247,18 @@ def test_class_without_validation_support_is_warned(tmp_path, caplog, tiny_confi
     with caplog.at_level(logging.WARNING):
         data = load_data(cfg, Preprocessing(resize=32, crop=32), resolve(cfg), DistInfo())
     assert len(data.val) == 1 and "class 'dog' has no validation image" in caplog.text
+
+
+def test_discovery_measures_what_an_icon_holds_before_decoding_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tests.imagegen import ico_embedding, png_bomb
+    from training.images import skip_reason
+
+    disguised = tmp_path / "favicon.png"  # an ICO under an accepted suffix
+    disguised.write_bytes(ico_embedding(png_bomb(13000, 13000)))
+    loads = []
+    real = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(1) or real(self))
+    reason = skip_reason(disguised, max_pixels=40_000_000)
+    assert reason is not None and "13000x13000" in reason and loads == []
