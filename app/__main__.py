@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
-import socket
 import sys
-from collections.abc import Callable, Sequence
-from types import FrameType
-from typing import TYPE_CHECKING, Literal, get_args, get_origin
+from collections.abc import Sequence
+from typing import Literal, get_args, get_origin
 
-import uvicorn
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from app.allocator import loaded_allocator, reexec_with_fast_allocator
+from app.allocator import reexec_with_fast_allocator
+from app.cluster import workers_for
 from app.config import ENV_PREFIX, Settings
-from app.connections import (
-    ACCEPT_BATCH,
-    ConnectionGuard,
-    ConnectionLimits,
-    connection_cap,
-    install_accept_error_filter,
-    open_file_limit,
-    protocol_for,
-    widen_listen_backlog,
-)
 from app.logs import configure_logging
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+from app.server import WorkerEntry, serve
 
 logger = logging.getLogger("app")
 
@@ -89,74 +73,36 @@ def _describe(error: dict) -> str:
     return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, turning not-ready the moment SIGTERM/SIGINT arrives."""
+def main(argv: Sequence[str] | None = None, worker_entry: WorkerEntry | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status.
 
-    def __init__(self, config: uvicorn.Config, on_exit_signal: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_exit_signal = on_exit_signal
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        """Start listening, with accept() failures reported once a minute, not per try."""
-        install_accept_error_filter(asyncio.get_running_loop())
-        await super().startup(sockets=sockets)
-        if self.started:
-            widen_listen_backlog([sock for server in self.servers for sock in server.sockets])
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """Refuse new work at once, then let uvicorn finish the requests in flight."""
-        self._on_exit_signal()
-        super().handle_exit(sig, frame)
-
-
-def _already_stopped(sig: int, frame: FrameType | None) -> None:
-    logger.debug("signal %d after shutdown", sig)
-
-
-def connection_limits(settings: Settings) -> ConnectionLimits:
-    """The connection limits from the settings, the cap lowered to fit the open-file limit."""
-    fd_limit = open_file_limit()
-    cap = connection_cap(settings.max_connections, fd_limit)
-    logger.info("connections: at most %d open (max_connections %d, open-file limit %s); "
-                "timeouts: idle %gs, headers %gs, body %gs", cap, settings.max_connections,
-                fd_limit or "unlimited", settings.keepalive_timeout, settings.header_timeout,
-                settings.body_timeout)
-    return ConnectionLimits(max_connections=cap, keepalive_timeout=settings.keepalive_timeout,
-                            header_timeout=settings.header_timeout,
-                            body_timeout=settings.body_timeout)
-
-
-def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
-    """uvicorn's configuration: our h11 protocol with its connection limits, no websockets."""
-    metrics = app.state.metrics
-    guard = ConnectionGuard(connection_limits(settings), on_event=metrics.connection_hook())
-    metrics.watch_connections(lambda: guard.served)
-    return uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None,
-        log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_timeout,
-        lifespan="on", server_header=False, http=protocol_for(guard), ws="none",
-        loop="asyncio", backlog=ACCEPT_BATCH,
-        timeout_keep_alive=settings.keepalive_timeout)  # type: ignore[arg-type]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the exit status."""
+    `worker_entry` (benchmarks): a module-level function each worker process calls before
+    it builds its app, the single process included.
+    """
     settings = parse_settings(argv)
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     reexec_with_fast_allocator(settings.allocator,
                                sys.argv[1:] if argv is None else list(argv), os.environ)
-    from app.main import begin_shutdown, create_app  # torch loads after the allocator choice
+    workers = workers_for(settings.workers, on_cuda=_models_on_cuda(settings))
+    if workers > 1:
+        from app.supervisor import supervise
 
-    logger.info("allocator: %s", loaded_allocator())
-    logger.info("settings: %s", settings.public_dict())
-    app = create_app(settings)
-    server = _Server(server_config(app, settings), lambda: begin_shutdown(app))
-    # uvicorn re-raises the stop signal once it has shut down gracefully; handle it as
-    # "done" so a requested stop exits with status 0 instead of dying by the signal
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _already_stopped)
-    server.run()
-    return 0 if server.started else 1
+        return supervise(settings, workers, worker_entry)
+    if worker_entry is not None:
+        worker_entry()
+    return serve(settings)
+
+
+def _models_on_cuda(settings: Settings) -> bool:
+    """Whether the models will run on CUDA (without starting CUDA in this process)."""
+    if settings.workers or settings.device == "cpu" or settings.backend == "onnxruntime":
+        return False
+    if settings.device == "cuda":
+        return True
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

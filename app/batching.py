@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.cluster import LocalQueueBound, SharedQueueBound
 from app.compute import ComputeThread
 from models.device import is_out_of_memory
 
@@ -88,7 +89,8 @@ class DynamicBatcher:
 
     def __init__(self, fn: BatchFn, *, max_batch_size: int, max_wait_ms: float,
                  max_queue: int, name: str = "model", on_event: EventHook | None = None,
-                 compute: ComputeThread | None = None) -> None:
+                 compute: ComputeThread | None = None,
+                 bound: SharedQueueBound | None = None) -> None:
         if not callable(fn):
             raise TypeError("fn must be callable")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -103,6 +105,8 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        # the room of `max_queue` images: this batcher's own, or shared by every worker
+        self._bound = bound if bound is not None else LocalQueueBound(max_queue)
         self.stats = BatcherStats()
         self._on_event = on_event
         self._queue: deque[_Request] = deque()
@@ -144,13 +148,14 @@ class DynamicBatcher:
         Raises QueueFullError at once when the room is taken: items still being decoded count
         against `max_queue` too, so an overload is refused before any work is spent on it.
         """
-        if self._queued + self._incoming + count > self.max_queue:
+        if not self._bound.try_add(count):
             self._refuse(count)
         self._incoming += count
         try:
             yield
         finally:
             self._incoming -= count
+            self._bound.remove(count)
 
     async def submit(self, items: Sequence[Any], *, timeout: float) -> list[Any]:
         """Queue `items` and return one output per item, in order.
@@ -162,7 +167,7 @@ class DynamicBatcher:
             raise BatcherClosedError(f"model {self.name!r} is not taking new work")
         if not items:
             return []
-        if self._queued + len(items) > self.max_queue:
+        if not self._bound.try_add(len(items)):
             self._refuse(len(items))
         loop = asyncio.get_running_loop()
         request = _Request(list(items), loop.create_future(), loop.time() + timeout)
@@ -182,7 +187,7 @@ class DynamicBatcher:
     def _refuse(self, count: int) -> None:
         self.stats.rejected += count
         self._emit("rejected", count)
-        raise QueueFullError(requested=count, queued=self._queued + self._incoming,
+        raise QueueFullError(requested=count, queued=self._bound.held(),
                              capacity=self.max_queue, retry_after=self.retry_after())
 
     def retry_after(self) -> int:
@@ -277,6 +282,7 @@ class DynamicBatcher:
             batch.append((request, request.dispatched, request.dispatched + count))
             request.dispatched += count
             self._queued -= count
+            self._bound.remove(count)
             limit -= count
             if request.dispatched == request.size:
                 self._queue.popleft()
@@ -319,6 +325,7 @@ class DynamicBatcher:
             self._queue.remove(request)
         dropped = request.size - request.dispatched
         self._queued -= dropped
+        self._bound.remove(dropped)
         request.dispatched = request.size
         if dropped:
             self.stats.dropped[reason] += dropped

@@ -31,6 +31,15 @@ class Settings(BaseSettings):
         None, description="model used when a request names none (default: the only one)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
+    workers: int = Field(
+        0, ge=0, le=64,
+        description="server processes sharing the port, each decoding and batching its own "
+        "requests with its own copy of the models (0: auto, 1 when the models run on the "
+        "CPU, one per 4 cores on CUDA)")
+    worker_timeout: float = Field(
+        30.0, gt=0.0, le=3600.0,
+        description="with several workers: seconds a worker's event loop may stall before "
+        "the worker is replaced")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where models run; auto picks CUDA when present")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
@@ -76,6 +85,10 @@ class Settings(BaseSettings):
     decode_workers: int = Field(
         default_factory=_default_decode_workers, ge=1, le=256,
         description="threads decoding and resizing uploads (default: min(4, CPUs))")
+    gpu_decode: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode JPEG uploads on the models' device (nvJPEG on CUDA), "
+        "other images on the decode threads: auto = on CUDA only; on = on whatever device "
+        "the models run on (the CPU too, to check it); off = every image on the threads")
     torch_threads: int = Field(
         0, ge=0, le=1024, description="torch intra-op threads (0: torch's default)")
     allocator: Literal["auto", "tcmalloc", "system"] = Field(

@@ -1,4 +1,8 @@
-"""Decoding and resizing uploads on a bounded, fair thread pool, off the event loop."""
+"""Decoding and resizing uploads on a bounded, fair thread pool, off the event loop.
+
+Where a model's device decodes JPEGs (models.device_decode), a request's JPEGs go there first,
+in one call on a thread of its own, and only what it hands back joins the pool with the rest.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +22,7 @@ from app.batching import DeadlineExceededError
 from app.compute import name_native_thread
 from app.exceptions import InsufficientMemoryError, InvalidImageError, OversizedImageError
 from models import decoding
+from models.device_decode import CpuFallback, DeviceJpegDecoder, DeviceResult, is_jpeg
 from models.preprocessing import Transform
 
 logger = logging.getLogger(__name__)
@@ -70,15 +76,62 @@ class ImageDecoder:
         self._requests: list[_Request] = []
         self._lock = threading.Condition()
         self._closed = False
+        self._device_thread: ThreadPoolExecutor | None = None  # started when first needed
         self._threads = [threading.Thread(target=self._serve, name=f"decode_{i}", daemon=True)
                          for i in range(workers)]
         for thread in self._threads:
             thread.start()
 
     async def decode(self, uploads: list[Upload], transform: Transform, *,
-                     target_size: int | None = None, timeout: float) -> list[DecodedImage]:
+                     target_size: int | None = None, timeout: float,
+                     on_device: DeviceJpegDecoder | None = None) -> list[DecodedImage]:
         """Decode one request's uploads within `timeout` s; the first bad file (in upload
-        order) raises, and DeadlineExceededError when the time runs out first."""
+        order) raises, and DeadlineExceededError when the time runs out first. With
+        `on_device`, the JPEGs it can decode come from it, the rest from the threads."""
+        if on_device is None:
+            return await self._decode_on_threads(uploads, transform, target_size, timeout)
+        give_up = time.monotonic() + timeout
+        done = await self._decode_on_device(uploads, on_device, timeout)
+        rest = [upload for index, upload in enumerate(uploads) if index not in done]
+        decoded = iter(await self._decode_on_threads(
+            rest, transform, target_size, give_up - time.monotonic()) if rest else [])
+        return [DecodedImage(upload.filename, done[index]) if index in done else next(decoded)
+                for index, upload in enumerate(uploads)]
+
+    async def _decode_on_device(self, uploads: list[Upload], device: DeviceJpegDecoder,
+                                timeout: float) -> dict[int, torch.Tensor]:
+        """The crops of the JPEGs `device` decodes, by upload index (it never raises for a
+        bad file: those come back for the threads, which report them)."""
+        indices = [index for index, upload in enumerate(uploads) if is_jpeg(upload.data)]
+        if not indices:
+            return {}
+        loop = asyncio.get_running_loop()
+        work = _DeviceBatch(device, [uploads[i].data for i in indices],
+                            time.monotonic() + timeout)
+        try:
+            results = await asyncio.wait_for(
+                loop.run_in_executor(self._device_executor(), work), timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"decoding {len(uploads)} image(s) did not finish within the request "
+                f"timeout ({timeout:.2f} s)") from None
+        return {index: result for index, result in zip(indices, results, strict=True)
+                if isinstance(result, torch.Tensor)}
+
+    def _device_executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the decoder is closed")
+            if self._device_thread is None:
+                self._device_thread = ThreadPoolExecutor(
+                    1, thread_name_prefix="device_decode", initializer=name_native_thread,
+                    initargs=("device_decode",))
+            return self._device_thread
+
+    async def _decode_on_threads(self, uploads: list[Upload], transform: Transform,
+                                 target_size: int | None, timeout: float
+                                 ) -> list[DecodedImage]:
+        """Decode uploads on the pool, fairly across requests, within `timeout` s."""
         loop = asyncio.get_running_loop()
         jobs = [_Job(i, self._work(u, transform, target_size), loop.create_future())
                 for i, u in enumerate(uploads)]
@@ -181,6 +234,28 @@ class ImageDecoder:
             self._closed = True
             self._requests.clear()
             self._lock.notify_all()
+            if self._device_thread is not None:
+                self._device_thread.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class _DeviceBatch:
+    """One request's JPEGs for the device thread; all handed back when the request's time has
+    passed before they start, or when the device fails as a whole."""
+
+    device: DeviceJpegDecoder
+    images: list[bytes]
+    give_up: float  # time.monotonic()
+
+    def __call__(self) -> list[DeviceResult]:
+        if time.monotonic() >= self.give_up:
+            return [CpuFallback("deadline passed")] * len(self.images)
+        try:
+            return self.device.decode(self.images)
+        except Exception as exc:  # noqa: BLE001 - the threads can still decode them
+            logger.warning("device decode of %d JPEGs failed, decoding them on the threads: "
+                           "%s", len(self.images), exc)
+            return [CpuFallback("device failed")] * len(self.images)
 
 
 def _settle(future: asyncio.Future, outcome: torch.Tensor | BaseException) -> None:

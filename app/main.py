@@ -18,6 +18,7 @@ from app.api.middleware import (
     RequestIdMiddleware,
     RequestMetricsMiddleware,
 )
+from app.cluster import WorkerLink, reload_logged
 from app.config import Settings
 from app.exceptions import CheckpointFolderError, ShuttingDownError
 from app.imaging import ImageDecoder
@@ -29,10 +30,15 @@ from models.device import Accelerator
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the FastAPI app; models load in its lifespan, never at import time."""
+def create_app(settings: Settings | None = None, *,
+               cluster: WorkerLink | None = None) -> FastAPI:
+    """Build the FastAPI app; models load in its lifespan, never at import time.
+
+    `cluster`: this process is one of several workers (app.supervisor) and shares
+    readiness, reloads, queue room and metrics with the others through it.
+    """
     settings = settings if settings is not None else Settings()
-    metrics = Metrics()
+    metrics = Metrics(multiprocess_mode=cluster is not None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,13 +48,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                  settings.precision)
         decoder = ImageDecoder(workers=settings.decode_workers, max_pixels=settings.max_pixels)
         registry = ModelRegistry(settings, accelerator=accelerator, decoder=decoder,
-                                 metrics=metrics)
+                                 metrics=metrics, cluster=cluster)
         app.state.registry = registry
+        metrics.watch_workers(cluster.ready_count if cluster else lambda: int(registry.ready))
         logger.info("serving from %s on %s (%s)", settings.checkpoint_dir,
                     accelerator.describe(), accelerator.precision_name)
         loading = asyncio.create_task(_initial_load(registry), name="initial-load")
         rescans: set[asyncio.Task[None]] = set()  # held here so none is collected mid-run
-        sighup = _install_sighup(registry, rescans) if settings.reload_on_sighup else False
+        if cluster is not None:  # the supervisor relays SIGHUP through the shared tables
+            rescans.add(asyncio.create_task(cluster.run(registry, metrics, loading),
+                                            name="cluster-tick"))
+        sighup = (settings.reload_on_sighup and cluster is None
+                  and _install_sighup(registry, rescans))
         try:
             yield
         finally:
@@ -73,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.api_keys = settings.api_key_values()
+    app.state.cluster = cluster
     errors.install(app)
     for router in (predict.router, model_routes.router, health.router, docs.router):
         app.include_router(router)  # each router declares who may call it (app.api.auth)
@@ -116,7 +128,7 @@ async def _initial_load(registry: ModelRegistry) -> None:
 def _install_sighup(registry: ModelRegistry, rescans: set[asyncio.Task[None]]) -> bool:
     def on_sighup() -> None:
         logger.info("SIGHUP: rescanning %s", registry.settings.checkpoint_dir)
-        task = asyncio.get_running_loop().create_task(_reload_logged(registry),
+        task = asyncio.get_running_loop().create_task(reload_logged(registry),
                                                       name="sighup-reload")
         rescans.add(task)
         task.add_done_callback(rescans.discard)
@@ -127,14 +139,3 @@ def _install_sighup(registry: ModelRegistry, rescans: set[asyncio.Task[None]]) -
         logger.debug("SIGHUP reload not available here")
         return False
     return True
-
-
-async def _reload_logged(registry: ModelRegistry) -> None:
-    try:
-        await registry.reload()
-    except ShuttingDownError:
-        logger.info("SIGHUP rescan skipped: shutting down")
-    except CheckpointFolderError as exc:
-        logger.error("%s", exc)
-    except Exception:  # noqa: BLE001 - a failed rescan must not kill the server
-        logger.exception("reload failed")

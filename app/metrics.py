@@ -1,8 +1,15 @@
-"""Prometheus metrics, kept in a per-app CollectorRegistry."""
+"""Prometheus metrics: a per-app CollectorRegistry, or one view over every worker process.
+
+With `--workers N` each worker writes its metrics to files in PROMETHEUS_MULTIPROC_DIR
+(prometheus_client's multiprocess mode, set up by app.supervisor) and any worker's /metrics
+adds them up: counters and histograms over every worker that ever ran, gauges over the live
+ones. Values read on demand (queue depth, open connections) are written at each worker tick.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -12,6 +19,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -22,6 +30,7 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}
 OTHER_METHOD = "other"
 UNMATCHED_ROUTE = "unmatched"
 CONNECTION_EVENTS = ("refused", "dropped", "header_timeout", "body_timeout")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -29,8 +38,10 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, *, multiprocess_mode: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess_mode and MULTIPROC_ENV in os.environ
+        self._watched: list[tuple[Gauge, Callable[[], float]]] = []
         prefix = "resnet_serve"
         self.requests = Counter(f"{prefix}_requests", "HTTP requests answered",
                                 ["route", "method", "status"], registry=self.registry)
@@ -42,7 +53,8 @@ class Metrics:
         self.images = Counter(f"{prefix}_images", "images run through a model", ["model"],
                               registry=self.registry)
         self.queue_depth = Gauge(f"{prefix}_queue_depth", "images waiting per model",
-                                 ["model"], registry=self.registry)
+                                 ["model"], registry=self.registry,
+                                 multiprocess_mode="livesum")
         self.dropped = Counter(f"{prefix}_images_dropped",
                                "queued images never run, by reason "
                                "(expired: deadline passed, disconnected: client gone, "
@@ -53,12 +65,17 @@ class Metrics:
                                 ["model"], registry=self.registry)
         self.overloaded = Counter(f"{prefix}_overloaded_responses",
                                   "requests answered 429", registry=self.registry)
-        self.models_loaded = Gauge(f"{prefix}_models_loaded", "models serving",
-                                   registry=self.registry)
+        self.models_loaded = Gauge(f"{prefix}_models_loaded",
+                                   "models serving (with several workers: in every one)",
+                                   registry=self.registry, multiprocess_mode="livemin")
         self.reloads = Counter(f"{prefix}_reloads", "checkpoint folder rescans",
                                registry=self.registry)
         self.connections_open = Gauge(f"{prefix}_connections_open",
-                                      "client connections being served", registry=self.registry)
+                                      "client connections being served", registry=self.registry,
+                                      multiprocess_mode="livesum")
+        self.workers_ready = Gauge(f"{prefix}_workers_ready",
+                                   "server worker processes ready to serve",
+                                   registry=self.registry, multiprocess_mode="livemax")
         self.connection_events = Counter(
             f"{prefix}_connection_events",
             "connections refused over max_connections (refused: answered 503, dropped: "
@@ -79,12 +96,28 @@ class Metrics:
 
         return hook
 
+    def _watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        if self.multiprocess:  # the files hold values, not functions: refresh() writes them
+            self._watched = [(g, f) for g, f in self._watched if g is not gauge]
+            self._watched.append((gauge, read))
+            gauge.set(read())
+        else:
+            gauge.set_function(read)
+
+    def refresh(self) -> None:
+        """Write the current value of every watched gauge (multiprocess mode, each tick)."""
+        for gauge, read in self._watched:
+            gauge.set(read())
+
     def watch_queue(self, model: str, depth: Callable[[], float]) -> None:
         """Report `depth()` as the model's queue depth at each scrape."""
-        self.queue_depth.labels(model).set_function(depth)
+        self._watch(self.queue_depth.labels(model), depth)
 
     def forget_model(self, model: str) -> None:
         """Stop reporting the queue depth of a model that is gone."""
+        gauge = self.queue_depth.labels(model)
+        self._watched = [(g, f) for g, f in self._watched if g is not gauge]
+        gauge.set(0)  # a worker's file keeps the last value written
         with contextlib.suppress(KeyError):
             self.queue_depth.remove(model)
 
@@ -99,7 +132,11 @@ class Metrics:
 
     def watch_connections(self, count: Callable[[], float]) -> None:
         """Report `count()` as the number of open client connections at each scrape."""
-        self.connections_open.set_function(count)
+        self._watch(self.connections_open, count)
+
+    def watch_workers(self, count: Callable[[], float]) -> None:
+        """Report `count()` as the number of ready worker processes."""
+        self._watch(self.workers_ready, count)
 
     def observe_request(self, route: str | None, method: str, status: int,
                         seconds: float) -> None:
@@ -112,5 +149,9 @@ class Metrics:
             self.overloaded.inc()
 
     def render(self) -> bytes:
-        """The Prometheus text exposition."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition (of every worker, in multiprocess mode)."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        view = CollectorRegistry()
+        multiprocess.MultiProcessCollector(view)
+        return generate_latest(view)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from app.cluster import WorkerLink
 from app.compute import ComputeThread, name_native_thread
 from app.config import Settings
 from app.imaging import ImageDecoder
 from app.metrics import Metrics
 from app.served_model import ServedModel
 from models import checkpoint
+from models.card import ModelCard
 from models.device import Accelerator
+from models.device_decode import DeviceDecodeError, DeviceJpegDecoder
 from models.outputs import ModelOutputError
 from models.predict import Predictor
 
@@ -32,8 +35,10 @@ class ModelLoader:
     """Builds served models with the service's settings, device, decoder and compute thread."""
 
     def __init__(self, settings: Settings, *, accelerator: Accelerator, decoder: ImageDecoder,
-                 metrics: Metrics, compute: ComputeThread) -> None:
+                 metrics: Metrics, compute: ComputeThread,
+                 cluster: WorkerLink | None = None) -> None:
         self.settings = settings
+        self.cluster = cluster  # with several workers: the queue bound is shared
         self.accelerator = accelerator
         self.decoder = decoder
         self.metrics = metrics
@@ -62,4 +67,22 @@ class ModelLoader:
                     self.accelerator.precision_name, predictor.backend)
         return ServedModel(name=name, card=card, predictor=predictor, decoder=self.decoder,
                            settings=self.settings, on_event=self.metrics.batcher_hook(name),
-                           compute=self.compute)
+                           compute=self.compute,
+                           queue_bound=self.cluster.queue_bound(name, self.settings.max_queue)
+                           if self.cluster else None,
+                           device_decoder=self._device_decoder(name, card))
+
+    def _device_decoder(self, name: str, card: ModelCard) -> DeviceJpegDecoder | None:
+        """The model's JPEG decoder on its device, when the settings and the device want one
+        and it works (tried once here); None: every image on the decode threads."""
+        if not self.accelerator.decodes_jpeg(self.settings.gpu_decode):
+            return None
+        try:
+            decoder = DeviceJpegDecoder(self.accelerator.device, card.preprocessing,
+                                        self.settings.max_pixels)
+            decoder.warm_up()
+        except DeviceDecodeError as exc:
+            logger.warning("model %s: JPEGs are decoded on the decode threads: %s", name, exc)
+            return None
+        logger.info("model %s: JPEGs are decoded on %s", name, self.accelerator.device)
+        return decoder

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from app.cluster import WorkerLink
 from app.compute import ComputeThread, run_in_fresh_thread
 from app.config import MODEL_NAME_PATTERN, Settings
 from app.exceptions import (
@@ -74,7 +75,7 @@ class ModelRegistry:
     """Every checkpoint found under the checkpoint folder, by folder name."""
 
     def __init__(self, settings: Settings, *, accelerator: Accelerator, decoder: ImageDecoder,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, cluster: WorkerLink | None = None) -> None:
         self.settings = settings
         self.accelerator = accelerator
         self.decoder = decoder
@@ -85,7 +86,7 @@ class ModelRegistry:
         self._lock = asyncio.Lock()
         self.compute = ComputeThread()  # every model's batches run here (see app.compute)
         self._loader = ModelLoader(settings, accelerator=accelerator, decoder=decoder,
-                                   metrics=metrics, compute=self.compute)
+                                   metrics=metrics, compute=self.compute, cluster=cluster)
 
     @property
     def ready(self) -> bool:

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from app.batching import DynamicBatcher
+from app.cluster import SharedQueueBound
 from app.compute import ComputeThread
 from app.config import Settings
 from app.imaging import ImageDecoder, Upload
 from models.card import ModelCard
+from models.device_decode import DeviceJpegDecoder
 from models.predict import ImageResult, Predictor
 from models.preprocessing import Transform, eval_transform
 
@@ -45,20 +47,23 @@ class ServedModel:
     def __init__(self, *, name: str, card: ModelCard, predictor: Predictor,
                  decoder: ImageDecoder, settings: Settings,
                  on_event: Callable[[str, int], None] | None = None,
-                 compute: ComputeThread | None = None) -> None:
+                 compute: ComputeThread | None = None,
+                 queue_bound: SharedQueueBound | None = None,
+                 device_decoder: DeviceJpegDecoder | None = None) -> None:
         self.name = name
         self.card = card
         self.predictor = predictor
         self.transform: Transform = eval_transform(card.preprocessing)
         self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._decoder = decoder
+        self.device_decoder = device_decoder  # None: every image on the decode threads
         self._leases = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.batcher = DynamicBatcher(
             predictor.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, name=name,
-            on_event=on_event, compute=compute)
+            on_event=on_event, compute=compute, bound=queue_bound)
 
     def start(self) -> None:
         """Start the batcher's worker (on the event loop)."""
@@ -85,7 +90,8 @@ class ServedModel:
         with self.batcher.reserve(len(uploads)):  # admission before any decoding is spent
             images = await self._decoder.decode(
                 uploads, self.transform, target_size=self.card.preprocessing.resize,
-                timeout=timeout)  # the request's deadline covers decoding too
+                timeout=timeout,  # the request's deadline covers decoding too
+                on_device=self.device_decoder)
         rows = await self.batcher.submit([image.pixels for image in images],
                                          timeout=max(1e-3, deadline - loop.time()))
         # one image at a time: torch parallelises ops on larger tensors, and the event loop

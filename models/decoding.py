@@ -89,14 +89,21 @@ def _open_within(source: BinaryIO, head: bytes, whole: Callable[[], bytes], *,
     if width * height > max_pixels and shrink_to_fit and img.format in _DRAFT_FORMATS:
         scale = next((s for s in _REDUCED_SCALES
                       if math.ceil(width / s) * math.ceil(height / s) <= max_pixels), 1)
-    if target_size and img.format in _DRAFT_FORMATS and min(width, height) > 2 * target_size:
-        # reduce further while the shorter side still covers target_size
-        scale = max([scale, *(s for s in _REDUCED_SCALES
-                              if s <= min(width // target_size, height // target_size))])
+    if target_size and img.format in _DRAFT_FORMATS:
+        scale = max(scale, reduced_scale(width, height, target_size))
     if scale > 1:  # Pillow picks the largest scale whose result is at least the size asked
         img.draft(None, (width // scale, height // scale))
     _check_pixels(img.size, max_pixels)
     return img
+
+
+def reduced_scale(width: int, height: int, target_size: int) -> int:
+    """The JPEG scale `decode` uses for `target_size`: the largest of 2, 4, 8 that leaves the
+    shorter side >= target_size, once the shorter side is over twice it; else 1."""
+    if min(width, height) <= 2 * target_size:
+        return 1
+    return max(s for s in (1, *_REDUCED_SCALES)
+               if s <= min(width // target_size, height // target_size))
 
 
 @contextlib.contextmanager

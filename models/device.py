@@ -75,6 +75,13 @@ class Accelerator:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    def decodes_jpeg(self, setting: str = "auto") -> bool:
+        """Whether uploads' JPEGs are decoded on this device: `auto` on CUDA (nvJPEG) only,
+        `on` on whatever device this is, `off` never."""
+        if setting not in ("auto", "on", "off"):
+            raise ValueError(f"unknown device decode setting {setting!r}; choose auto, on, off")
+        return setting == "on" or (setting == "auto" and self.is_cuda)
+
     @property
     def precision_name(self) -> str:
         return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.amp_dtype]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import MetricsDep, RegistryDep
@@ -21,12 +21,17 @@ async def health() -> Health:
 
 @router.get("/ready", response_model=Readiness, responses=error_responses(503))
 @router.head("/ready", response_model=Readiness, include_in_schema=False)
-async def ready(registry: RegistryDep) -> Readiness:
-    """Readiness: 200 once a model is loaded and warmed up; 503 before and while stopping."""
+async def ready(request: Request, registry: RegistryDep) -> Readiness:
+    """Readiness: 200 once a model is loaded and warmed up (in every worker process);
+    503 before and while stopping."""
     if registry.closing:
         raise ShuttingDownError("shutting down")
     if not registry.ready:
         raise NotReadyError("no model is loaded and warmed up yet")
+    cluster = request.app.state.cluster
+    if cluster is not None and not cluster.all_ready():
+        raise NotReadyError(f"{cluster.ready_count()} of {cluster.workers} worker processes "
+                            "are ready")
     return Readiness(models=registry.loaded_names())
 
 

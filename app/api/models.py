@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 
 from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import RegistryDep
@@ -14,6 +14,7 @@ from app.registry import ModelEntry
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[API_KEY_REQUIRED])
 
 MAX_MODEL_NAME = 128  # the longest valid model name; ?model= has the same bound
+RELOAD_WAIT_SECONDS = 600.0  # longest wait for the other workers' rescans
 
 
 def _info(entry: ModelEntry) -> ModelInfo:
@@ -40,8 +41,11 @@ async def get_model(name: Annotated[str, Path(max_length=MAX_MODEL_NAME)],
 
 
 @router.post("/reload", response_model=ReloadResponse, responses=error_responses(401, 503))
-async def reload_models(registry: RegistryDep) -> ReloadResponse:
-    """Rescan the checkpoint folder; new versions swap in without dropping requests."""
-    report = await registry.reload()
+async def reload_models(request: Request, registry: RegistryDep) -> ReloadResponse:
+    """Rescan the checkpoint folder; new versions swap in without dropping requests. With
+    several worker processes every one rescans, and the answer comes when all have."""
+    cluster = request.app.state.cluster
+    report = (await cluster.reload_everywhere(registry, RELOAD_WAIT_SECONDS) if cluster
+              else await registry.reload())
     return ReloadResponse(loaded=report.loaded, unchanged=report.unchanged,
                           removed=report.removed, failed=report.failed)
