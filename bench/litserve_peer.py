@@ -1,4 +1,5 @@
-"""The LitServe peer's API class, at module level so LitServe's worker process can import it."""
+"""The LitServe peer's API classes, at module level so LitServe's worker processes can import
+them."""
 
 import litserve as ls
 import torch
@@ -43,3 +44,13 @@ class ResNetAPI(ls.LitAPI):
         results = self.predictor.postprocess(output, top_k=5)
         return {"results": [{"predictions": [{"label": p.label, "score": p.score}
                                              for p in r.predictions]} for r in results]}
+
+
+class StandinAPI(ResNetAPI):
+    """The same, with the model replaced by bench.standin_server's fixed probabilities."""
+
+    def setup(self, device: str) -> None:
+        from bench.standin_server import install_standin
+
+        install_standin()
+        super().setup(device)

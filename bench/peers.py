@@ -3,7 +3,8 @@
     python -m bench.peers litserve --checkpoint DIR --port 8101 [--max-batch-size 16]
     python -m bench.peers naive    --checkpoint DIR --port 8102
 
-`litserve`: LitServe (FastAPI + dynamic batching in a worker process), the closest peer.
+`litserve`: LitServe (FastAPI + dynamic batching in a worker process), the closest peer;
+`--standin` swaps its model for fixed probabilities, to measure the front end alone.
 `naive`: a plain FastAPI endpoint that runs the model once per request.
 Both accept the service's multipart upload (field `file`, repeatable) on POST /predict.
 """
@@ -45,13 +46,15 @@ def serve_litserve(args: argparse.Namespace) -> None:
     """Run a LitServe server around the same model."""
     import litserve as ls
 
-    from bench.litserve_peer import ResNetAPI
+    from bench.litserve_peer import ResNetAPI, StandinAPI
 
-    api = ResNetAPI(args.checkpoint, args.device, args.precision,
+    api_class = StandinAPI if args.standin else ResNetAPI
+    api = api_class(args.checkpoint, args.device, args.precision,
                     max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     server = ls.LitServer(api, accelerator="cpu" if args.device == "cpu" else "auto",
-                          workers_per_device=1, timeout=60)
-    server.run(host="127.0.0.1", port=args.port, generate_client_file=False)
+                          workers_per_device=args.workers_per_device, timeout=60)
+    server.run(host="127.0.0.1", port=args.port, generate_client_file=False,
+               num_api_servers=args.api_servers)
 
 
 def serve_naive(args: argparse.Namespace) -> None:
@@ -88,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-timeout", type=float, default=0.01, help="seconds")
+    parser.add_argument("--standin", action="store_true",
+                        help="litserve: fixed probabilities instead of the model (front end only)")
+    parser.add_argument("--api-servers", type=int,
+                        help="litserve: num_api_servers (default: LitServe's, one per worker)")
+    parser.add_argument("--workers-per-device", type=int, default=1, help="litserve")
     args = parser.parse_args(argv)
     {"litserve": serve_litserve, "naive": serve_naive}[args.peer](args)
 

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.frontend_report import table as frontend_table
+
 
 def _load(path: Path) -> object:
     try:
@@ -77,6 +79,9 @@ def render(run_dir: Path) -> str:
             if levels:
                 out += _server_rows(name, levels, ceiling, lit if name != "litserve" else {})
         out.append("")
+    frontend = _load(run_dir / "frontend.json")
+    if isinstance(frontend, dict) and "headline" in frontend:
+        out += ["## Front end: stand-in model (bench.frontend)", "", frontend_table(frontend), ""]
     return "\n".join(out)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark in one go: raw ceiling, the service, LitServe and a naive FastAPI
-# endpoint, for each architecture, under the same allocator and thread settings. Loopback only.
+# endpoint, for each architecture, under the same allocator and thread settings; then the front
+# end alone (bench.frontend: a stand-in model, the service against LitServe). Loopback only.
 #   bench/run.sh                       # resnet34 and resnet50, CPU (or CUDA when present)
 #   ARCHS=resnet50 CONC=1,16,32 SECONDS_PER_LEVEL=5 bench/run.sh
 set -euo pipefail
@@ -84,5 +85,13 @@ for ARCH in $ARCHS; do
     --max-batch-size "${LITSERVE_BATCH:-16}" --batch-timeout "${LITSERVE_WAIT:-0.01}"
   run_peer naive "naive FastAPI"
 done
+
+if command -v wrk >/dev/null 2>&1; then
+  echo "== front end: the service and LitServe with a stand-in model, loaded by wrk" >&2
+  "$PY" -m bench.frontend --seconds "$SECS" --workers "${FRONTEND_WORKERS:-1,2}" \
+    --out-dir "$OUT/frontend" >"$OUT/frontend.json"
+else
+  echo "wrk not found (apt-get install wrk): skipping the front-end benchmark" >&2
+fi
 
 "$PY" -m bench.report "$OUT"
