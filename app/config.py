@@ -90,7 +90,8 @@ class Settings(BaseSettings):
         "other images on the decode threads: auto = on CUDA only; on = on whatever device "
         "the models run on (the CPU too, to check it); off = every image on the threads")
     torch_threads: int = Field(
-        0, ge=0, le=1024, description="torch intra-op threads (0: torch's default)")
+        0, ge=0, le=1024, description="torch intra-op threads (0: torch's default on the "
+        "CPU, divided among the workers; 1 when the models run on CUDA)")
     allocator: Literal["auto", "tcmalloc", "system"] = Field(
         "auto", description="auto/tcmalloc: restart on tcmalloc when installed (faster CPU "
         "inference); system: keep the C library's malloc")

@@ -42,10 +42,10 @@ def create_app(settings: Settings | None = None, *,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
         accelerator = Accelerator.create(backend_device(settings.backend, settings.device),
-                                 settings.precision)
+                                         settings.precision)
+        torch.set_num_threads(host_threads(settings.torch_threads, accelerator,
+                                           processes=max(1, settings.workers)))
         decoder = ImageDecoder(workers=settings.decode_workers, max_pixels=settings.max_pixels)
         registry = ModelRegistry(settings, accelerator=accelerator, decoder=decoder,
                                  metrics=metrics, cluster=cluster)
@@ -94,6 +94,17 @@ def create_app(settings: Settings | None = None, *,
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def host_threads(requested: int, accelerator: Accelerator, *, processes: int = 1) -> int:
+    """Torch's CPU threads: as asked; else one when the models run on CUDA (the host only
+    post-processes, and idle OpenMP threads spinning there would take the cores the decode
+    threads need), else torch's default divided among the server's `processes`."""
+    if requested:
+        return requested
+    if accelerator.is_cuda:
+        return 1
+    return max(1, torch.get_num_threads() // processes)
 
 
 def _stopping(app: FastAPI) -> bool:

@@ -65,9 +65,9 @@ class Supervisor:
         port = port_holder.getsockname()[1]
         metrics_dir = tempfile.mkdtemp(prefix="resnet-serve-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir  # read by each worker's prometheus_client
-        worker_settings = self.settings.model_copy(update={
-            "port": port, "torch_threads": self.settings.torch_threads
-            or max(1, (os.cpu_count() or 1) // self.workers)})  # the cores, split
+        # each worker knows the port and how many share the host (see app.main.host_threads)
+        worker_settings = self.settings.model_copy(update={"port": port,
+                                                           "workers": self.workers})
         self._install_signals()
         logger.info("supervisor %d: %d workers on http://%s:%d", os.getpid(), self.workers,
                     self.settings.host, port)

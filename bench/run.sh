@@ -14,6 +14,7 @@ IMAGES="${IMAGES:-1,8}"
 PEER_IMAGES="${PEER_IMAGES:-1}"
 SECS="${SECONDS_PER_LEVEL:-10}"
 DEVICE="${DEVICE:-auto}"
+WORKERS="${WORKERS:-0}"  # the service's --workers (0: its automatic choice, 1 on a CPU)
 BACKEND="${BACKEND:-torch}"  # onnxruntime: the service and the ceiling on ONNX Runtime (peers stay on torch)
 PORT="${PORT:-8190}"
 OUT="bench/results/$(date -u +%Y-%m-%dT%H%M)"
@@ -73,6 +74,7 @@ for ARCH in $ARCHS; do
 
   echo "== $ARCH: service (max batch $BEST)" >&2
   "$PY" -m app --checkpoint-dir "$ROOT" --port "$PORT" --device "$DEVICE" --backend "$BACKEND" \
+    --workers "$WORKERS" \
     --max-batch-size "$BEST" --max-queue 1024 --max-images-per-request 64 \
     --log-level warning >"$OUT/service-$ARCH.log" 2>&1 &
   SERVER_PID=$!

@@ -156,3 +156,18 @@ def test_reload_requests_add_up_from_every_requester() -> None:
 def test_automatic_worker_count(requested: int, on_cuda: bool, cpus: int,
                                 expected: int) -> None:
     assert workers_for(requested, on_cuda=on_cuda, cpus=cpus) == expected
+
+
+def test_torch_threads_follow_the_device_and_the_workers() -> None:
+    import torch
+
+    from app.main import host_threads
+    from models.device import Accelerator
+
+    cpu, cuda = Accelerator(torch.device("cpu")), Accelerator(torch.device("cuda"))
+    assert host_threads(3, cpu, processes=2) == 3  # asked for: as asked
+    assert host_threads(3, cuda) == 3
+    assert host_threads(0, cuda, processes=4) == 1
+    cores = torch.get_num_threads()
+    assert host_threads(0, cpu) == cores
+    assert host_threads(0, cpu, processes=cores * 2) == 1
