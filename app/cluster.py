@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.config import available_cpus
 from app.exceptions import CheckpointFolderError, ShuttingDownError
 
 if TYPE_CHECKING:
@@ -248,5 +249,5 @@ def workers_for(requested: int, *, on_cuda: bool, cpus: int | None = None) -> in
         return requested
     if not on_cuda:
         return 1
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or available_cpus()
     return max(1, min(16, math.floor(cpus / 4)))

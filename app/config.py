@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -15,8 +16,24 @@ MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 API_KEY_PATTERN = re.compile(r"[\x21-\x7e]+")  # what a header carries byte for byte
 
 
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity, lowered to a cgroup v2 CPU quota
+    (`docker run --cpus`), so a container's share is counted, not the host's cores."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def _default_decode_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, available_cpus()))
 
 
 class Settings(BaseSettings):

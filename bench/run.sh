@@ -4,6 +4,7 @@
 # end alone (bench.frontend: a stand-in model, the service against LitServe). Loopback only.
 #   bench/run.sh                       # resnet34 and resnet50, CPU (or CUDA when present)
 #   ARCHS=resnet50 CONC=1,16,32 SECONDS_PER_LEVEL=5 bench/run.sh
+#   WORKERS=2 FRONTEND=0 bench/run.sh  # the service with 2 worker processes; no front-end part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -88,7 +89,9 @@ for ARCH in $ARCHS; do
   run_peer naive "naive FastAPI"
 done
 
-if command -v wrk >/dev/null 2>&1; then
+if [ "${FRONTEND:-1}" = "0" ]; then
+  echo "FRONTEND=0: skipping the front-end benchmark" >&2
+elif command -v wrk >/dev/null 2>&1; then
   echo "== front end: the service and LitServe with a stand-in model, loaded by wrk" >&2
   "$PY" -m bench.frontend --seconds "$SECS" --workers "${FRONTEND_WORKERS:-1,2}" \
     --out-dir "$OUT/frontend" >"$OUT/frontend.json"
