@@ -7,7 +7,9 @@ process started by app.supervisor runs, on the port the supervisor reserved.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
 import socket
 import sys
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("app")
 
 WorkerEntry = Callable[[], None]
+PR_SET_PDEATHSIG = 1  # prctl(2)
 EXIT_CANNOT_LISTEN = 78  # a worker's exit status when it cannot bind the port (not uvicorn's)
 
 
@@ -129,10 +132,23 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _stop_with_supervisor(supervisor: int) -> None:
+    """Have the kernel send this process SIGTERM when the supervisor dies (Linux), so a
+    killed supervisor never leaves workers serving on the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        logger.debug("PR_SET_PDEATHSIG not available")
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve_worker(settings: Settings, tables: ClusterTables, index: int,
-                 entry: WorkerEntry | None) -> None:
+                 entry: WorkerEntry | None, supervisor: int) -> None:
     """A worker process's main: one app sharing the port and the tables with the others."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor turns SIGHUP into reloads
+    _stop_with_supervisor(supervisor)
     configure_logging(log_format=settings.log_format, level=settings.log_level,
                       worker=index)
     if entry is not None:

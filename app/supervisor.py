@@ -128,7 +128,8 @@ class Supervisor:
 
     def _start(self, slot: _Slot, worker_settings: Settings) -> None:
         process = self.context.Process(
-            target=serve_worker, args=(worker_settings, self.tables, slot.index, self.entry),
+            target=serve_worker,
+            args=(worker_settings, self.tables, slot.index, self.entry, os.getpid()),
             name=f"worker-{slot.index}", daemon=False)
         process.start()
         slot.process, slot.started_at, slot.seen_ready = process, time.monotonic(), False

@@ -51,6 +51,14 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting to be reaped does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def start_server(folder: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = log_path.open("w")
@@ -245,7 +253,7 @@ def test_sigterm_drains_every_worker_and_exits_0(checkpoint_root, tmp_path) -> N
         stop(proc)
     assert results and set(results) <= {200, 503}, results  # 503: arrived after the stop
     assert results.count(200) >= 1
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert not any(alive(pid) for pid in workers)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -272,3 +280,33 @@ def test_a_port_in_use_is_reported(checkpoint_root, tmp_path) -> None:
             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+
+
+def test_any_free_port_and_no_orphans_when_the_supervisor_is_killed(checkpoint_root,
+                                                                     tmp_path) -> None:
+    folder = tmp_path / "ckpts"
+    shutil.copytree(checkpoint_root / "colors", folder / "colors")
+    log_path = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--workers", "2", "--checkpoint-dir", str(folder),
+         "--port", "0", "--device", "cpu", "--torch-threads", "1", "--decode-workers", "1",
+         "--shutdown-timeout", "5"],
+        cwd=ROOT, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    try:
+        give_up = time.monotonic() + 60
+        while not (found := re.search(r"workers on http://127\.0\.0\.1:(\d+)",
+                                      log_path.read_text())):
+            assert time.monotonic() < give_up and proc.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        url = f"http://127.0.0.1:{found.group(1)}"
+        wait_ready(proc, url, log_path)
+        workers = children(proc.pid)
+        assert len(workers) == 2 and predict(url, headers={}).status_code == 200
+        proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+        proc.wait(10)
+        give_up = time.monotonic() + 30
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < give_up, "workers outlived their supervisor"
+            time.sleep(0.2)
+    finally:
+        stop(proc)
