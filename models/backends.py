@@ -35,7 +35,7 @@ class TorchRunner:
         self.model = accelerator.prepare_model(model).eval()
         self.normalize = Normalize(card.preprocessing).to(accelerator.device)
         self.accelerator = accelerator
-        self.task = card.task
+        self.task, self.temperature = card.task, card.temperature
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 [N,3,H,W] -> float32 [N,C] probabilities on the CPU."""
@@ -44,7 +44,7 @@ class TorchRunner:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.accelerator.autocast():
             logits = self.model(x)
-        return probabilities(logits.float(), self.task).cpu()
+        return probabilities(logits.float(), self.task, self.temperature).cpu()
 
 
 def make_runner(backend: str, model: nn.Module, card: ModelCard, accelerator: Accelerator, *,
@@ -59,7 +59,7 @@ def make_runner(backend: str, model: nn.Module, card: ModelCard, accelerator: Ac
                                f"device cpu and precision fp32 (got {accelerator.describe()}, "
                                f"{accelerator.precision_name})")
         return OnnxRuntimeModel(model.cpu().eval(), Normalize(card.preprocessing),
-                                task=card.task,
+                                task=card.task, temperature=card.temperature,
                                 input_shape=(3, card.preprocessing.crop, card.preprocessing.crop),
                                 threads=threads or torch.get_num_threads())
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")

@@ -14,12 +14,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from models.architectures import ARCHITECTURES, DEFAULT_EVAL_RESIZE_RATIO, STEMS, arch_spec
+from models.calibration import TEMPERATURE_RANGE
 
 FORMAT_VERSION = 1
 TASKS = ("single_label", "multi_label")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 MAX_SIDE = 4096  # largest resize or crop, in pixels
 MAX_CARD_DEPTH = 32  # nesting of objects and arrays in a card (real cards use about 5)
+CALIBRATION_FIELDS = ("temperature", "ece_before", "ece_after", "bins")
+MAX_ECE_BINS = 1000
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +151,8 @@ class ModelCard:
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
     weights_sha256: str | None = None  # of model.safetensors, written by save()
+    # temperature scaling fitted on validation: temperature, ece_before, ece_after, bins
+    calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -157,6 +162,15 @@ class ModelCard:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def temperature(self) -> float | list[float] | None:
+        """What logits are divided by before softmax/sigmoid (None: not calibrated)."""
+        if self.calibration is None:
+            return None
+        temperature = self.calibration["temperature"]
+        return [float(t) for t in temperature] if isinstance(temperature, (list, tuple)) \
+            else float(temperature)
 
     def problems(self) -> list[str]:
         """What is wrong with this card (empty when valid)."""
@@ -178,6 +192,8 @@ class ModelCard:
                                        low=0.0, high=1.0)
             if problem:
                 out.append(f"{problem} (one per class)")
+        if not classes_problem and self.calibration is not None:
+            out += _calibration_problems(self.calibration, self.task, len(self.classes))
         return out
 
     def _field_type_problems(self) -> list[str]:
@@ -228,6 +244,33 @@ class ModelCard:
             interpolation=pre.get("interpolation", "bilinear"))
         fields = {k: v for k, v in data.items() if k in known and k != "preprocessing"}
         return cls(preprocessing=preprocessing, **fields)
+
+def _calibration_problems(calibration: object, task: object, num_classes: int) -> list[str]:
+    """What is wrong with a card's `calibration` object (empty when valid)."""
+    if not isinstance(calibration, dict):
+        return [f"calibration must be an object, got {_shown(calibration)}"]
+    missing = [k for k in CALIBRATION_FIELDS if k not in calibration]
+    if missing:
+        return [f"calibration is missing {missing}"]
+    low, high = TEMPERATURE_RANGE
+    temperature = calibration["temperature"]
+    if task == "multi_label":
+        problem = _numbers_problem("calibration.temperature", temperature, count=num_classes,
+                                   low=low, high=high)
+        out = [f"{problem} (one per class)"] if problem else []
+    else:
+        ok = _is_finite_number(temperature) and low <= temperature <= high
+        out = [] if ok else [f"calibration.temperature must be a finite number in "
+                             f"[{low}, {high}], got {_shown(temperature)}"]
+    out += [f"calibration.{what} must be a finite number in [0, 1], got {_shown(v)}"
+            for what in ("ece_before", "ece_after")
+            if not _is_finite_number(v := calibration[what]) or not 0.0 <= v <= 1.0]
+    bins = calibration["bins"]
+    if not _is_int(bins) or not 1 <= bins <= MAX_ECE_BINS:
+        out.append(f"calibration.bins must be an integer in [1, {MAX_ECE_BINS}], "
+                   f"got {_shown(bins)}")
+    return out
+
 
 def _is_sha256(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and \

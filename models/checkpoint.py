@@ -36,7 +36,9 @@ HISTORY_FILE = "history.csv"
 CURVES_FILE = "curves.png"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"  # single-label checkpoints
 PR_CURVES_FILE = "pr_curves.png"  # multi-label checkpoints
-REPORT_FILES = (METRICS_FILE, HISTORY_FILE, CURVES_FILE, CONFUSION_MATRIX_FILE, PR_CURVES_FILE)
+CALIBRATION_FILE = "calibration.png"  # reliability diagrams before/after temperature scaling
+REPORT_FILES = (METRICS_FILE, HISTORY_FILE, CURVES_FILE, CONFUSION_MATRIX_FILE, PR_CURVES_FILE,
+                CALIBRATION_FILE)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 WEIGHTS_DIGEST_FIELD = "weights_sha256"  # in card.json: the sha256 of model.safetensors
 MAX_CARD_BYTES = 4 * 1024 * 1024  # a card past this is refused unread

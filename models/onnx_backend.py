@@ -1,8 +1,9 @@
 """Run a checkpoint's model with ONNX Runtime on the CPU instead of PyTorch.
 
-The model (batch norms folded, input normalisation and the final softmax or sigmoid
-included) is exported to ONNX in memory when a checkpoint loads, and checked against
-PyTorch on the same inputs before it serves: a model whose outputs differ is refused.
+The model (batch norms folded, input normalisation and the final softmax or sigmoid, of
+the logits divided by the card's temperature when it has one, included) is exported to ONNX
+in memory when a checkpoint loads, and checked against PyTorch on the same inputs before it
+serves: a model whose outputs differ is refused.
 
 It exists because ONNX Runtime is faster than PyTorch on CPU hosts at small batches (figures
 in docs/benchmarks.md). Needs the `onnx` extra: `pip install 'resnet-serve[onnx]'`.
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.outputs import probabilities
+from models.outputs import Temperature, probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,14 @@ class BackendError(RuntimeError):
 class ProbabilityGraph(nn.Module):
     """uint8 batch -> probabilities: what the service computes, as one graph."""
 
-    def __init__(self, model: nn.Module, normalize: nn.Module, task: str) -> None:
+    def __init__(self, model: nn.Module, normalize: nn.Module, task: str,
+                 temperature: Temperature = None) -> None:
         super().__init__()
         self.model, self.normalize, self.task = model, normalize, task
+        self.temperature = temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return probabilities(self.model(self.normalize(images)), self.task)
+        return probabilities(self.model(self.normalize(images)), self.task, self.temperature)
 
 
 def _import_onnxruntime() -> Any:
@@ -72,9 +75,10 @@ class OnnxRuntimeModel:
     """An ONNX Runtime session computing probabilities from uint8 NCHW batches."""
 
     def __init__(self, model: nn.Module, normalize: nn.Module, *, task: str,
-                 input_shape: tuple[int, int, int], threads: int) -> None:
+                 input_shape: tuple[int, int, int], threads: int,
+                 temperature: Temperature = None) -> None:
         ort = _import_onnxruntime()
-        graph = ProbabilityGraph(model, normalize, task).eval()
+        graph = ProbabilityGraph(model, normalize, task, temperature).eval()
         exported = export_onnx(graph, input_shape)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)

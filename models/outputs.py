@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+Temperature = float | Sequence[float] | None  # one for softmax, one per class for sigmoid
 
 SOFTMAX_TOLERANCE = 1e-3  # how far a single-label row's probabilities may sum from 1
 
@@ -11,9 +15,13 @@ class ModelOutputError(RuntimeError):
     """A model answered something other than well-formed probabilities (shape, NaN, range)."""
 
 
-def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, task: str, temperature: Temperature = None
+                  ) -> torch.Tensor:
     """[N, C] logits -> probabilities: softmax over classes (single-label), else per-class
-    sigmoid (multi-label). Every place that turns logits into scores calls this."""
+    sigmoid (multi-label), of logits / `temperature` when a card holds one (a checkpoint's
+    `card.temperature`). Every place that turns logits into scores calls this."""
+    if temperature is not None:
+        logits = logits / torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
     return torch.softmax(logits, dim=1) if task == "single_label" else torch.sigmoid(logits)
 
 

@@ -20,6 +20,7 @@ MAX_IMAGE_SIZE = 4096
 STEM_CHOICES = ("auto", *STEMS)
 TASK_FLAGS = ("single", "multi")  # what --task accepts
 TASK_CHOICES = (None, *TASK_FLAGS, "single_label", "multi_label")  # what a TrainConfig takes
+BALANCE_CHOICES = ("none", "loss", "sampler")
 AUTO_RESUME = "auto"  # --resume without a file: the state in --output
 ARCH_CHOICES = tuple(ARCHITECTURES)
 DEVICE_HELP = "where to run; auto picks CUDA when present"
@@ -66,6 +67,10 @@ class TrainConfig:
                                          help="linear LR warm-up (default min(1, 0.1 x epochs))")
     label_smoothing: float = option(0.1, within=Range(0.0, 1.0, high_open=True),
                                     help="label smoothing of the single-label loss")
+    balance: str = option(
+        "none", choices=BALANCE_CHOICES,
+        help="single-label class imbalance: loss = inverse-frequency class weights in the "
+             "loss, sampler = draw every class equally often, none = neither")
     min_scale: float | None = option(None, within=Range(0.0, 1.0, low_open=True),
                                      help="RandomResizedCrop min area (default: auto)")
     trivial_augment: float | None = option(
@@ -106,6 +111,12 @@ class TrainConfig:
             out.append(f"--stem must be one of {', '.join(STEM_CHOICES)}, got {self.stem!r}")
         if self.task not in TASK_CHOICES:
             out.append(f"--task must be single or multi, got {self.task!r}")
+        if self.balance not in BALANCE_CHOICES:
+            out.append(f"--balance must be one of {', '.join(BALANCE_CHOICES)}, "
+                       f"got {self.balance!r}")
+        elif self.balance != "none" and self.task in ("multi", "multi_label"):
+            out.append(f"--balance {self.balance} applies to single-label data only, not to "
+                       "--task multi")
         if self.resume is not None and self.overwrite:
             out.append("--resume continues the run in --output and --overwrite replaces it: "
                        "pass one of them")

@@ -14,7 +14,13 @@ from torch import nn
 
 from models import checkpoint
 from models.card import ModelCard, Preprocessing
-from models.checkpoint import CONFUSION_MATRIX_FILE, CURVES_FILE, METRICS_FILE, PR_CURVES_FILE
+from models.checkpoint import (
+    CALIBRATION_FILE,
+    CONFUSION_MATRIX_FILE,
+    CURVES_FILE,
+    METRICS_FILE,
+    PR_CURVES_FILE,
+)
 from training import report
 from training.metrics import summary
 from training.storage import write_errors
@@ -22,7 +28,8 @@ from training.storage import write_errors
 logger = logging.getLogger(__name__)
 
 # Written with each exported checkpoint (curves.png at the end of the run), never carried over.
-PER_EXPORT_REPORTS = (METRICS_FILE, CONFUSION_MATRIX_FILE, PR_CURVES_FILE, CURVES_FILE)
+PER_EXPORT_REPORTS = (METRICS_FILE, CONFUSION_MATRIX_FILE, PR_CURVES_FILE, CURVES_FILE,
+                      CALIBRATION_FILE)
 ReportWriters = Mapping[str, Callable[[Path], None]]
 
 
@@ -35,19 +42,22 @@ def write_checkpoint(directory: Path, model: nn.Module, *, name: str, arch: str,
                      classes: list[str], preprocessing: Preprocessing, stem: str,
                      thresholds: list[float] | None, metrics: dict[str, Any],
                      training: dict[str, Any], reports: ReportWriters | None = None,
-                     replaces: Collection[str] = ()) -> Path:
+                     replaces: Collection[str] = (),
+                     calibration: dict[str, Any] | None = None) -> Path:
     """Build the card and save weights + card + `reports` as one unit (models.checkpoint)."""
     card = ModelCard(name=name, arch=arch, task=task, classes=classes,
                      preprocessing=preprocessing, thresholds=thresholds, metrics=metrics,
-                     training={**training, "versions": versions()}, stem=stem)
+                     training={**training, "versions": versions()}, stem=stem,
+                     calibration=calibration)
     return checkpoint.save(directory, model, card, reports=reports, replaces=replaces)
 
 
 def card_metrics(best_metrics: dict[str, Any]) -> dict[str, Any]:
-    """The card's `metrics`: the best epoch's scalar validation figures."""
+    """The card's `metrics`: the best epoch's scalar validation figures (and per-class recall)."""
     out = {**summary(best_metrics), "epoch": best_metrics["epoch"], "split": "validation"}
-    if "f1_thresholds" in best_metrics:
-        out["f1_thresholds"] = best_metrics["f1_thresholds"]
+    for key in ("f1_thresholds", "per_class_recall"):
+        if key in best_metrics:
+            out[key] = best_metrics[key]
     return out
 
 
@@ -63,6 +73,9 @@ def validation_reports(task: str, best_metrics: dict[str, Any], classes: Sequenc
     else:
         reports[PR_CURVES_FILE] = lambda p: report.plot_pr_curves(
             p, scores, targets, classes, thresholds or [])
+    if "calibration" in best_metrics:
+        reports[CALIBRATION_FILE] = lambda p: report.plot_reliability(
+            p, best_metrics["calibration"])
     return reports
 
 
@@ -76,6 +89,6 @@ def finish_checkpoint(directory: Path, model: nn.Module, *, training: dict[str, 
         write_checkpoint(directory, model, name=card.name, arch=card.arch, task=card.task,
                          classes=card.classes, preprocessing=card.preprocessing,
                          stem=card.stem, thresholds=card.thresholds, metrics=card.metrics,
-                         training=training,
+                         training=training, calibration=card.calibration,
                          reports={CURVES_FILE: lambda p: report.plot_curves(p, history,
                                                                             monitor)})

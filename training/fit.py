@@ -25,6 +25,8 @@ from models.checkpoint import HISTORY_FILE
 from models.device import Accelerator
 from models.preprocessing import Normalize
 from training import distributed, report
+from training.balance import class_counts, class_weights
+from training.calibrate import CalibratedOutput, calibrate, card_calibration
 from training.config import TrainConfig
 from training.distributed import DistInfo, gather_objects
 from training.exceptions import DataError, NonFiniteError
@@ -84,10 +86,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validation_metrics(validation: EvalOutput, data: TrainingData
+def validation_metrics(validation: CalibratedOutput, data: TrainingData
                        ) -> tuple[dict[str, Any], list[float] | None]:
-    """Full metrics for one validation pass; multi-label thresholds are tuned here (F1 is
-    scored on images the thresholds were not tuned on)."""
+    """Full metrics for one validation pass; multi-label thresholds are tuned here, on the
+    calibrated scores (F1 is scored on images the thresholds were not tuned on)."""
     scores, targets = validation.scores, validation.targets
     if data.task == "single_label":
         metrics, thresholds = single_label_metrics(scores, targets.astype(int),
@@ -95,6 +97,7 @@ def validation_metrics(validation: EvalOutput, data: TrainingData
     else:
         metrics, thresholds = held_out_multi_label_metrics(scores, targets, data.classes)
     metrics["excluded"] = len(validation.failed)
+    metrics["calibration"] = validation.calibration
     return metrics, thresholds
 
 
@@ -183,7 +186,17 @@ class FitRun:
         self.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=fp16)
         self.criterion = build_criterion(
             self.data.task, label_smoothing=self.recipe.label_smoothing,
-            train_targets=self.data.train.targets()).to(self.accelerator.device)
+            train_targets=self.data.train.targets(),
+            class_weight=self._class_weight()).to(self.accelerator.device)
+
+    def _class_weight(self) -> torch.Tensor | None:
+        """The single-label loss's class weights under --balance loss (None otherwise)."""
+        if self.cfg.balance != "loss":
+            return None
+        weights = class_weights(class_counts(self.data.train.targets(), len(self.data.classes)))
+        logger.info("class weights in the loss: %s", ", ".join(
+            f"{c} {w:.3g}" for c, w in zip(self.data.classes, weights.tolist(), strict=True)))
+        return weights
 
     def _stateful(self) -> dict[str, Any]:
         """The objects whose state dicts a resume state holds, by key."""
@@ -234,8 +247,8 @@ class FitRun:
             "precision": self.accelerator.precision_name, "world_size": self.info.world_size,
         }
 
-    def _export(self, thresholds: list[float] | None, validation: EvalOutput, seconds: float
-                ) -> None:
+    def _export(self, thresholds: list[float] | None, validation: CalibratedOutput,
+                seconds: float) -> None:
         """Write the best epoch so far as the checkpoint, with its report files."""
         best = self.progress.best_metrics
         reports = validation_reports(self.data.task, best, self.data.classes,
@@ -247,7 +260,8 @@ class FitRun:
                 task=self.data.task, classes=self.data.classes, preprocessing=self.preprocessing,
                 stem=self.recipe.stem, thresholds=thresholds, metrics=card_metrics(best),
                 training=self.training_record(seconds), reports=reports,
-                replaces=PER_EXPORT_REPORTS)
+                replaces=PER_EXPORT_REPORTS,
+                calibration=card_calibration(validation.calibration))
 
     def _train(self, epoch: int) -> EpochStats:
         """One epoch of training on every rank, its undecodable images accounted for."""
@@ -261,8 +275,9 @@ class FitRun:
                                 data_root=self.cfg.data)
         return stats
 
-    def _validate(self, epoch: int) -> EvalOutput:
-        """The validation pass over all ranks; a non-finite loss stops the run."""
+    def _validate(self, epoch: int) -> CalibratedOutput:
+        """The validation pass over all ranks, its scores temperature-scaled (the
+        temperature fitted on it); a non-finite loss stops the run."""
         validation = evaluate(self.model, self.val_loader, criterion=self.criterion,
                               accelerator=self.accelerator, normalize=self.normalize,
                               task=self.data.task, info=self.info)
@@ -270,7 +285,7 @@ class FitRun:
             raise NonFiniteError(f"the validation loss became {validation.loss} at epoch "
                                  f"{epoch + 1}: the run diverged and was stopped; lower --lr")
         self.failures.add_val(validation.failed)
-        return validation
+        return calibrate(validation, self.data.task)
 
     def run_epoch(self, epoch: int, started: float) -> dict[str, Any]:
         """Train and validate one epoch; export when it is the best so far."""
@@ -285,9 +300,11 @@ class FitRun:
                                         metrics=metrics)
         if improved and self.info.is_main:
             self._export(thresholds, validation, time.perf_counter() - started)
-        logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_%s %.4f  %.0f img/s  "
+        balanced = (f"  val_balanced_accuracy {metrics['balanced_accuracy']:.4f}"
+                    if "balanced_accuracy" in metrics else "")
+        logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_%s %.4f%s  %.0f img/s  "
                     "%.1fs%s", epoch + 1, self.cfg.epochs, stats.loss, validation.loss, monitor,
-                    value, stats.images_per_second, stats.seconds,
+                    value, balanced, stats.images_per_second, stats.seconds,
                     "  *best" if improved else "")
         return row
 

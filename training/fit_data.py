@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from models.card import Preprocessing
 from models.preprocessing import eval_transform, train_transform
+from training.balance import BalancedSampler, check_balance, class_counts, warn_if_imbalanced
 from training.config import TrainConfig
 from training.data import (
     ImageDataset,
@@ -51,7 +52,7 @@ class TrainingData:
 class Loaders(NamedTuple):
     """The training sampler (its epoch is set each epoch) and both loaders."""
 
-    train_sampler: DistributedSampler
+    train_sampler: DistributedSampler | BalancedSampler
     train: DataLoader
     val: DataLoader
 
@@ -79,6 +80,7 @@ def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, in
               ) -> TrainingData:
     """Discover, split (or read --val), and wrap both sides in datasets with their transforms."""
     found = discover(cfg.data, task=cfg.task, max_pixels=cfg.max_pixels)
+    check_balance(cfg.balance, found.task)
     train_samples, val_samples, val_root, source = split_samples(cfg, found, info)
     if len(train_samples) < 2:
         raise DataError(f"{cfg.data}: need at least 2 training images, found {len(train_samples)}")
@@ -94,9 +96,22 @@ def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, in
                        decode_size=preprocessing.resize, max_pixels=cfg.max_pixels)
     logger.info("data: %d training / %d validation images, %d classes, %s",
                 len(train), len(val), len(found.classes), found.task)
+    if found.task == "single_label" and info.is_main:
+        warn_if_imbalanced(class_counts(train.targets(), len(found.classes)), found.classes,
+                           balance=cfg.balance)
     split = {"sha256": split_digest(train_samples, found.root, val_samples, val_root),
              "train": len(train), "val": len(val), "source": source}
     return TrainingData(train, val, found.classes, found.task, split, found.skipped)
+
+
+def train_sampler_for(data: TrainingData, cfg: TrainConfig, info: DistInfo
+                      ) -> DistributedSampler | BalancedSampler:
+    """This rank's training sampler: a shuffle, or class-balanced draws with --balance sampler."""
+    if cfg.balance == "sampler":
+        return BalancedSampler(data.train.targets(), len(data.classes), seed=cfg.seed,
+                               rank=info.rank, world_size=info.world_size)
+    return DistributedSampler(data.train, num_replicas=info.world_size, rank=info.rank,
+                              shuffle=True, seed=cfg.seed)
 
 
 def make_loaders(data: TrainingData, cfg: TrainConfig, batch_size: int, info: DistInfo, *,
@@ -104,8 +119,7 @@ def make_loaders(data: TrainingData, cfg: TrainConfig, batch_size: int, info: Di
     """This rank's share of both sides; validation runs at twice the batch size."""
     # The sampler's seed is shared (one permutation split across ranks); the loader's is
     # per rank, so each rank's workers draw their own augmentation stream.
-    train_sampler = DistributedSampler(data.train, num_replicas=info.world_size, rank=info.rank,
-                                       shuffle=True, seed=cfg.seed)
+    train_sampler = train_sampler_for(data, cfg, info)
     # A last batch of one image is dropped: BatchNorm in training mode fails on it where the
     # features shrink to 1x1. Each rank holds the same count, so all ranks drop it together.
     drop_last = len(train_sampler) % batch_size == 1

@@ -50,6 +50,7 @@ class EvalOutput:
     targets: np.ndarray
     loss: float
     failed: list[int] = field(default_factory=list)  # dataset indices excluded (not decodable)
+    logits: np.ndarray | None = None  # the raw outputs the scores came from, same order
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, *, arch: str) -> torch.optim.AdamW:
@@ -88,11 +89,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
 
 
-def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.Tensor
-                    ) -> nn.Module:
-    """Label-smoothed cross-entropy, or BCE with per-class pos_weight = negatives/positives."""
+def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.Tensor,
+                    class_weight: torch.Tensor | None = None) -> nn.Module:
+    """Label-smoothed cross-entropy (optionally class-weighted), or BCE with per-class
+    pos_weight = negatives/positives."""
     if task == "single_label":
-        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        return nn.CrossEntropyLoss(weight=class_weight, label_smoothing=label_smoothing)
     positives = train_targets.sum(dim=0)
     negatives = train_targets.shape[0] - positives
     pos_weight = torch.where(positives > 0, negatives / positives.clamp(min=1),
@@ -218,4 +220,4 @@ def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module,
         loss = float(criterion.cpu()(all_logits, target_t))
     criterion.to(accelerator.device)
     return EvalOutput(scores=all_scores, targets=all_targets, loss=loss,
-                      failed=sorted(all_failed))
+                      failed=sorted(all_failed), logits=all_logits.numpy())

@@ -33,7 +33,8 @@ def _per_class(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, support: np.ndarr
 
 def single_label_metrics(scores: np.ndarray, target: np.ndarray,
                          classes: Sequence[str]) -> dict[str, Any]:
-    """accuracy, top5_accuracy, balanced_accuracy, per_class, confusion_matrix."""
+    """accuracy, top5_accuracy, balanced_accuracy (mean recall over the classes present),
+    per_class_recall, per_class, confusion_matrix."""
     n, c = scores.shape
     pred = scores.argmax(axis=1)
     cm = confusion_matrix(pred, target, c)
@@ -48,6 +49,7 @@ def single_label_metrics(scores: np.ndarray, target: np.ndarray,
         "top5_accuracy": float((topk == target[:, None]).any(axis=1).mean()) if n else 0.0,
         "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
         "num_samples": int(n),
+        "per_class_recall": {name: float(recall[i]) for i, name in enumerate(classes)},
         "per_class": _per_class(tp, cm.sum(axis=0) - tp, support - tp, support, classes),
         "confusion_matrix": cm.tolist(),
     }

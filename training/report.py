@@ -98,3 +98,29 @@ def plot_pr_curves(path: Path, scores: np.ndarray, targets: np.ndarray,
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_reliability(path: Path, calibration: dict[str, Any]) -> None:
+    """calibration.png: reliability diagrams before and after temperature scaling."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
+    for ax, when in zip(axes, ("before", "after"), strict=True):
+        diagram = calibration[f"reliability_{when}"]
+        lower, upper = np.asarray(diagram["lower"]), np.asarray(diagram["upper"])
+        filled = [i for i, n in enumerate(diagram["count"]) if n]
+        accuracy = [diagram["accuracy"][i] for i in filled]
+        confidence = [diagram["confidence"][i] for i in filled]
+        ax.bar(lower[filled], accuracy, width=(upper - lower)[filled], align="edge",
+               edgecolor="black", alpha=0.7, label="accuracy")
+        ax.plot(confidence, accuracy, "o", color="C3", markersize=4, label="mean confidence")
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", aspect="equal",
+               title=f"{when}: ECE {calibration[f'ece_{when}']:.3f}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(loc="upper left", fontsize=8)
+    temperature = calibration["temperature"]
+    shown = f"{temperature:.3g}" if isinstance(temperature, float) else "one per class"
+    fig.suptitle(f"reliability (validation, {calibration['bins']} bins), temperature {shown}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -80,6 +80,7 @@ def run_identity(cfg: TrainConfig, recipe: Recipe, *, task: str, split: dict[str
                "freeze_epochs": cfg.freeze_epochs, "seed": cfg.seed,
                "val": None if cfg.val is None else str(cfg.val),
                "val_fraction": cfg.val_fraction, "max_pixels": cfg.max_pixels,
+               "balance": cfg.balance,
                **recipe.to_dict()}
     return {"options": options, "split": dict(split)}
 
