@@ -119,16 +119,26 @@ def serve(settings: Settings) -> int:
     return 0 if run_uvicorn(create_app(settings), settings) else 1
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on (host, port) that shares the port with the other workers
-    (SO_REUSEPORT: the kernel spreads new connections over them)."""
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) with SO_REUSEPORT, so that several processes can
+    listen on the port and the kernel spreads new connections over them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(ACCEPT_BATCH)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     sock.set_inheritable(False)
+    return sock
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A worker's listening socket on the port it shares with the other workers."""
+    sock = shared_port_socket(host, port)
+    sock.listen(ACCEPT_BATCH)
     return sock
 
 

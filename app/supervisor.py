@@ -24,7 +24,7 @@ from types import FrameType
 from app.cluster import READY, STATE, ClusterTables, SharedState
 from app.config import Settings
 from app.metrics import MULTIPROC_ENV
-from app.server import EXIT_CANNOT_LISTEN, WorkerEntry, serve_worker
+from app.server import EXIT_CANNOT_LISTEN, WorkerEntry, serve_worker, shared_port_socket
 
 logger = logging.getLogger("app.supervisor")
 
@@ -61,7 +61,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until told to stop; returns the exit status."""
-        port_holder = _reserve_port(self.settings.host, self.settings.port)
+        # bound, never listening: it holds the port (and with port 0 picks it) for the
+        # workers, which each listen on it
+        port_holder = shared_port_socket(self.settings.host, self.settings.port)
         port = port_holder.getsockname()[1]
         metrics_dir = tempfile.mkdtemp(prefix="resnet-serve-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir  # read by each worker's prometheus_client
@@ -176,21 +178,6 @@ class Supervisor:
         for slot in self.slots:
             self.state.clear(slot.index)
         logger.info("supervisor: every worker has stopped")
-
-
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (host, port) without listening: it holds the port, and with port 0 picks it,
-    for the workers, which each listen on it with SO_REUSEPORT."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _forget_metrics(pid: int) -> None:

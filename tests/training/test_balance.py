@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 from models import checkpoint
+from tests.torchrun_helpers import torchrun_fit
 from training.balance import BalancedSampler, class_counts, class_weights, warn_if_imbalanced
 from training.cli import main
 from training.config import SynthConfig, TrainConfig
@@ -24,7 +22,6 @@ from training.fit import FitRun
 from training.metrics import single_label_metrics
 from training.synthetic import generate
 
-REPO = Path(__file__).resolve().parents[2]
 WARNING = "imbalanced classes"
 
 
@@ -156,13 +153,7 @@ def test_multi_label_with_balance_is_refused(multi_data, tmp_path, caplog, tiny_
 
 def test_torchrun_two_processes_with_the_balanced_sampler(skewed_data, tmp_path):
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "training", "fit", str(skewed_data), "--output", str(out), "--weights", "none",
-           "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
-           "--workers", "0", "--device", "cpu", "--no-progress", "--balance", "sampler"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun_fit(skewed_data, out, "--balance", "sampler")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count(WARNING) == 1  # one rank warns
     metrics = json.loads((out / "metrics.json").read_text())

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +11,8 @@ from torchvision.models import resnet18
 
 from models import checkpoint
 from models.architectures import cached_weights_path, imagenet_categories, imagenet_weights
+from tests.torchrun_helpers import torchrun_fit
 from training.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_import_torchvision_from_the_hub_cache(tmp_path, monkeypatch):
@@ -49,13 +44,7 @@ def test_import_torchvision_without_weights_fails_at_once(tmp_path, monkeypatch,
 
 def test_torchrun_two_cpu_processes(single_data, tmp_path):
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "training", "fit", str(single_data), "--output", str(out), "--weights", "none",
-           "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
-           "--workers", "0", "--device", "cpu", "--no-progress", "--val-fraction", "0.25"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun_fit(single_data, out, "--val-fraction", "0.25")
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = checkpoint.read_card(out)
     assert card.training["world_size"] == 2
@@ -104,14 +93,8 @@ def test_torchrun_with_an_undecodable_image_on_one_rank(tmp_path):
         Image.effect_noise((32, 32), 60).convert("RGB").save(broken)
         broken.write_bytes(broken.read_bytes()[:200])  # header fine, pixels cut short
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
     # One image per step: a rank whose image fails has an empty batch while the other trains.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "training", "fit", str(data), "--val", str(val), "--output", str(out),
-           "--weights", "none", "--arch", "resnet18", "--image-size", "32", "--epochs", "1",
-           "--batch-size", "1", "--workers", "0", "--device", "cpu", "--no-progress"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun_fit(data, out, "--val", str(val), batch_size=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     skipped = checkpoint.read_card(out).training["dataset"]["skipped"]
     assert skipped["train_undecodable"] == 2 and skipped["val_undecodable"] == 0
