@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from models import checkpoint
+from models.calibration import ECE_BINS, expected_calibration_error
 from models.decoding import DEFAULT_MAX_PIXELS
 from models.device import Accelerator
 from models.predict import Predictor
@@ -79,6 +80,10 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, Any]:
     else:
         thresholds = card.thresholds or [0.5] * card.num_classes
         metrics = multi_label_metrics(scores, targets, card.classes, thresholds)
+    labels = targets.astype(int) if card.task == "single_label" else targets
+    # how well the scores as served (with the card's temperature) match the outcomes here
+    metrics["ece"] = (expected_calibration_error(scores, labels, card.task, bins=ECE_BINS)
+                      if len(scores) else None)
     excluded = [str(p) for p in unusable] + [str(dataset.samples[i].path) for i in sorted(failed)]
     if excluded:
         logger.warning("%d images are excluded from the metrics (named above)", len(excluded))

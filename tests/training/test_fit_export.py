@@ -7,10 +7,13 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from models import checkpoint
+from models.calibration import expected_calibration_error
+from models.outputs import probabilities
 from models.preprocessing import Normalize, eval_transform
 from training.config import EvaluateConfig
 from training.evaluation import build_eval_dataset, evaluate_checkpoint
@@ -70,12 +73,18 @@ def test_evaluate_prints_only_json_matching_a_manual_pass(trained, single_data):
     model, card = checkpoint.load(out)
     ds = build_eval_dataset(single_data, card)
     norm = Normalize(card.preprocessing)
-    correct = 0
+    correct, scores, targets = 0, [], []
     with torch.no_grad():
         for i in range(len(ds)):
             image, target, _ = ds[i]
-            correct += int(model(norm(image[None])).argmax(1).item() == int(target))
+            logits = model(norm(image[None]))
+            correct += int(logits.argmax(1).item() == int(target))
+            scores.append(probabilities(logits, card.task, card.temperature)[0].numpy())
+            targets.append(int(target))
     assert metrics["accuracy"] == pytest.approx(correct / len(ds))
+    # calibration error of the scores as served (the card's temperature applied)
+    assert metrics["ece"] == pytest.approx(expected_calibration_error(
+        np.stack(scores), np.array(targets), card.task), abs=1e-6)
 
 
 def test_evaluate_gives_the_confusion_matrix_only_when_asked(trained, single_data):
