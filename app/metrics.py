@@ -98,11 +98,14 @@ class Metrics:
 
     def _watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         if self.multiprocess:  # the files hold values, not functions: refresh() writes them
-            self._watched = [(g, f) for g, f in self._watched if g is not gauge]
+            self._unwatch(gauge)
             self._watched.append((gauge, read))
             gauge.set(read())
         else:
             gauge.set_function(read)
+
+    def _unwatch(self, gauge: Gauge) -> None:
+        self._watched = [(g, f) for g, f in self._watched if g is not gauge]
 
     def refresh(self) -> None:
         """Write the current value of every watched gauge (multiprocess mode, each tick)."""
@@ -116,7 +119,7 @@ class Metrics:
     def forget_model(self, model: str) -> None:
         """Stop reporting the queue depth of a model that is gone."""
         gauge = self.queue_depth.labels(model)
-        self._watched = [(g, f) for g, f in self._watched if g is not gauge]
+        self._unwatch(gauge)
         gauge.set(0)  # a worker's file keeps the last value written
         with contextlib.suppress(KeyError):
             self.queue_depth.remove(model)

@@ -131,8 +131,7 @@ def shared_port_socket(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(False)
-    return sock
+    return sock  # not inherited by child processes (Python's default for sockets)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
