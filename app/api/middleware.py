@@ -120,12 +120,13 @@ class ErrorBoundaryMiddleware:
                            scope["path"][:200])
             if not started:
                 await errors.response_for(ShuttingDownError(
-                    "the server stopped before this request finished; retry"))(
-                    scope, receive, send)
+                    "the server stopped before this request finished; retry"),
+                    oip=errors.is_oip_path(scope["path"]))(scope, receive, send)
         except Exception:
             logger.exception("unhandled error in %s %s", _method(scope), scope["path"][:200])
             if not started:
-                await errors.internal_error_response()(scope, receive, send)
+                await errors.internal_error_response(oip=errors.is_oip_path(scope["path"]))(
+                    scope, receive, send)
 
 
 def _method(scope: Scope) -> str:

@@ -44,6 +44,12 @@ async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
     return await _parse_multipart(request, body, settings.max_images_per_request)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 past `limit` bytes (from Content-Length before
+    reading when given)."""
+    return await _read_body(request, limit)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:

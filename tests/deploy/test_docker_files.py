@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.config import Settings
+from tests.deploy.settings_env import PREFIX, not_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,12 +67,10 @@ def test_compose_train_profile_writes_checkpoints(compose: dict) -> None:
 
 
 def test_every_env_var_in_compose_and_dockerfile_is_a_setting(compose: dict) -> None:
-    prefix = Settings.model_config["env_prefix"]
-    fields = {name.upper() for name in Settings.model_fields}
     names = set()
     for service in compose["services"].values():
-        names |= {k for k in (service.get("environment") or {}) if k.startswith(prefix)}
-    names |= set(re.findall(rf"\b({prefix}[A-Z_]+)=", (ROOT / "Dockerfile").read_text()))
+        names |= {k for k in (service.get("environment") or {}) if k.startswith(PREFIX)}
+    names |= set(re.findall(rf"\b({PREFIX}[A-Z_]+)=", (ROOT / "Dockerfile").read_text()))
     assert names, "the deployment files configure the service through Settings"
-    unknown = sorted(n for n in names if n[len(prefix):] not in fields)
+    unknown = not_settings(names)
     assert not unknown, f"not Settings fields: {unknown}"

@@ -1,0 +1,166 @@
+"""What a served model is in Open Inference Protocol terms: its version, metadata, inputs
+and outputs, and one inference request run on it.
+
+Inputs (exactly one per request):
+    IMAGE       BYTES [N] or [N, 1]    encoded image files, decoded as POST /predict does
+    PIXELS      UINT8 [N, H, W, 3]     RGB already resized and center-cropped (H = W = crop)
+    NORMALIZED  FP32  [N, 3, H, W]     the same crops as (pixel / 255 - mean) / std
+Outputs:
+    PROBABILITIES  FP32 [N, C]; with parameters.classification = k, BYTES [N, k] of
+                   "score:index:label" (Triton's classification extension)
+    UNKNOWN_SCORE  FP32 [N], for a card with an unknown-input rule: the score /predict
+                   gives as `unknown_score` (above the threshold in the metadata: unknown)
+A request naming no outputs gets all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.api.v2_codec import BYTES, InferRequest, InputTensor, OutputTensor, RequestedOutput
+from app.exceptions import MalformedRequestError, UnknownModelVersionError
+from app.imaging import Upload
+from app.served_model import ServedModel
+
+IMAGE, PIXELS, NORMALIZED = "IMAGE", "PIXELS", "NORMALIZED"
+PROBABILITIES = "PROBABILITIES"
+UNKNOWN_SCORE = "UNKNOWN_SCORE"
+INPUT_TYPES = {IMAGE: BYTES, PIXELS: "UINT8", NORMALIZED: "FP32"}
+UNVERSIONED = "1"  # the version of a checkpoint whose card names no weights digest
+VERSION_DIGITS = 12
+
+
+def version_of(served: ServedModel) -> str:
+    """The model's one version: the first 12 hex digits of its weights' sha256 (the card's
+    `weights_sha256`, as /models shows it), or "1" for a card without one."""
+    digest = served.card.weights_sha256
+    return digest[:VERSION_DIGITS] if digest else UNVERSIONED
+
+
+def check_version(served: ServedModel, version: str | None) -> None:
+    """Pass when `version` is None (any) or the model's version; else 404."""
+    if version is not None and version != version_of(served):
+        raise UnknownModelVersionError(served.name, version, [version_of(served)])
+
+
+def metadata(served: ServedModel, *, max_batch: int) -> dict[str, Any]:
+    """The model metadata answer: name, versions, platform, inputs and outputs."""
+    card, pre = served.card, served.card.preprocessing
+    crop = pre.crop
+    scores = "softmax" if card.task == "single_label" else "sigmoid"
+    return {
+        "name": served.name, "versions": [version_of(served)],
+        "platform": "pytorch" if served.predictor.backend == "torch" else "onnxruntime",
+        "inputs": [
+            {"name": IMAGE, "datatype": BYTES, "shape": [-1], "parameters": {
+                "content": "encoded image files, one per element (JPEG, PNG, GIF, WEBP, BMP, "
+                           "TIFF, ICO); shape [N] or [N, 1]; base64 strings in JSON"}},
+            {"name": PIXELS, "datatype": INPUT_TYPES[PIXELS], "shape": [-1, crop, crop, 3],
+             "parameters": {"layout": "NHWC", "content": "RGB pixels, already resized and "
+                            "center-cropped; the server normalises them"}},
+            {"name": NORMALIZED, "datatype": INPUT_TYPES[NORMALIZED],
+             "shape": [-1, 3, crop, crop],
+             "parameters": {"layout": "NCHW", "content": "RGB crops as (pixel / 255 - mean) "
+                            "/ std per channel, with this model's mean and std"}}],
+        "outputs": [{"name": PROBABILITIES, "datatype": "FP32",
+                     "shape": [-1, card.num_classes], "parameters": {
+                         "scores": f"{scores}(logits / temperature)",
+                         "classification": "score:index:label strings"}}]
+        + ([{"name": UNKNOWN_SCORE, "datatype": "FP32", "shape": [-1], "parameters": {
+              "method": card.unknown["method"], "threshold": card.unknown_threshold,
+              "content": "above the threshold: unlike the training data"}}]
+           if card.unknown is not None else []),
+        "parameters": {key: value for key, value in {
+            "task": card.task, "classes": list(card.classes), "thresholds": card.thresholds,
+            "temperature": card.temperature, "max_batch_size": max_batch,
+            "preprocessing": {"resize": pre.resize, "crop": crop, "mean": list(pre.mean),
+                              "std": list(pre.std), "interpolation": pre.interpolation},
+        }.items() if value is not None},  # a card without thresholds or temperature: absent
+    }
+
+
+async def infer(served: ServedModel, request: InferRequest, *, timeout: float
+                ) -> list[OutputTensor]:
+    """Run one parsed request: its outputs are checked before any work is spent."""
+    tensor = _the_input(request.inputs)
+    names = output_names(served)
+    wanted = (request.outputs if request.outputs is not None
+              else [RequestedOutput(name) for name in names])
+    for out in wanted:
+        if out.name not in names:
+            raise MalformedRequestError(f"unknown output {out.name!r}; this model has "
+                                        f"{', '.join(names)}")
+        if out.name == UNKNOWN_SCORE and out.classification is not None:
+            raise MalformedRequestError(f"classification applies to {PROBABILITIES} only")
+    outputs = torch.from_numpy(await _score(served, tensor, timeout))
+    probs = served.predictor.scores(outputs).numpy()
+    unknown = served.predictor.unknown_scores(outputs)
+    return [_unknown_output(out, unknown, request.binary_output)
+            if out.name == UNKNOWN_SCORE and unknown is not None
+            else _output(served, out, probs, request.binary_output) for out in wanted]
+
+
+def _unknown_output(out: RequestedOutput, unknown: torch.Tensor,
+                    binary_default: bool) -> OutputTensor:
+    binary = binary_default if out.binary is None else out.binary
+    return OutputTensor(UNKNOWN_SCORE, "FP32", unknown.numpy().astype(np.float32),
+                        (len(unknown),), binary)
+
+
+def output_names(served: ServedModel) -> list[str]:
+    """The outputs this model answers: PROBABILITIES, and UNKNOWN_SCORE with the rule."""
+    return [PROBABILITIES] + ([UNKNOWN_SCORE] if served.card.unknown is not None else [])
+
+
+def _the_input(inputs: list[InputTensor]) -> InputTensor:
+    known = ", ".join(f"{name} ({kind})" for name, kind in INPUT_TYPES.items())
+    if len(inputs) != 1:
+        raise MalformedRequestError(f"send exactly one input, one of {known}; got "
+                                    f"{len(inputs)}")
+    tensor = inputs[0]
+    if tensor.name not in INPUT_TYPES:
+        raise MalformedRequestError(f"unknown input {tensor.name!r}; expected one of {known}")
+    if tensor.datatype != INPUT_TYPES[tensor.name]:
+        raise MalformedRequestError(f"input {tensor.name} must be "
+                                    f"{INPUT_TYPES[tensor.name]}, got {tensor.datatype}")
+    return tensor
+
+
+async def _score(served: ServedModel, tensor: InputTensor, timeout: float) -> np.ndarray:
+    """The model's outputs for the input's images, through the model's batcher."""
+    crop = served.card.preprocessing.crop
+    expected = {IMAGE: "[N] or [N, 1]", PIXELS: f"[N, {crop}, {crop}, 3]",
+                NORMALIZED: f"[N, 3, {crop}, {crop}]"}[tensor.name]
+    shape = list(tensor.shape)
+    fits = {IMAGE: len(shape) == 1 or (len(shape) == 2 and shape[1] == 1),
+            PIXELS: shape[1:] == [crop, crop, 3] and len(shape) == 4,
+            NORMALIZED: shape[1:] == [3, crop, crop] and len(shape) == 4}[tensor.name]
+    if not fits or shape[0] < 1:
+        raise MalformedRequestError(f"input {tensor.name}: shape {shape}, expected "
+                                    f"{expected} with N >= 1")
+    if tensor.name == IMAGE:
+        assert isinstance(tensor.data, list)
+        uploads = [Upload(f"{IMAGE}[{i}]", data) for i, data in enumerate(tensor.data)]
+        return await served.score_uploads(uploads, timeout=timeout)
+    assert isinstance(tensor.data, np.ndarray)
+    if tensor.name == PIXELS:
+        return await served.score_pixels(tensor.data, timeout=timeout)
+    try:
+        return await served.score_normalized(tensor.data, timeout=timeout)
+    except ValueError as exc:
+        raise MalformedRequestError(f"input {NORMALIZED}: {exc}") from None
+
+
+def _output(served: ServedModel, out: RequestedOutput, probs: np.ndarray,
+            binary_default: bool) -> OutputTensor:
+    binary = binary_default if out.binary is None else out.binary
+    if out.classification is None:
+        return OutputTensor(out.name, "FP32", probs, tuple(probs.shape), binary)
+    ranked = served.ranked_labels(probs, out.classification)
+    width = max(len(row) for row in ranked)  # multi-label rows pass different counts
+    rows = [[f"{score!r}:{index}:{label}".encode() for score, index, label in row]
+            + [b""] * (width - len(row)) for row in ranked]
+    return OutputTensor(out.name, BYTES, rows, (len(rows), width), binary)
