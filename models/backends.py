@@ -1,8 +1,10 @@
 """What runs a model's batches: PyTorch on the chosen device, or ONNX Runtime on the CPU.
 
-A runner takes a uint8 [N, 3, H, W] batch on the host and answers float32 [N, C]
-probabilities on the host. A new serving backend is one runner here (its own module for
-the heavy part, as models.onnx_backend is) plus its name in BACKENDS.
+A runner takes a uint8 [N, 3, H, W] batch on the host and answers float32 [N, C] raw
+logits on the host, then the unknown score where the model computes one (models.unknown);
+the Predictor makes the served scores from them.
+A new serving backend is one runner here (its own module for the heavy part, as
+models.onnx_backend is) plus its name in BACKENDS.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from torch import nn
 from models.card import ModelCard
 from models.device import Accelerator
 from models.onnx_backend import BackendError, OnnxRuntimeModel
-from models.outputs import probabilities
 from models.preprocessing import Normalize
 
 BACKENDS = ("torch", "onnxruntime")
@@ -35,16 +36,15 @@ class TorchRunner:
         self.model = accelerator.prepare_model(model).eval()
         self.normalize = Normalize(card.preprocessing).to(accelerator.device)
         self.accelerator = accelerator
-        self.task, self.temperature = card.task, card.temperature
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [N,3,H,W] -> float32 [N,C] probabilities on the CPU."""
+        """uint8 [N,3,H,W] -> float32 [N, C(+1)] outputs on the CPU."""
         x = self.normalize(self.accelerator.to_device(batch))
         if self.accelerator.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.accelerator.autocast():
             logits = self.model(x)
-        return probabilities(logits.float(), self.task, self.temperature).cpu()
+        return logits.float().cpu()
 
 
 def make_runner(backend: str, model: nn.Module, card: ModelCard, accelerator: Accelerator, *,
@@ -59,7 +59,7 @@ def make_runner(backend: str, model: nn.Module, card: ModelCard, accelerator: Ac
                                f"device cpu and precision fp32 (got {accelerator.describe()}, "
                                f"{accelerator.precision_name})")
         return OnnxRuntimeModel(model.cpu().eval(), Normalize(card.preprocessing),
-                                task=card.task, temperature=card.temperature,
+                                task=card.task, classes=card.num_classes,
                                 input_shape=(3, card.preprocessing.crop, card.preprocessing.crop),
                                 threads=threads or torch.get_num_threads())
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")

@@ -22,6 +22,8 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 MAX_SIDE = 4096  # largest resize or crop, in pixels
 MAX_CARD_DEPTH = 32  # nesting of objects and arrays in a card (real cards use about 5)
 CALIBRATION_FIELDS = ("temperature", "ece_before", "ece_after", "bins")
+UNKNOWN_FIELDS = ("method", "threshold", "acceptance")
+UNKNOWN_METHODS = ("cosine",)  # models.unknown.METHOD
 MAX_ECE_BINS = 1000
 
 logger = logging.getLogger(__name__)
@@ -153,6 +155,8 @@ class ModelCard:
     weights_sha256: str | None = None  # of model.safetensors, written by save()
     # temperature scaling fitted on validation: temperature, ece_before, ece_after, bins
     calibration: dict[str, Any] | None = None
+    # the "unknown input" rule fitted on validation: method, threshold, acceptance (+ figures)
+    unknown: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -194,7 +198,14 @@ class ModelCard:
                 out.append(f"{problem} (one per class)")
         if not classes_problem and self.calibration is not None:
             out += _calibration_problems(self.calibration, self.task, len(self.classes))
+        if self.unknown is not None:
+            out += _unknown_problems(self.unknown)
         return out
+
+    @property
+    def unknown_threshold(self) -> float | None:
+        """The score above which an input is "unknown" (None: the card has no such rule)."""
+        return None if self.unknown is None else float(self.unknown["threshold"])
 
     def _field_type_problems(self) -> list[str]:
         """Fields whose JSON type is wrong: strings, objects, the flag, the preprocessing."""
@@ -269,6 +280,27 @@ def _calibration_problems(calibration: object, task: object, num_classes: int) -
     if not _is_int(bins) or not 1 <= bins <= MAX_ECE_BINS:
         out.append(f"calibration.bins must be an integer in [1, {MAX_ECE_BINS}], "
                    f"got {_shown(bins)}")
+    return out
+
+
+def _unknown_problems(unknown: object) -> list[str]:
+    """What is wrong with a card's `unknown` object (empty when valid)."""
+    if not isinstance(unknown, dict):
+        return [f"unknown must be an object, got {_shown(unknown)}"]
+    missing = [k for k in UNKNOWN_FIELDS if k not in unknown]
+    if missing:
+        return [f"unknown is missing {missing}"]
+    out = []
+    if unknown["method"] not in UNKNOWN_METHODS:
+        out.append(f"unknown.method must be one of {', '.join(UNKNOWN_METHODS)}, "
+                   f"got {_shown(unknown['method'])}")
+    if not _is_finite_number(unknown["threshold"]):
+        out.append(f"unknown.threshold must be a finite number, got "
+                   f"{_shown(unknown['threshold'])}")
+    acceptance = unknown["acceptance"]
+    if not _is_finite_number(acceptance) or not 0.0 < acceptance <= 1.0:
+        out.append(f"unknown.acceptance must be a finite number in (0, 1], got "
+                   f"{_shown(acceptance)}")
     return out
 
 

@@ -3,6 +3,8 @@ here; what the card may hold is models.card.
 
 A checkpoint is plain values: weights in safetensors (loading never executes code) and a JSON
 card that says what the model is, which classes it predicts, and exactly how to preprocess.
+A card with an unknown-input rule has its class means in the weights file too
+(models.unknown.CLASS_MEANS_KEY), carried on the model as the buffer CLASS_MEANS_ATTR.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from models.architectures import arch_spec, build, unwrap
 from models.atomic import write_unit
 from models.card import ModelCard
+from models.unknown import CLASS_MEANS_ATTR, CLASS_MEANS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,12 @@ def _state_to_save(model: nn.Module, card: ModelCard, directory: Path
                    ) -> dict[str, torch.Tensor]:
     """The model's tensors on the CPU, checked against the card and for NaN / infinity."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+    means = getattr(unwrap(model), CLASS_MEANS_ATTR, None)
+    if (means is None) != (card.unknown is None):
+        raise ValueError("a card with an unknown-input rule needs the model's class means, "
+                         "and class means need the rule in the card")
+    if means is not None:
+        state[CLASS_MEANS_KEY] = means.detach().to("cpu", torch.float32).contiguous()
     outputs = arch_spec(card.arch).head(model).out_features
     if outputs != card.num_classes:
         raise ValueError(f"model has {outputs} outputs but the card lists "
@@ -205,6 +214,7 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu"
     if _file_identity(weights_path) != before:  # hashed one file and parsed another
         raise CheckpointError(weights_path, "was replaced while it was being loaded; retry")
     model = build(card.arch, num_classes=card.num_classes, weights=None, stem=card.stem)
+    _attach_class_means(model, card, state, weights_path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -220,6 +230,29 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu"
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, card
+
+
+def attach_class_means(model: nn.Module, means: torch.Tensor) -> None:
+    """Give `model` the class means of its unknown-input rule (saved with its weights)."""
+    unwrap(model).register_buffer(CLASS_MEANS_ATTR, means.detach().float(), persistent=False)
+
+
+def _attach_class_means(model: nn.Module, card: ModelCard, state: dict[str, torch.Tensor],
+                        path: Path) -> None:
+    """Move the class means out of `state` onto `model`; refuse them missing or malformed."""
+    means = state.pop(CLASS_MEANS_KEY, None)
+    if card.unknown is None:
+        return  # an old card's weights, or means the card does not use: not served
+    if means is None:
+        raise CheckpointError(path, f"holds no {CLASS_MEANS_KEY}, which the card's unknown-"
+                                    "input rule needs")
+    features = arch_spec(card.arch).head(model).in_features
+    if tuple(means.shape) != (card.num_classes, features) or not means.is_floating_point() \
+            or not bool(torch.isfinite(means).all()):
+        raise CheckpointError(path, f"{CLASS_MEANS_KEY} must be finite floats of shape "
+                                    f"[{card.num_classes}, {features}], got {means.dtype} "
+                                    f"{list(means.shape)}")
+    attach_class_means(model, means)
 
 
 def _tensor_values_problem(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]

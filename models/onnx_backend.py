@@ -1,9 +1,10 @@
 """Run a checkpoint's model with ONNX Runtime on the CPU instead of PyTorch.
 
-The model (batch norms folded, input normalisation and the final softmax or sigmoid, of
-the logits divided by the card's temperature when it has one, included) is exported to ONNX
-in memory when a checkpoint loads, and checked against PyTorch on the same inputs before it
-serves: a model whose outputs differ is refused.
+The model (batch norms folded, input normalisation included, up to the logits and, for a
+card with an unknown-input rule, the unknown score) is exported to ONNX in memory when a
+checkpoint loads, and checked against PyTorch on the same inputs
+before it serves: a model whose outputs differ is refused. Scores are made from the logits
+by the Predictor, as for every backend.
 
 It exists because ONNX Runtime is faster than PyTorch on CPU hosts at small batches (figures
 in docs/benchmarks.md). Needs the `onnx` extra: `pip install 'resnet-serve[onnx]'`.
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.outputs import Temperature, probabilities
+from models.outputs import probabilities
 
 logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # largest probability difference to PyTorch accepted at load
+LOGIT_TOLERANCE = 1e-3  # largest logit difference, relative to the logit (at least 1)
 
 
 class BackendError(RuntimeError):
@@ -32,17 +34,15 @@ class BackendError(RuntimeError):
     outputs that differ from PyTorch's)."""
 
 
-class ProbabilityGraph(nn.Module):
-    """uint8 batch -> probabilities: what the service computes, as one graph."""
+class LogitGraph(nn.Module):
+    """uint8 batch -> the runner's outputs: the model with its input normalisation."""
 
-    def __init__(self, model: nn.Module, normalize: nn.Module, task: str,
-                 temperature: Temperature = None) -> None:
+    def __init__(self, model: nn.Module, normalize: nn.Module) -> None:
         super().__init__()
-        self.model, self.normalize, self.task = model, normalize, task
-        self.temperature = temperature
+        self.model, self.normalize = model, normalize
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return probabilities(self.model(self.normalize(images)), self.task, self.temperature)
+        return self.model(self.normalize(images))
 
 
 def _import_onnxruntime() -> Any:
@@ -57,28 +57,28 @@ def _import_onnxruntime() -> Any:
 
 
 def export_onnx(graph: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
-    """`graph` (uint8 `images` [N, *input_shape] -> `probs`) as ONNX bytes, any batch size."""
+    """`graph` (uint8 `images` [N, *input_shape] -> `logits`) as ONNX bytes, any batch size."""
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():  # the TorchScript exporter suits a ResNet well
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 graph, (torch.zeros((1, *input_shape), dtype=torch.uint8),), buffer,
-                input_names=["images"], output_names=["probs"],
-                dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"}}, dynamo=False)
+                input_names=["images"], output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     except Exception as exc:  # noqa: BLE001 - reported as this backend's failure
         raise BackendError(f"cannot export the model to ONNX: {exc}") from exc
     return buffer.getvalue()
 
 
 class OnnxRuntimeModel:
-    """An ONNX Runtime session computing probabilities from uint8 NCHW batches."""
+    """An ONNX Runtime session computing logits from uint8 NCHW batches."""
 
-    def __init__(self, model: nn.Module, normalize: nn.Module, *, task: str,
-                 input_shape: tuple[int, int, int], threads: int,
-                 temperature: Temperature = None) -> None:
+    def __init__(self, model: nn.Module, normalize: nn.Module, *, task: str, classes: int,
+                 input_shape: tuple[int, int, int], threads: int) -> None:
         ort = _import_onnxruntime()
-        graph = ProbabilityGraph(model, normalize, task, temperature).eval()
+        self.task, self.classes = task, classes
+        graph = LogitGraph(model, normalize).eval()
         exported = export_onnx(graph, input_shape)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
@@ -97,7 +97,7 @@ class OnnxRuntimeModel:
         self._check_parity(graph, input_shape)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [N,3,H,W] (CPU) -> float32 [N,C] probabilities."""
+        """uint8 [N,3,H,W] (CPU) -> float32 [N, C(+1)] logits (and unknown score)."""
         images = np.ascontiguousarray(batch.numpy())
         return torch.from_numpy(self.session.run(None, {"images": images})[0])
 
@@ -108,8 +108,16 @@ class OnnxRuntimeModel:
         with torch.inference_mode():
             expected = graph(probe)
         got = self(probe)
-        diff = float((got - expected).abs().max()) if got.shape == expected.shape else np.inf
-        if not diff <= PARITY_TOLERANCE:
+        if got.shape != expected.shape:
+            raise BackendError(f"ONNX Runtime answered shape {list(got.shape)}, PyTorch "
+                               f"{list(expected.shape)}; use the torch backend")
+        c = self.classes
+        diff = float((probabilities(got[:, :c], self.task)
+                      - probabilities(expected[:, :c], self.task)).abs().max())
+        logit_diff = float(((got - expected).abs() / expected.abs().clamp(min=1.0)).max())
+        if not (diff <= PARITY_TOLERANCE and logit_diff <= LOGIT_TOLERANCE):
             raise BackendError(f"ONNX Runtime's outputs differ from PyTorch's by {diff:.2e} "
-                               f"(more than {PARITY_TOLERANCE:g}); use the torch backend")
+                               f"in probability and {logit_diff:.2e} in relative logit (more "
+                               f"than {PARITY_TOLERANCE:g} / {LOGIT_TOLERANCE:g}); use the "
+                               "torch backend")
         logger.info("onnxruntime %s: outputs within %.1e of PyTorch", self.version, diff)

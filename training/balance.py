@@ -31,21 +31,43 @@ def class_weights(counts: torch.Tensor) -> torch.Tensor:
 
 def check_balance(balance: str, task: str) -> None:
     """Refuse --balance where it cannot apply: multi-label data."""
-    if balance != "none" and task != "single_label":
+    if balance not in ("none", "auto") and task != "single_label":
         raise ConfigError(f"--balance {balance} applies to single-label data only; this run is "
                           f"{task} (its loss already weighs each class's positives): "
                           "use --balance none")
 
 
-def warn_if_imbalanced(counts: torch.Tensor, classes: Sequence[str], *, balance: str) -> bool:
+def is_imbalanced(counts: torch.Tensor) -> bool:
+    """True when the largest class has over IMBALANCE_RATIO x the images of the smallest."""
+    return int(counts.max()) > IMBALANCE_RATIO * int(counts.min())
+
+
+def resolve_balance(balance: str, counts: torch.Tensor | None, task: str) -> str:
+    """What --balance means for this run: `auto` is `sampler` for imbalanced single-label
+    data (it did best on real data made 10:1 imbalanced, docs/training-recipe.md) and
+    `none` otherwise; the other values stand as given."""
+    if balance != "auto":
+        return balance
+    if task != "single_label" or counts is None:
+        return "none"
+    return "sampler" if is_imbalanced(counts) else "none"
+
+
+def warn_if_imbalanced(counts: torch.Tensor, classes: Sequence[str], *, balance: str,
+                       chosen_by_default: bool = False) -> bool:
     """Log one warning when the largest class has over IMBALANCE_RATIO x the images of the
     smallest; True when it did."""
     largest, smallest = int(counts.argmax()), int(counts.argmin())
     big, small = int(counts[largest]), int(counts[smallest])
-    if big <= IMBALANCE_RATIO * small:
+    if not is_imbalanced(counts):
         return False
-    advice = ("consider --balance loss or --balance sampler" if balance == "none"
-              else f"--balance {balance} is on")
+    if balance == "none":
+        advice = "consider --balance sampler or --balance loss"
+    elif chosen_by_default:
+        advice = (f"--balance auto draws every class equally often ({balance}); pass "
+                  "--balance none to train on the natural frequencies")
+    else:
+        advice = f"--balance {balance} is on"
     logger.warning("imbalanced classes: %r has %d training images, %r only %d (%.1fx); "
                    "accuracy will favour the large classes, watch val_balanced_accuracy; %s",
                    classes[largest], big, classes[smallest], small,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from training import report
 from training.metrics import summary
 from training.storage import write_errors
 
+if TYPE_CHECKING:
+    from training.unknown_rule import UnknownRule
+
 logger = logging.getLogger(__name__)
 
 # Written with each exported checkpoint (curves.png at the end of the run), never carried over.
@@ -43,12 +46,13 @@ def write_checkpoint(directory: Path, model: nn.Module, *, name: str, arch: str,
                      thresholds: list[float] | None, metrics: dict[str, Any],
                      training: dict[str, Any], reports: ReportWriters | None = None,
                      replaces: Collection[str] = (),
-                     calibration: dict[str, Any] | None = None) -> Path:
+                     calibration: dict[str, Any] | None = None,
+                     unknown: dict[str, Any] | None = None) -> Path:
     """Build the card and save weights + card + `reports` as one unit (models.checkpoint)."""
     card = ModelCard(name=name, arch=arch, task=task, classes=classes,
                      preprocessing=preprocessing, thresholds=thresholds, metrics=metrics,
                      training={**training, "versions": versions()}, stem=stem,
-                     calibration=calibration)
+                     calibration=calibration, unknown=unknown)
     return checkpoint.save(directory, model, card, reports=reports, replaces=replaces)
 
 
@@ -80,15 +84,25 @@ def validation_reports(task: str, best_metrics: dict[str, Any], classes: Sequenc
 
 
 def finish_checkpoint(directory: Path, model: nn.Module, *, training: dict[str, Any],
-                      history: Sequence[dict[str, Any]], monitor: str) -> None:
-    """Load the exported (best) weights back into `model`; rewrite the card with the whole
-    run's `training` record and draw the curves beside it."""
+                      history: Sequence[dict[str, Any]], monitor: str,
+                      unknown_rule: Callable[[nn.Module], UnknownRule | None] | None = None,
+                      best_metrics: dict[str, Any] | None = None) -> None:
+    """Load the exported (best) weights back into `model`; fit its unknown-input rule; rewrite
+    the card with the whole run's `training` record and the rule (metrics.json too), and draw
+    the curves beside it."""
     best, card = checkpoint.load(directory)
     model.load_state_dict(best.state_dict())
+    rule = unknown_rule(model) if unknown_rule is not None else None
+    reports: dict[str, Callable[[Path], None]] = {
+        CURVES_FILE: lambda p: report.plot_curves(p, history, monitor)}
+    if rule is not None:
+        checkpoint.attach_class_means(model, rule.class_means)
+        if best_metrics is not None:
+            best_metrics["unknown"] = rule.record
+            reports[METRICS_FILE] = lambda p: report.write_metrics(p, best_metrics)
     with write_errors(directory):
         write_checkpoint(directory, model, name=card.name, arch=card.arch, task=card.task,
                          classes=card.classes, preprocessing=card.preprocessing,
                          stem=card.stem, thresholds=card.thresholds, metrics=card.metrics,
                          training=training, calibration=card.calibration,
-                         reports={CURVES_FILE: lambda p: report.plot_curves(p, history,
-                                                                            monitor)})
+                         unknown=rule.record if rule is not None else None, reports=reports)

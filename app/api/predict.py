@@ -11,6 +11,7 @@ from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import RegistryDep, SettingsDep
 from app.api.schemas import PredictResponse, error_responses
 from app.api.transport import FILE_FIELD, read_uploads, unless_disconnected
+from app.exceptions import InvalidRequestError
 from app.served_model import ClassifiedImage
 
 router = APIRouter(tags=["predict"], dependencies=[API_KEY_REQUIRED])
@@ -57,14 +58,21 @@ async def predict_images(
                     "card's tuned per-class thresholds)")] = None,
     all_scores: Annotated[bool, Query(
         description="add every label's score to each result")] = False,
+    reject_unknown: Annotated[bool, Query(
+        description="give no labels to images flagged unknown (unlike the training data)"
+    )] = False,
 ) -> Response:
     """Classify every uploaded image; one result per image, in upload order."""
     served = registry.get(model)
+    if reject_unknown and served.card.unknown_threshold is None:
+        raise InvalidRequestError(
+            f"model {served.name!r} has no unknown-input threshold (its card was written "
+            "without one); retrain it to use reject_unknown")
     with served.lease():
         uploads = await read_uploads(request, settings)
         classified = await unless_disconnected(request, served.classify(
             uploads, timeout=settings.request_timeout, top_k=top_k, threshold=threshold,
-            all_scores=all_scores))
+            all_scores=all_scores, reject_unknown=reject_unknown))
     # the answer has PredictResponse's shape; written here in one pass, as validating it
     # again would cost every request as much as its HTTP parsing
     return Response(to_json({"model": served.name, "task": served.card.task,
@@ -80,4 +88,7 @@ def _result(image: ClassifiedImage) -> dict[str, Any]:
                         for p in image.result.predictions]}
     if image.result.scores is not None:
         result["scores"] = image.result.scores
+    if image.result.unknown is not None:
+        result["unknown"] = image.result.unknown
+        result["unknown_score"] = image.result.unknown_score
     return result

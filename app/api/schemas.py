@@ -21,6 +21,14 @@ class ImageResultOut(BaseModel):
     predictions: list[PredictionOut]
     scores: dict[str, float] | None = Field(
         None, description="every label's score; only with all_scores=true")
+    unknown: bool | None = Field(
+        None, description="true when the image looks unlike the training data (its "
+                          "unknown_score is above the card's threshold); absent for models "
+                          "whose card has no unknown-input rule")
+    unknown_score: float | None = Field(
+        None, ge=0.0, le=2.0,
+        description="cosine distance of the image's features to the nearest class mean of "
+                    "the training images: 0 alike, higher less alike; with `unknown`")
 
 
 class PredictResponse(BaseModel):
@@ -29,7 +37,8 @@ class PredictResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "model": "pets", "task": "single_label",
         "results": [{"filename": "cat.jpg", "predictions": [
-            {"label": "cat", "score": 0.962}, {"label": "dog", "score": 0.031}]}],
+            {"label": "cat", "score": 0.962}, {"label": "dog", "score": 0.031}],
+            "unknown": False, "unknown_score": 0.031}],
     }]})
 
     model: str

@@ -17,6 +17,7 @@ async def test_single_jpeg_gets_its_colour(client: httpx.AsyncClient) -> None:
     assert set(body) == {"model", "task", "results"}
     assert body["model"] == "colors" and body["task"] == "single_label"
     [result] = body["results"]
+    # the fixture's card has no unknown-input rule: no verdict and no score
     assert set(result) == {"filename", "predictions"}
     assert result["filename"] == "red.jpg"
     assert [p["label"] for p in result["predictions"]][0] == "red"

@@ -13,7 +13,13 @@ import torch
 
 from models import checkpoint
 from tests.torchrun_helpers import torchrun_fit
-from training.balance import BalancedSampler, class_counts, class_weights, warn_if_imbalanced
+from training.balance import (
+    BalancedSampler,
+    class_counts,
+    class_weights,
+    resolve_balance,
+    warn_if_imbalanced,
+)
 from training.cli import main
 from training.config import SynthConfig, TrainConfig
 from training.distributed import DistInfo
@@ -138,6 +144,23 @@ def test_tiny_fit_with_each_balance_writes_the_new_metrics(balance, skewed_data,
     assert card.metrics["balanced_accuracy"] == metrics["balanced_accuracy"]
     assert card.training["config"]["balance"] == balance
     assert "val_balanced_accuracy" in (out / "history.csv").read_text().splitlines()[0]
+
+
+def test_auto_balance_samples_imbalanced_data_and_leaves_the_rest(skewed_data, multi_data,
+                                                                  tmp_path, caplog, tiny_config):
+    with caplog.at_level(logging.WARNING, logger="training"):
+        skewed = FitRun(tiny_config(skewed_data, tmp_path / "skewed"), DistInfo())
+    assert skewed.cfg.balance == "auto" and skewed.data.balance == "sampler"
+    assert isinstance(skewed.train_sampler, BalancedSampler)
+    assert "--balance auto draws every class equally often" in caplog.text
+    train = imbalanced_folder(tmp_path / "even", {"big": 8, "small": 4})
+    even = FitRun(tiny_config(train, tmp_path / "even-out"), DistInfo())
+    assert even.data.balance == "none" and not isinstance(even.train_sampler, BalancedSampler)
+    multi = FitRun(tiny_config(multi_data, tmp_path / "multi"), DistInfo())
+    assert multi.data.balance == "none"
+    assert resolve_balance("loss", torch.tensor([30, 2]), "single_label") == "loss"
+    assert resolve_balance("auto", torch.tensor([30, 6]), "single_label") == "none"
+    assert resolve_balance("auto", torch.tensor([31, 6]), "single_label") == "sampler"
 
 
 def test_multi_label_with_balance_is_refused(multi_data, tmp_path, caplog, tiny_config):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from models import checkpoint
 from models.device import Accelerator
@@ -34,9 +35,9 @@ def _evaluate_scores(directory: Path, data: Path) -> tuple[np.ndarray, list[Path
     model, card = checkpoint.load(directory)
     predictor = Predictor(model, card, Accelerator.create("cpu", "fp32"))
     dataset = build_eval_dataset(data, card)
-    scores, _, failed = score_dataset(predictor, dataset, batch_size=8, workers=0)
+    outputs, _, failed = score_dataset(predictor, dataset, batch_size=8, workers=0)
     assert not failed
-    return scores, [s.path for s in dataset.samples]
+    return predictor.scores(torch.as_tensor(outputs)).numpy(), [s.path for s in dataset.samples]
 
 
 async def test_served_scores_are_calibrated_like_evaluate(trained, single_data: Path,

@@ -69,15 +69,12 @@ def test_from_scratch_on_synthetic_shapes_reaches_high_accuracy(tmp_path):
     data = generate(SynthConfig(out=tmp_path / "shapes", task="single", size=32, per_class=300,
                                 classes=4, seed=11))
     out = tmp_path / "shapes-ckpt"
-    start = time.monotonic()
     code = main(["fit", str(data), "--output", str(out), "--weights", "none", "--arch",
                  "resnet18", "--image-size", "32", "--epochs", "6", "--workers", "0",
                  "--no-progress"])
-    seconds = time.monotonic() - start
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.9, metrics["accuracy"]
-    assert seconds < 300  # ~45 s on an idle 2-core CPU; generous for a shared one
 
 
 def test_torchrun_with_an_undecodable_image_on_one_rank(tmp_path):

@@ -1,0 +1,197 @@
+"""The unknown-input rule end to end: `fit` stores the threshold that accepts 95% of its own
+validation images, `evaluate --unknown` reports accepted and rejected shares and the AUROC,
+and `/predict` flags (and with reject_unknown, empties) exactly the images evaluate rejects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import checkpoint
+from models.device import Accelerator
+from models.predict import Predictor
+from models.preprocessing import eval_transform
+from models.unknown import ACCEPTANCE
+from tests.cards import copy_checkpoint
+from tests.serving_helpers import fast_settings, running_app
+from tests.training.conftest import tiny_config
+from training.config import EvaluateConfig, SynthConfig
+from training.data import ImageDataset, unlabelled_samples
+from training.evaluation import evaluate_checkpoint, score_dataset
+from training.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A one-epoch run with its own validation folder, and real photographs as other data."""
+    import skimage.data
+
+    from training.distributed import DistInfo
+    from training.fit import FitRun
+
+    root = tmp_path_factory.mktemp("unknown")
+    train = generate(SynthConfig(out=root / "train", size=32, per_class=16, classes=3, seed=3))
+    val = generate(SynthConfig(out=root / "val", size=32, per_class=14, classes=3, seed=5))
+    other = root / "photos"
+    other.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        picture = getattr(skimage.data, name)()[..., :3]
+        for k in range(5):
+            y, x = int(rng.integers(0, picture.shape[0] - 96)), int(rng.integers(0, 200))
+            Image.fromarray(picture[y:y + 96, x:x + 96]).save(other / f"{name}{k}.png")
+    out = root / "ckpt"
+    FitRun(tiny_config(train, out, val=val, epochs=2), DistInfo()).run()
+    return {"train": train, "val": val, "other": other, "ckpt": out}
+
+
+def _served_scores(directory: Path, folder: Path) -> tuple[np.ndarray, list[Path]]:
+    model, card = checkpoint.load(directory)
+    predictor = Predictor(model, card, Accelerator.create("cpu", "fp32"))
+    samples = unlabelled_samples(folder)
+    dataset = ImageDataset(samples, card.classes, "multi_label",
+                           eval_transform(card.preprocessing),
+                           decode_size=card.preprocessing.resize)
+    outputs, _, failed = score_dataset(predictor, dataset, batch_size=16, workers=0)
+    assert not failed
+    scores = predictor.unknown_scores(torch.as_tensor(outputs)).numpy()
+    return scores, [s.path for s in samples]
+
+
+def test_fit_stores_the_threshold_accepting_95_percent_of_validation(run) -> None:
+    card = checkpoint.read_card(run["ckpt"])
+    assert card.unknown is not None and card.unknown["method"] == "cosine"
+    assert card.unknown["acceptance"] == ACCEPTANCE
+    metrics = json.loads((run["ckpt"] / "metrics.json").read_text())
+    assert metrics["unknown"]["threshold"] == card.unknown["threshold"]
+    # the validation folder scored again through the served path: 95% at or under the cut
+    # (batch norms are folded for serving, so one image at the boundary may move)
+    scores, _ = _served_scores(run["ckpt"], run["val"])
+    accepted = float(np.mean(scores <= card.unknown_threshold))
+    assert abs(accepted - card.unknown["val_accepted"]) <= 1.5 / len(scores)
+    assert accepted >= ACCEPTANCE - 1.5 / len(scores)
+
+
+def test_evaluate_reports_accepted_rejected_and_auroc(run) -> None:
+    report = evaluate_checkpoint(EvaluateConfig(checkpoint=run["ckpt"], data=run["val"],
+                                                unknown=run["other"]))["unknown"]
+    card = checkpoint.read_card(run["ckpt"])
+    known, _ = _served_scores(run["ckpt"], run["val"])
+    other, _ = _served_scores(run["ckpt"], run["other"])
+    assert report["threshold"] == card.unknown_threshold
+    assert report["other_images"] == len(other) == 20
+    assert report["accepted"] == pytest.approx(np.mean(known <= card.unknown_threshold))
+    assert report["rejected"] == pytest.approx(np.mean(other > card.unknown_threshold))
+    assert 0.0 <= report["auroc"] <= 1.0
+    pairs = np.mean(other[None, :] > known[:, None]) + 0.5 * np.mean(
+        other[None, :] == known[:, None])
+    assert report["auroc"] == pytest.approx(pairs)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_predict_flags_exactly_what_evaluate_rejects(run, tmp_path: Path) -> None:
+    scores, paths = _served_scores(run["ckpt"], run["other"])
+    known_scores, known_paths = _served_scores(run["ckpt"], run["val"])
+    scores, paths = np.concatenate([scores, known_scores[:6]]), paths + known_paths[:6]
+    # the fitted rule as trained, and the same rule cut at these images' median score so
+    # that both verdicts occur whatever the tiny model learnt
+    median = float(np.median(scores))
+    root = tmp_path / "served"
+    root.mkdir()
+    copy_checkpoint(run["ckpt"], root / "fitted")
+    copy_checkpoint(run["ckpt"], root / "median", card_text=lambda c: json.dumps(
+        {**c, "unknown": {**c["unknown"], "threshold": median}}))
+    copy_checkpoint(run["ckpt"], root / "old", card_text=lambda c: json.dumps(
+        {k: v for k, v in c.items() if k != "unknown"}))
+    fitted = checkpoint.read_card(run["ckpt"]).unknown_threshold
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    settings = fast_settings(root, default_model="fitted", max_images_per_request=32)
+    async with running_app(settings) as (client, _):
+        answers = {(model, strict): await client.post(
+                       "/predict", files=files,
+                       params={"model": model, "reject_unknown": str(strict).lower()})
+                   for model in ("fitted", "median") for strict in (False, True)}
+        old = await client.post("/predict", params={"model": "old"}, files=files[:1])
+        refused = await client.post("/predict", params={"model": "old",
+                                                        "reject_unknown": "true"},
+                                    files=files[:1])
+    assert {key: a.status_code for key, a in answers.items()} == dict.fromkeys(answers, 200)
+    for model, cut in (("fitted", fitted), ("median", median)):
+        plain = answers[model, False].json()["results"]
+        strict = answers[model, True].json()["results"]
+        assert [r["unknown"] for r in plain] == (scores > cut).tolist()
+        np.testing.assert_allclose([r["unknown_score"] for r in plain], scores, atol=1e-4)
+        for p, s in zip(plain, strict, strict=True):
+            assert p["predictions"]
+            assert s["predictions"] == ([] if p["unknown"] else p["predictions"])
+    flags = [r["unknown"] for r in answers["median", False].json()["results"]]
+    assert any(flags) and not all(flags)
+    assert old.status_code == 200 and "unknown" not in old.json()["results"][0]
+    assert refused.status_code == 422 and "unknown-input threshold" in refused.json()["detail"]
+
+
+def test_class_means_missing_or_malformed_are_refused_at_load(run, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from models.unknown import CLASS_MEANS_KEY
+
+    state = load_file(str(run["ckpt"] / "model.safetensors"))
+    assert state[CLASS_MEANS_KEY].shape == (3, 512)
+    unsigned = lambda c: json.dumps({k: v for k, v in c.items() if k != "weights_sha256"})  # noqa: E731
+    for name, means in (("missing", None), ("shape", torch.ones(2, 512)),
+                        ("nan", torch.full((3, 512), float("nan")))):
+        target = tmp_path / name
+        copy_checkpoint(run["ckpt"], target, card_text=unsigned)
+        changed = {k: v for k, v in state.items() if k != CLASS_MEANS_KEY}
+        if means is not None:
+            changed[CLASS_MEANS_KEY] = means
+        save_file(changed, str(target / "model.safetensors"))
+        with pytest.raises(checkpoint.CheckpointError, match=CLASS_MEANS_KEY):
+            checkpoint.load(target)
+
+
+def test_evaluate_unknown_needs_a_card_with_the_rule(run, tmp_path: Path) -> None:
+    from training.exceptions import DataError
+
+    copy_checkpoint(run["ckpt"], tmp_path / "old", card_text=lambda c: json.dumps(
+        {k: v for k, v in c.items() if k != "unknown"}))
+    report = evaluate_checkpoint(EvaluateConfig(checkpoint=tmp_path / "old", data=run["val"]))
+    assert "unknown" not in report and report["accuracy"] >= 0.0
+    with pytest.raises(DataError, match="no unknown-input rule"):
+        evaluate_checkpoint(EvaluateConfig(checkpoint=tmp_path / "old", data=run["val"],
+                                           unknown=run["other"]))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_inference_protocol_answers_the_same_unknown_score(run, tmp_path: Path) -> None:
+    import base64
+
+    root = tmp_path / "served"
+    root.mkdir()
+    copy_checkpoint(run["ckpt"], root / "fitted")
+    paths = sorted(run["other"].glob("*.png"))[:3]
+    card = checkpoint.read_card(run["ckpt"])
+    body = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [len(paths)],
+                        "data": [base64.b64encode(p.read_bytes()).decode() for p in paths]}]}
+    async with running_app(fast_settings(root)) as (client, _):
+        meta = (await client.get("/v2/models/fitted")).json()
+        answer = await client.post("/v2/models/fitted/infer", json=body)
+        asked = await client.post("/v2/models/fitted/infer", json={
+            **body, "outputs": [{"name": "UNKNOWN_SCORE"}]})
+        refused = await client.post("/v2/models/fitted/infer", json={
+            **body, "outputs": [{"name": "UNKNOWN_SCORE", "parameters": {"classification": 1}}]})
+        served = await client.post("/predict", files=[
+            ("file", (p.name, p.read_bytes(), "image/png")) for p in paths])
+    outputs = {o["name"]: o for o in meta["outputs"]}
+    assert outputs["UNKNOWN_SCORE"]["parameters"]["threshold"] == card.unknown_threshold
+    assert answer.status_code == 200, answer.text
+    by_name = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+    expected = [r["unknown_score"] for r in served.json()["results"]]
+    np.testing.assert_allclose(by_name["UNKNOWN_SCORE"], expected, atol=1e-6)
+    assert [o["name"] for o in asked.json()["outputs"]] == ["UNKNOWN_SCORE"]
+    assert refused.status_code == 400 and "PROBABILITIES only" in refused.json()["error"]
