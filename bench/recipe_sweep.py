@@ -97,27 +97,40 @@ def build_shapes(out: Path) -> None:
                         "--seed", str(seed)], check=True)
 
 
-def run(data: Path, arch: str, epochs: int, label: str, extra: list[str]) -> dict:
-    """One fit + evaluate; returns (and appends) the result row."""
-    out = Path("/tmp/recipe-runs") / f"{data.name}-{arch}-e{epochs}-{label}"
-    fit = [sys.executable, "-m", "training", "fit", str(data / "train"), "--output", str(out),
-           "--arch", arch, "--weights", "none", "--image-size", "32", "--epochs", str(epochs),
-           "--no-progress", "--overwrite", *extra]
+def best_images_per_second(out: Path) -> float:
+    """The fastest training epoch of the run in `out` (its history.csv)."""
+    with open(out / HISTORY_FILE) as fh:
+        return max(float(e["images_per_second"]) for e in csv.DictReader(fh))
+
+
+def fit_and_evaluate(train: Path, test: Path, out: Path, fit_args: list[str]
+                     ) -> tuple[dict, dict, float]:
+    """`training fit TRAIN --output OUT FIT_ARGS` then `training evaluate OUT TEST`: the card,
+    the held-out metrics and the fit's wall seconds."""
+    fit = [sys.executable, "-m", "training", "fit", str(train), "--output", str(out),
+           "--no-progress", "--overwrite", *fit_args]
     start = time.perf_counter()
     subprocess.run(fit, check=True, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    ev = subprocess.run([sys.executable, "-m", "training", "evaluate", str(out),
-                         str(data / "test")], check=True, capture_output=True, text=True)
-    metrics = json.loads(ev.stdout)
+    ev = subprocess.run([sys.executable, "-m", "training", "evaluate", str(out), str(test)],
+                        check=True, capture_output=True, text=True)
     card = json.loads((out / "card.json").read_text())
-    with open(out / HISTORY_FILE) as fh:
-        speeds = [float(e["images_per_second"]) for e in csv.DictReader(fh)]
+    return card, json.loads(ev.stdout), wall
+
+
+def run(data: Path, arch: str, epochs: int, label: str, extra: list[str]) -> dict:
+    """One fit + evaluate; returns (and appends) the result row."""
+    out = Path("/tmp/recipe-runs") / f"{data.name}-{arch}-e{epochs}-{label}"
+    card, metrics, wall = fit_and_evaluate(
+        data / "train", data / "test", out,
+        ["--arch", arch, "--weights", "none", "--image-size", "32", "--epochs", str(epochs),
+         *extra])
     row = {"dataset": data.name, "arch": arch, "epochs": epochs, "label": label,
            "args": " ".join(extra), "recipe": card["training"]["recipe"],
            "val_accuracy": card["metrics"].get("accuracy"),
            "test_accuracy": round(metrics["accuracy"], 4),
            "train_seconds": card["training"]["seconds"], "wall_seconds": round(wall, 1),
-           "best_images_per_second": max(speeds)}
+           "best_images_per_second": best_images_per_second(out)}
     with open(data.parent / "results.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
@@ -133,9 +146,7 @@ def table(results: Path) -> str:
         rec = r["recipe"]
         if "best_images_per_second" not in r:  # rows written before the field existed
             name = f"{r['dataset']}-{r['arch']}-e{r['epochs']}-{r['label']}"
-            with open(Path("/tmp/recipe-runs") / name / HISTORY_FILE) as fh:
-                r["best_images_per_second"] = max(
-                    float(e["images_per_second"]) for e in csv.DictReader(fh))
+            r["best_images_per_second"] = best_images_per_second(Path("/tmp/recipe-runs") / name)
         lines.append(
             f"| {r['dataset']} | {r['arch']} | {r['epochs']} | {r['label']} | {rec['stem']} | "
             f"{rec['batch_size']} | {rec['lr']:g} | {rec['min_scale']:g} | "

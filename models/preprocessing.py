@@ -106,13 +106,16 @@ def train_transform(pre: Preprocessing, *, min_scale: float = 0.08, hflip: bool 
                     ) -> Transform:
     """Random-resized crop, flip, TrivialAugmentWide: PIL image -> uint8 CHW tensor.
 
-    `augment_probability` < 1 applies TrivialAugmentWide to only that share of the images
-    (a gentler policy for short runs from scratch).
+    `min_scale` 1 takes no random crop: the shorter side is resized to the crop and the
+    centred square kept, so nothing in that square is ever cut away (multi-label labels stay
+    true). `augment_probability` < 1 applies TrivialAugmentWide to only that share of the
+    images (a gentler policy for short runs from scratch).
     """
     interpolation = _INTERPOLATION[pre.interpolation]
     steps: list[Callable] = [
-        T.RandomResizedCrop(pre.crop, scale=(min_scale, 1.0), interpolation=interpolation,
-                            antialias=True),
+        ResizeCenterCrop(pre.crop, pre.crop, pre.interpolation) if min_scale >= 1.0
+        else T.RandomResizedCrop(pre.crop, scale=(min_scale, 1.0), interpolation=interpolation,
+                                 antialias=True),
     ]
     if hflip:
         steps.append(T.RandomHorizontalFlip())

@@ -20,7 +20,8 @@ MAX_IMAGE_SIZE = 4096
 STEM_CHOICES = ("auto", *STEMS)
 TASK_FLAGS = ("single", "multi")  # what --task accepts
 TASK_CHOICES = (None, *TASK_FLAGS, "single_label", "multi_label")  # what a TrainConfig takes
-BALANCE_CHOICES = ("none", "loss", "sampler")
+BALANCE_CHOICES = ("auto", "none", "loss", "sampler")
+POS_WEIGHT_CHOICES = ("none", "balanced")
 AUTO_RESUME = "auto"  # --resume without a file: the state in --output
 ARCH_CHOICES = tuple(ARCHITECTURES)
 DEVICE_HELP = "where to run; auto picks CUDA when present"
@@ -68,11 +69,18 @@ class TrainConfig:
     label_smoothing: float = option(0.1, within=Range(0.0, 1.0, high_open=True),
                                     help="label smoothing of the single-label loss")
     balance: str = option(
-        "none", choices=BALANCE_CHOICES,
+        "auto", choices=BALANCE_CHOICES,
         help="single-label class imbalance: loss = inverse-frequency class weights in the "
-             "loss, sampler = draw every class equally often, none = neither")
+             "loss, sampler = draw every class equally often, none = neither, auto = sampler "
+             "when the largest class has over 5x the images of the smallest, else none")
     min_scale: float | None = option(None, within=Range(0.0, 1.0, low_open=True),
-                                     help="RandomResizedCrop min area (default: auto)")
+                                     help="RandomResizedCrop min area; 1 = no crop (default: "
+                                          "1 for multi-label, else auto)")
+    hflip: bool | None = option(None, help="random horizontal flips (default: on)")
+    pos_weight: str | None = option(
+        None, choices=POS_WEIGHT_CHOICES,
+        help="multi-label BCE weight on each class's positives: balanced = negatives/positives "
+             "(1..100), none = plain BCE (default: balanced)")
     trivial_augment: float | None = option(
         None, within=Range(0.0, 1.0),
         help="share of images given TrivialAugmentWide (default: auto)")
@@ -114,9 +122,14 @@ class TrainConfig:
         if self.balance not in BALANCE_CHOICES:
             out.append(f"--balance must be one of {', '.join(BALANCE_CHOICES)}, "
                        f"got {self.balance!r}")
-        elif self.balance != "none" and self.task in ("multi", "multi_label"):
+        elif self.balance not in ("none", "auto") and self.task in ("multi", "multi_label"):
             out.append(f"--balance {self.balance} applies to single-label data only, not to "
                        "--task multi")
+        if self.pos_weight not in (None, *POS_WEIGHT_CHOICES):
+            out.append(f"--pos-weight must be one of {', '.join(POS_WEIGHT_CHOICES)}, "
+                       f"got {self.pos_weight!r}")
+        elif self.pos_weight is not None and self.task in ("single", "single_label"):
+            out.append("--pos-weight applies to multi-label data only, not to --task single")
         if self.resume is not None and self.overwrite:
             out.append("--resume continues the run in --output and --overwrite replaces it: "
                        "pass one of them")
@@ -147,6 +160,10 @@ class EvaluateConfig:
     amp: bool = option(True, help=AMP_HELP)
     confusion_matrix: bool = option(False, help="include the confusion matrix in the JSON")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, help=MAX_PIXELS_HELP)
+    unknown: Path | None = option(
+        None, metavar="OTHER_DATA",
+        help="images unlike the training data (any folder layout): report the share of DATA "
+             "accepted and of these rejected by the card's unknown-input rule, and the AUROC")
 
     def __post_init__(self) -> None:
         for name, value, low in (("--batch-size", self.batch_size, 1),

@@ -62,6 +62,13 @@ def nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
+def infer_task(location: str | Path, task: str | None = None) -> str:
+    """The task of the data at `location`: `task` where given, else multi-label for a CSV."""
+    if task:
+        return TASK_NAMES[task]
+    return "multi_label" if Path(location).suffix.lower() == ".csv" else "single_label"
+
+
 def discover(location: str | Path, *, task: str | None = None,
              classes: Sequence[str] | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS) -> SampleSet:
@@ -70,13 +77,11 @@ def discover(location: str | Path, *, task: str | None = None,
     skipped: list[tuple[Path, str]] = []
     if location.is_dir():
         found = _discover_folder(location, max_pixels, skipped)
-        inferred = "single_label"
     elif location.is_file() and location.suffix.lower() == ".csv":
         found = _discover_csv(location, max_pixels, skipped)
-        inferred = "multi_label"
     else:
         raise DataError(f"{location}: not a class folder nor a .csv file")
-    resolved = TASK_NAMES[task] if task else inferred
+    resolved = infer_task(location, task)
     if resolved == "single_label":
         bad = [s for s in found if len(s.labels) != 1]
         if bad:
@@ -147,6 +152,24 @@ def _discover_folder(root: Path, max_pixels: int, skipped: list[tuple[Path, str]
             raise EmptyClassError(f"{class_dir}: no usable images in class {class_dir.name!r} "
                                   f"(all {len(files)} skipped, see the warnings above)")
         samples.extend(Sample(p, (nfc(class_dir.name),)) for p in usable)
+    return samples
+
+
+def unlabelled_samples(location: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
+                       ) -> list[Sample]:
+    """Every usable image under `location` (a file or any folder tree), with no labels."""
+    root = Path(location)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and _is_visible(p, root) and p.is_file())
+    else:
+        raise DataError(f"{root}: no such file or folder")
+    skipped: list[tuple[Path, str]] = []
+    samples = [Sample(p, ()) for p in files if _usable(p, max_pixels, skipped)]
+    if not samples:
+        raise DataError(f"{root}: no usable images found")
     return samples
 
 

@@ -63,6 +63,7 @@ from training.state import (
     save_state,
 )
 from training.storage import check_output, prepare_output, write_atomically, write_errors
+from training.unknown_rule import UnknownRule, fit_unknown_rule
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +187,12 @@ class FitRun:
         self.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=fp16)
         self.criterion = build_criterion(
             self.data.task, label_smoothing=self.recipe.label_smoothing,
-            train_targets=self.data.train.targets(),
-            class_weight=self._class_weight()).to(self.accelerator.device)
+            train_targets=self.data.train.targets(), class_weight=self._class_weight(),
+            pos_weight=self.recipe.pos_weight).to(self.accelerator.device)
 
     def _class_weight(self) -> torch.Tensor | None:
         """The single-label loss's class weights under --balance loss (None otherwise)."""
-        if self.cfg.balance != "loss":
+        if self.data.balance != "loss":
             return None
         weights = class_weights(class_counts(self.data.train.targets(), len(self.data.classes)))
         logger.info("class weights in the loss: %s", ", ".join(
@@ -242,6 +243,7 @@ class FitRun:
             "dataset": {"train": len(self.data.train), "val": len(self.data.val),
                         "root": str(self.cfg.data),
                         "skipped": self.failures.record(self.data, self.cfg.data)},
+            "balance": self.data.balance,
             "epochs_run": self.progress.epoch, "best_epoch": self.progress.best_epoch + 1,
             "seconds": round(seconds, 2), "device": self.accelerator.describe(),
             "precision": self.accelerator.precision_name, "world_size": self.info.world_size,
@@ -286,6 +288,12 @@ class FitRun:
                                  f"{epoch + 1}: the run diverged and was stopped; lower --lr")
         self.failures.add_val(validation.failed)
         return calibrate(validation, self.data.task)
+
+    def _unknown_rule(self, model: nn.Module) -> UnknownRule | None:
+        """The unknown-input rule of the best weights (loaded into `model`)."""
+        return fit_unknown_rule(model, self.cfg.arch, self.data, accelerator=self.accelerator,
+                                normalize=self.normalize, batch_size=2 * self.recipe.batch_size,
+                                workers=self.cfg.workers)
 
     def run_epoch(self, epoch: int, started: float) -> dict[str, Any]:
         """Train and validate one epoch; export when it is the best so far."""
@@ -338,7 +346,9 @@ class FitRun:
         """Rewrite the best checkpoint's card with the whole run's record; draw the curves."""
         monitor = monitor_name(self.data.task)
         finish_checkpoint(self.cfg.output, self.model, training=self.training_record(seconds),
-                          history=self.progress.history, monitor=monitor)
+                          history=self.progress.history, monitor=monitor,
+                          unknown_rule=self._unknown_rule,
+                          best_metrics=self.progress.best_metrics)
         logger.info("best val_%s %.4f at epoch %d; checkpoint in %s (%.1fs)", monitor,
                     self.progress.best_value, self.progress.best_epoch + 1, self.cfg.output,
                     seconds)

@@ -11,7 +11,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from models.card import Preprocessing
 from models.preprocessing import eval_transform, train_transform
-from training.balance import BalancedSampler, check_balance, class_counts, warn_if_imbalanced
+from training.balance import (
+    BalancedSampler,
+    check_balance,
+    class_counts,
+    resolve_balance,
+    warn_if_imbalanced,
+)
 from training.config import TrainConfig
 from training.data import (
     ImageDataset,
@@ -47,6 +53,7 @@ class TrainingData:
     task: str
     split: dict[str, Any] = field(default_factory=dict)  # sha256, sizes, where it came from
     unusable: list[tuple[Path, str]] = field(default_factory=list)  # skipped at discovery
+    balance: str = "none"  # --balance as resolved for this data (training.balance)
 
 
 class Loaders(NamedTuple):
@@ -87,7 +94,7 @@ def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, in
     for name in classes_without(val_samples, found.classes):
         logger.warning("class %r has no validation image (too few images to split off one); "
                        "its validation figures are empty: add images or pass --val", name)
-    augment = train_transform(preprocessing, min_scale=recipe.min_scale, hflip=True,
+    augment = train_transform(preprocessing, min_scale=recipe.min_scale, hflip=recipe.hflip,
                               trivial_augment=recipe.trivial_augment > 0,
                               augment_probability=recipe.trivial_augment)
     train = ImageDataset(train_samples, found.classes, found.task, augment,
@@ -96,18 +103,21 @@ def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, in
                        decode_size=preprocessing.resize, max_pixels=cfg.max_pixels)
     logger.info("data: %d training / %d validation images, %d classes, %s",
                 len(train), len(val), len(found.classes), found.task)
-    if found.task == "single_label" and info.is_main:
-        warn_if_imbalanced(class_counts(train.targets(), len(found.classes)), found.classes,
-                           balance=cfg.balance)
+    counts = (class_counts(train.targets(), len(found.classes))
+              if found.task == "single_label" else None)
+    balance = resolve_balance(cfg.balance, counts, found.task)
+    if counts is not None and info.is_main:
+        warn_if_imbalanced(counts, found.classes, balance=balance,
+                           chosen_by_default=cfg.balance == "auto")
     split = {"sha256": split_digest(train_samples, found.root, val_samples, val_root),
              "train": len(train), "val": len(val), "source": source}
-    return TrainingData(train, val, found.classes, found.task, split, found.skipped)
+    return TrainingData(train, val, found.classes, found.task, split, found.skipped, balance)
 
 
 def train_sampler_for(data: TrainingData, cfg: TrainConfig, info: DistInfo
                       ) -> DistributedSampler | BalancedSampler:
     """This rank's training sampler: a shuffle, or class-balanced draws with --balance sampler."""
-    if cfg.balance == "sampler":
+    if data.balance == "sampler":
         return BalancedSampler(data.train.targets(), len(data.classes), seed=cfg.seed,
                                rank=info.rank, world_size=info.world_size)
     return DistributedSampler(data.train, num_replicas=info.world_size, rank=info.rank,

@@ -90,11 +90,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmu
 
 
 def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.Tensor,
-                    class_weight: torch.Tensor | None = None) -> nn.Module:
-    """Label-smoothed cross-entropy (optionally class-weighted), or BCE with per-class
-    pos_weight = negatives/positives."""
+                    class_weight: torch.Tensor | None = None,
+                    pos_weight: str | None = "balanced") -> nn.Module:
+    """Label-smoothed cross-entropy (optionally class-weighted), or BCE: plain with
+    `pos_weight` "none", with per-class pos_weight = negatives/positives with "balanced"."""
     if task == "single_label":
         return nn.CrossEntropyLoss(weight=class_weight, label_smoothing=label_smoothing)
+    if pos_weight == "none":
+        return nn.BCEWithLogitsLoss()
     positives = train_targets.sum(dim=0)
     negatives = train_targets.shape[0] - positives
     pos_weight = torch.where(positives > 0, negatives / positives.clamp(min=1),

@@ -113,9 +113,9 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> None:
             parser.add_argument(f.name, type=kind, help=text, metavar=spec.metavar)
             continue
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
-        if kind is bool:  # on by default: --x/--no-x; off by default: a plain switch
-            kwargs["action"] = argparse.BooleanOptionalAction if f.default is True \
-                else "store_true"
+        if kind is bool:  # on or unset (None) by default: --x/--no-x; off: a plain switch
+            both = f.default is True or f.default is None
+            kwargs["action"] = argparse.BooleanOptionalAction if both else "store_true"
         else:
             details = {"type": kind, "choices": spec.choices, "nargs": spec.nargs,
                        "const": spec.const, "metavar": spec.metavar}

@@ -1,9 +1,11 @@
-"""The recipe: defaults resolved from the kind of run (pretrained or not, image size, epochs).
+"""The recipe: defaults resolved from the kind of run (pretrained or not, image size, epochs,
+single- or multi-label).
 
 Fine-tuning a pretrained network and training a small network from scratch for a few epochs
 want different settings; the user passes neither and gets the right one. Every value can still
 be pinned on the command line, and the resolved values are written to the card. The runs that
-checked the from-scratch defaults on real images are in docs/training-recipe.md.
+checked the from-scratch defaults on real images, and the multi-label ones, are in
+docs/training-recipe.md.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ from typing import Any
 
 from models.architectures import arch_spec
 from training.config import TrainConfig
+from training.data import infer_task
 
 # From scratch, crops up to this size halve once before layer1: ImageNet's stem quarters them,
 # which leaves small images too little resolution, and stride 1 (--stem small) is far slower.
 STRIDE2_STEM_MAX = 96
+# Multi-label: any crop may cut an object out of the frame while its label stays on, so the
+# whole image is kept; that alone was the gain measured on real multi-label pictures, where
+# pos_weight made no difference (docs/training-recipe.md, "Multi-label recipe").
+MULTI_LABEL_MIN_SCALE = 1.0
+MULTI_LABEL_POS_WEIGHT = "balanced"  # negatives/positives per class, clamped to 1..100
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,8 @@ class Recipe:
     warmup_epochs: float
     label_smoothing: float
     min_scale: float
+    hflip: bool
+    pos_weight: str | None  # multi-label only: None for single-label runs
     trivial_augment: float
     eval_resize_ratio: float
 
@@ -80,7 +90,9 @@ def set_or_default(value: Any, default: Any) -> Any:
 
 
 def resolve(cfg: TrainConfig) -> Recipe:
-    """Fill every unset option of `cfg` with the default for this kind of run."""
+    """Fill every unset option of `cfg` with the default for this kind of run (the task is
+    --task, else inferred from the layout of DATA as discovery does)."""
+    multi = infer_task(cfg.data, cfg.task) == "multi_label"
     stem = default_stem(cfg) if cfg.stem == "auto" else cfg.stem
     return Recipe(
         stem=stem,
@@ -90,7 +102,10 @@ def resolve(cfg: TrainConfig) -> Recipe:
         weight_decay=cfg.weight_decay,
         warmup_epochs=set_or_default(cfg.warmup_epochs, min(1.0, 0.1 * cfg.epochs)),
         label_smoothing=cfg.label_smoothing,
-        min_scale=set_or_default(cfg.min_scale, default_min_scale(cfg)),
+        min_scale=set_or_default(cfg.min_scale, MULTI_LABEL_MIN_SCALE if multi
+                                 else default_min_scale(cfg)),
+        hflip=set_or_default(cfg.hflip, True),
+        pos_weight=set_or_default(cfg.pos_weight, MULTI_LABEL_POS_WEIGHT) if multi else None,
         trivial_augment=set_or_default(cfg.trivial_augment, default_trivial_augment(cfg)),
         eval_resize_ratio=set_or_default(cfg.eval_resize_ratio,
                                          arch_spec(cfg.arch).pretrained_resize_ratio(cfg.weights)
