@@ -17,6 +17,16 @@ class UnknownModelError(ServiceError):
         super().__init__(f"unknown model {name!r}; loaded models: {listing}")
 
 
+class UnknownModelVersionError(UnknownModelError):
+    """The requested model is loaded, but not in the requested version."""
+
+    def __init__(self, name: str, version: str, serving: list[str]) -> None:
+        self.name = name
+        self.known = serving
+        ServiceError.__init__(self, f"model {name!r} has no version {version[:64]!r}; serving "
+                                    f"version {', '.join(serving) or 'none'}")
+
+
 class ModelRequiredError(ServiceError):
     """Several models are loaded and the request did not say which one."""
 
@@ -84,3 +94,7 @@ class AuthenticationError(ServiceError):
 
 class ClientDisconnectedError(ServiceError):
     """The client went away before its answer was ready."""
+
+
+class UnknownFileError(ServiceError):
+    """A file the service does not serve: not a loaded model's report, not a page file."""

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import torch
 from fastapi import FastAPI
 
-from app.api import docs, errors, health, predict
+from app.api import docs, errors, explain, health, page, predict, reports, v2
 from app.api import models as model_routes
 from app.api.middleware import (
     ErrorBoundaryMiddleware,
@@ -86,7 +86,8 @@ def create_app(settings: Settings | None = None, *,
     app.state.api_keys = settings.api_key_values()
     app.state.cluster = cluster
     errors.install(app)
-    for router in (predict.router, model_routes.router, health.router, docs.router):
+    for router in (predict.router, explain.router, model_routes.router, reports.router,
+                   health.router, docs.router, page.router, v2.probes, v2.router):
         app.include_router(router)  # each router declares who may call it (app.api.auth)
     # the last added runs first: ids for everything, metrics of every answer, then the
     # boundary that turns whatever escapes into a JSON answer

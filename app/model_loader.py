@@ -12,6 +12,8 @@ from app.imaging import ImageDecoder
 from app.metrics import Metrics
 from app.served_model import ServedModel
 from models import checkpoint
+from models.architectures import arch_spec
+from models.cam import CamUnsupportedError, Explainer
 from models.card import ModelCard
 from models.device import Accelerator
 from models.device_decode import DeviceDecodeError, DeviceJpegDecoder
@@ -70,7 +72,18 @@ class ModelLoader:
                            compute=self.compute,
                            queue_bound=self.cluster.queue_bound(name, self.settings.max_queue)
                            if self.cluster else None,
-                           device_decoder=self._device_decoder(name, card))
+                           device_decoder=self._device_decoder(name, card),
+                           explainer=self._explainer(name, predictor))
+
+    def _explainer(self, name: str, predictor: Predictor) -> Explainer | None:
+        """The class activation maps of POST /explain, on the predictor's own network;
+        None (explain refused) for a network that is not GAP + linear."""
+        try:
+            return Explainer(predictor.network, predictor.card, self.accelerator,
+                             head_name=arch_spec(predictor.card.arch).classifier)
+        except CamUnsupportedError as exc:
+            logger.warning("model %s cannot be explained: %s", name, exc)
+            return None
 
     def _device_decoder(self, name: str, card: ModelCard) -> DeviceJpegDecoder | None:
         """The model's JPEG decoder on its device, when the settings and the device want one

@@ -29,6 +29,7 @@ from app.exceptions import (
     OversizedImageError,
     PayloadTooLargeError,
     ShuttingDownError,
+    UnknownFileError,
     UnknownModelError,
     UnsupportedMediaTypeError,
 )
@@ -37,12 +38,14 @@ from app.logs import request_id_var
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+OIP_PREFIX = "/v2"
 
 STATUS_BY_ERROR: dict[type[Exception], int] = {
     InvalidImageError: 400,
     MalformedRequestError: 400,
     AuthenticationError: 401,
     UnknownModelError: 404,
+    UnknownFileError: 404,
     PayloadTooLargeError: 413,
     OversizedImageError: 413,
     UnsupportedMediaTypeError: 415,
@@ -69,8 +72,27 @@ def error_response(status: int, detail: str, *, request_id: str | None = None,
                         headers={**(headers or {}), REQUEST_ID_HEADER: rid})
 
 
-def response_for(exc: Exception) -> JSONResponse:
-    """Map a known error to its response; anything else is a bare 500."""
+def oip_error_response(status: int, detail: str, *,
+                       headers: dict[str, str] | None = None) -> JSONResponse:
+    """The Open Inference Protocol's error body `{"error"}`, with the request id header."""
+    rid = request_id_var.get()
+    return JSONResponse({"error": detail}, status_code=status,
+                        headers={**(headers or {}), REQUEST_ID_HEADER: rid})
+
+
+def is_oip_path(path: str) -> bool:
+    """True for the Open Inference Protocol's paths (/v2...), whose errors say `error`."""
+    return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
+
+
+def speaks_oip(request: Request) -> bool:
+    """True for a request to the Open Inference Protocol's routes."""
+    return is_oip_path(request.url.path)
+
+
+def response_for(exc: Exception, *, oip: bool = False) -> JSONResponse:
+    """Map a known error to its response (in the OIP shape with `oip`); anything else is a
+    bare 500."""
     status = next((code for kind, code in STATUS_BY_ERROR.items() if isinstance(exc, kind)),
                   500)
     headers: dict[str, str] = {}
@@ -89,13 +111,15 @@ def response_for(exc: Exception) -> JSONResponse:
         logger.warning("%d %s", status, exc)
     else:
         logger.info("%d %s", status, exc)
+    if oip:
+        return oip_error_response(status, detail, headers=headers)
     return error_response(status, detail, headers=headers)
 
 
-def internal_error_response() -> JSONResponse:
+def internal_error_response(*, oip: bool = False) -> JSONResponse:
     """The 500 for an unexpected exception (logged by the caller, never shown)."""
-    return error_response(
-        500, f"internal error while serving the request (request id {request_id_var.get()})")
+    detail = f"internal error while serving the request (request id {request_id_var.get()})"
+    return oip_error_response(500, detail) if oip else error_response(500, detail)
 
 
 def _format_validation(exc: RequestValidationError) -> str:
@@ -108,19 +132,23 @@ def _format_validation(exc: RequestValidationError) -> str:
 
 
 async def _known_error(request: Request, exc: Exception) -> JSONResponse:
-    return response_for(exc)
+    return response_for(exc, oip=speaks_oip(request))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     detail = _format_validation(exc)
-    logger.info("422 %s", detail)
-    return error_response(422, detail)
+    oip = speaks_oip(request)  # the protocol answers every bad request 400
+    logger.info("%d %s", 400 if oip else 422, detail)
+    return oip_error_response(400, detail) if oip else error_response(422, detail)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     logger.info("%d %s", exc.status_code, exc.detail)
+    if speaks_oip(request):
+        return oip_error_response(exc.status_code, str(exc.detail),
+                                  headers=dict(exc.headers or {}))
     return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 

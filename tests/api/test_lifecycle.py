@@ -79,24 +79,30 @@ async def test_every_model_runs_on_one_compute_thread_and_loaders_exit(
         make_checkpoint_dir) -> None:
     root = make_checkpoint_dir("colors", "tags")
     async with running_app(fast_settings(root, default_model="colors")) as (http, app):
-        ran_on: dict[str, set[int]] = {"colors": set(), "tags": set()}
-        for name in ran_on:
-            predictor = app.state.registry.get(name).predictor
-            forward = predictor.probabilities
+        ran_on: dict[str, set[int]] = {"colors": set(), "tags": set(), "explain": set()}
+        for name in ("colors", "tags"):
+            served = app.state.registry.get(name)
+            forward, explain = served.predictor.outputs, served.explaining.batcher.fn
 
             def recording(batch, _forward=forward, _name=name):
                 ran_on[_name].add(threading.get_ident())
                 return _forward(batch)
 
-            predictor.probabilities = recording
+            def explaining(items, _explain=explain):
+                ran_on["explain"].add(threading.get_ident())
+                return _explain(items)
+
+            served.predictor.outputs = recording
+            served.explaining.batcher.fn = explaining
         for name in ("colors", "tags", "colors"):
-            r = await http.post(f"/predict?model={name}",
-                                files={"file": ("x.jpg", jpeg("red"))})
-            assert r.status_code == 200, r.text
+            for route in ("/predict", "/explain"):
+                r = await http.post(f"{route}?model={name}",
+                                    files={"file": ("x.jpg", jpeg("red"))})
+                assert r.status_code == 200, r.text
         bump_card(root / "tags", metrics={"round": 1})
         assert (await http.post("/models/reload")).json()["loaded"] == ["tags"]
         threads = ran_on["colors"] | ran_on["tags"]
-        assert len(threads) == 1 and ran_on["colors"] == ran_on["tags"]
+        assert len(threads) == 1 and ran_on["colors"] == ran_on["tags"] == ran_on["explain"]
         assert threading.get_ident() not in threads
         await asyncio.sleep(0.05)
         assert not [t.name for t in threading.enumerate() if t.name.startswith("load-")]
@@ -234,7 +240,7 @@ async def test_shutdown_during_the_first_load_stops_every_started_worker(
     await lifespan.__aenter__()
     try:
         await poll(held.entered.is_set, "the second checkpoint to start loading")
-        assert batcher_workers() == ["batcher-colors"]
+        assert batcher_workers() == ["batcher-colors", "batcher-colors-explain"]
     finally:
         stopping = asyncio.create_task(lifespan.__aexit__(None, None, None))
         await asyncio.sleep(0.1)

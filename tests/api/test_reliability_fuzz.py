@@ -26,8 +26,9 @@ from tests.serving_helpers import fast_settings
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]
-EXAMPLES = {"POST /predict": 60, "GET /models/{name}": 25}  # every other operation: 5
-NEGATIVE = {"POST /predict"}  # the only operation with constraints to break
+EXAMPLES = {"POST /predict": 60, "GET /models/{name}": 25,
+            "POST /explain": 20}  # every other operation: 5
+NEGATIVE = {"POST /predict", "POST /explain"}  # the operations with constraints to break
 
 
 def wait_ready(app: object, timeout: float = 60.0) -> None:
@@ -63,7 +64,7 @@ def test_schema_fuzz_finds_no_server_error_or_schema_violation(make_checkpoint_d
     try:
         wait_ready(app)
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) == 7
+        assert len(operations) == 10
         seen: dict[str, list[int]] = {}
         for operation in operations:
             examples = EXAMPLES.get(operation.label, 5)
