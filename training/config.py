@@ -76,7 +76,8 @@ class TrainConfig:
     min_scale: float | None = option(None, within=Range(0.0, 1.0, low_open=True),
                                      help="RandomResizedCrop min area; 1 = no crop (default: "
                                           "1 for multi-label, else auto)")
-    hflip: bool | None = option(None, help="random horizontal flips (default: on)")
+    hflip: bool | None = option(
+        None, help="random horizontal flips (default: on, except multi-label from scratch)")
     pos_weight: str | None = option(
         None, choices=POS_WEIGHT_CHOICES,
         help="multi-label BCE weight on each class's positives: balanced = negatives/positives "

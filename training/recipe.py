@@ -28,6 +28,13 @@ MULTI_LABEL_MIN_SCALE = 1.0
 MULTI_LABEL_POS_WEIGHT = "balanced"  # negatives/positives per class, clamped to 1..100
 
 
+def default_hflip(cfg: TrainConfig, multi: bool) -> bool:
+    """Flips on, except for multi-label runs from scratch: there a mirrored object keeps its
+    label only when its class looks the same in a mirror, and a short run without a
+    pretrained prior learnt 5 points of mAP more without them (docs/training-recipe.md)."""
+    return not (multi and not cfg.pretrained)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Concrete hyper-parameters for one run."""
@@ -104,7 +111,7 @@ def resolve(cfg: TrainConfig) -> Recipe:
         label_smoothing=cfg.label_smoothing,
         min_scale=set_or_default(cfg.min_scale, MULTI_LABEL_MIN_SCALE if multi
                                  else default_min_scale(cfg)),
-        hflip=set_or_default(cfg.hflip, True),
+        hflip=set_or_default(cfg.hflip, default_hflip(cfg, multi)),
         pos_weight=set_or_default(cfg.pos_weight, MULTI_LABEL_POS_WEIGHT) if multi else None,
         trivial_augment=set_or_default(cfg.trivial_augment, default_trivial_augment(cfg)),
         eval_resize_ratio=set_or_default(cfg.eval_resize_ratio,

@@ -7,12 +7,7 @@ either is missing. Screenshots go to test-artifacts/page/ (git-ignored).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +16,10 @@ import pytest
 from PIL import Image
 
 from tests.cards import copy_checkpoint
+from tests.server_process import ROOT, serving
 from tests.serving_helpers import CLASSES, encode, png
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "page"
 KEY = "browser-test-key"
 XSS = "<img src=x onerror=alert(1)>"
@@ -33,12 +28,6 @@ if CHROMIUM is None:
     pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api",
                                reason="Playwright for Python is not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_reports(folder: Path) -> None:
@@ -64,34 +53,10 @@ def server(checkpoint_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     shutil.copytree(checkpoint_root / "tags", root / "tags")
     copy_checkpoint(checkpoint_root / "colors", root / "xss", card_text=_renamed)
     _write_reports(root / "colors")
-    port = _free_port()
-    log = (root / "server.log").open("w+")
-    env = {**os.environ, "RESNET_SERVE_API_KEYS": KEY, "RESNET_SERVE_TORCH_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "--checkpoint-dir", str(root), "--default-model",
-         "colors", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-         "--max-batch-size", "4"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    give_up = time.monotonic() + 90
-    while True:
-        try:
-            models = httpx.get(f"{url}/models", headers={"X-API-Key": KEY}, timeout=2).json()
-            if [m["status"] for m in models["models"]] == ["loaded"] * 3:
-                break
-        except (httpx.TransportError, ValueError, KeyError):
-            pass
-        if proc.poll() is not None or time.monotonic() > give_up:
-            proc.kill()
-            log.seek(0)
-            pytest.fail(f"server did not load its models:\n{log.read()}")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    env = {"RESNET_SERVE_API_KEYS": KEY, "RESNET_SERVE_TORCH_THREADS": "1"}
+    with serving(root, root / "server.log", "--default-model", "colors", "--max-batch-size",
+                 "4", env=env, headers={"X-API-Key": KEY}, models=3) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,6 @@ classification extension, concurrent async inference sharing batches, errors it 
 from __future__ import annotations
 
 import base64
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,57 +18,23 @@ from tritonclient.utils import InferenceServerException
 from models.card import Preprocessing
 from models.decoding import decode
 from models.preprocessing import Normalize, eval_transform
+from tests.server_process import serving
 from tests.serving_helpers import CLASSES, CROP, color_image, encode, metric
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 FORMATS = {"JPEG": {"quality": 92}, "PNG": {}, "WEBP": {"quality": 90}, "GIF": {},
            "BMP": {}, "TIFF": {}}
 PRE = Preprocessing(resize=CROP, crop=CROP)  # the fixture checkpoints' preprocessing
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(checkpoint_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m app` serving `colors` and `tags` (both loaded); yields host:port."""
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("v2") / "server.log"
-    with log_path.open("w+") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "--checkpoint-dir", str(checkpoint_root),
-             "--default-model", "colors", "--host", "127.0.0.1", "--port", str(port),
-             "--device", "cpu", "--max-batch-size", "8", "--max-wait-ms", "20",
-             "--max-images-per-request", "16", "--torch-threads", "1"],
-            cwd=ROOT, env={**os.environ, "RESNET_SERVE_MAX_QUEUE": "128"},
-            stdout=log, stderr=subprocess.STDOUT)
-        give_up = time.monotonic() + 90
-        while True:
-            try:
-                models = httpx.get(f"http://127.0.0.1:{port}/models", timeout=2)
-                found = models.json().get("models") if models.status_code == 200 else None
-                if found and all(m["status"] == "loaded" for m in found):
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > give_up:
-                proc.kill()
-                log.seek(0)
-                pytest.fail(f"server did not become ready:\n{log.read()}")
-            time.sleep(0.2)
-        try:
-            yield f"127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serving(checkpoint_root, log_path, "--default-model", "colors", "--max-batch-size",
+                 "8", "--max-wait-ms", "20", "--max-images-per-request", "16",
+                 "--torch-threads", "1", env={"RESNET_SERVE_MAX_QUEUE": "128"}) as url:
+        yield url.removeprefix("http://")
 
 
 @pytest.fixture(scope="module")

@@ -51,9 +51,11 @@ def test_multi_label_runs_take_no_crop(cfg):
     assert recipe.min_scale == 1.0 and recipe.pos_weight == "balanced"
     single = resolve(_cfg("folder", weights=cfg.weights, image_size=cfg.image_size,
                           epochs=cfg.epochs))
-    # everything else is what a single-label run of the same kind gets
+    # flips stay for fine-tuning only; everything else is what a single-label run of the
+    # same kind gets
+    assert recipe.hflip == cfg.pretrained
     differs = {k for k, v in recipe.to_dict().items() if single.to_dict()[k] != v}
-    assert differs == {"min_scale", "pos_weight"}
+    assert differs == {"min_scale", "pos_weight"} | ({"hflip"} if not cfg.pretrained else set())
 
 
 def test_values_the_user_sets_win_over_the_multi_label_defaults():
@@ -121,5 +123,5 @@ def test_tiny_multi_label_fit_uses_and_records_its_defaults(multi_data, tmp_path
     metrics = run.run()
     recipe = checkpoint.read_card(out).training["recipe"]
     assert (recipe["min_scale"], recipe["pos_weight"], recipe["hflip"]) == \
-        (1.0, "balanced", True)
+        (1.0, "balanced", False)
     assert 0.0 <= metrics["mAP"] <= 1.0
