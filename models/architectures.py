@@ -20,6 +20,8 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models import WeightsEnum
 
+from models.cifar_resnet import factory as cifar_factory
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,6 +48,7 @@ class ArchSpec:
     stem_pool: str = "maxpool"  # the stem's pooling (a small-image stem removes it)
     conv_bn_prefixes: tuple[str, str] = ("conv", "bn")  # convN is followed by bnN in a block
     eval_resize_ratio: float = DEFAULT_EVAL_RESIZE_RATIO
+    own_stem: bool = False  # built with its own stem for its input size: STEMS do not apply
 
     def head(self, model: nn.Module) -> nn.Linear:
         """The classifier layer of a model built from this entry."""
@@ -67,6 +70,10 @@ class ArchSpec:
         return self.eval_resize_ratio
 
 
+# He et al. 2016's CIFAR ResNets (32 px, 6n + 2 layers): option A shortcuts (zero padding)
+# as resnet20 ... resnet110, option B (1x1 projections) under a "b" suffix: resnet20b ...
+CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "resnet18": ArchSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
     "resnet34": ArchSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
@@ -74,6 +81,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "resnet101": ArchSpec(tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V2),
     "resnet152": ArchSpec(tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V2),
 }
+ARCHITECTURES.update({
+    f"resnet{depth}{suffix}": ArchSpec(cifar_factory(depth, shortcut), eval_resize_ratio=1.0,
+                                       own_stem=True)
+    for depth in CIFAR_DEPTHS for shortcut, suffix in (("A", ""), ("B", "b"))
+})
 
 
 def arch_spec(arch: str) -> ArchSpec:
@@ -176,6 +188,8 @@ def _replace_stem(model: nn.Module, spec: ArchSpec, *, stride: int) -> None:
     setattr(model, spec.stem_pool, nn.Identity())
 
 
+OWN_STEM = "imagenet"  # the stem key that leaves a network's stem as built
+
 # The stem decides how much the first layers downsample; the rest of the network is unchanged.
 STEMS: dict[str, Callable[[nn.Module, ArchSpec], None]] = {
     "imagenet": _imagenet_stem,
@@ -198,6 +212,9 @@ def build(arch: str, *, num_classes: int, weights: str | Path | None = None,
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
+    if spec.own_stem and stem != OWN_STEM:
+        raise ValueError(f"{arch} has its own stem; stem {stem!r} does not apply (build it "
+                         f"with stem={OWN_STEM!r}, the stem left as built)")
     scratch = weights is None or str(weights) == "none"
     # From scratch, zero-initialised residual branches make each block start as the identity,
     # which trains faster and more stably in short runs (no effect on loaded weights).

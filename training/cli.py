@@ -1,4 +1,4 @@
-"""Command line: `python -m training fit|evaluate|synth|import-torchvision`."""
+"""Command line: `python -m training fit|evaluate|synth|import-torchvision|import-cifar`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from typing import Any
 from models.architectures import UnknownArchitectureError, WeightsUnavailableError
 from models.checkpoint import CheckpointError
 from models.device import DeviceUnavailableError
-from training.config import EvaluateConfig, ImportConfig, SynthConfig, TrainConfig
+from training.config import (
+    CifarImportConfig,
+    EvaluateConfig,
+    ImportConfig,
+    SynthConfig,
+    TrainConfig,
+)
 from training.exceptions import TrainingError
 from training.options import add_options, from_args
 
@@ -49,6 +55,12 @@ def _import_torchvision(cfg: ImportConfig) -> None:
     import_torchvision(cfg)
 
 
+def _import_cifar(cfg: CifarImportConfig) -> None:
+    from training.cifar_import import import_cifar
+
+    logger.info("dataset ready: %s", import_cifar(cfg))
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its options (a config dataclass), what runs it, and its help."""
@@ -67,6 +79,10 @@ COMMANDS = {
     "synth": Command(SynthConfig, _synth, "write a generated, learnable dataset"),
     "import-torchvision": Command(ImportConfig, _import_torchvision,
                                   "export torchvision's ImageNet classifier"),
+    "import-cifar": Command(CifarImportConfig, _import_cifar,
+                            "convert the binary CIFAR-10/100 files into PNG class folders",
+                            "Read cifar-10-batches-bin or cifar-100-binary (never the pickled "
+                            "version) into OUT/train/<class>/*.png and OUT/test/<class>/*.png."),
 }
 
 

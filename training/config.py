@@ -24,6 +24,7 @@ BALANCE_CHOICES = ("auto", "none", "loss", "sampler")
 POS_WEIGHT_CHOICES = ("none", "balanced")
 AUTO_RESUME = "auto"  # --resume without a file: the state in --output
 ARCH_CHOICES = tuple(ARCHITECTURES)
+IMAGENET_ARCH_CHOICES = tuple(a for a, spec in ARCHITECTURES.items() if spec.imagenet is not None)
 DEVICE_HELP = "where to run; auto picks CUDA when present"
 AMP_HELP = "bf16/fp16 autocast on CUDA (no effect on the CPU)"
 MAX_PIXELS_HELP = ("decoding budget per image; larger JPEGs are decoded reduced, other larger "
@@ -45,7 +46,9 @@ class TrainConfig:
     val_fraction: float = option(0.2, within=Range(0.0, 1.0, low_open=True, high_open=True),
                                  help="share of DATA split off for validation without --val")
     task: str | None = option(None, choices=TASK_FLAGS, help="override the inferred task")
-    arch: str = option("resnet50", choices=ARCH_CHOICES, help="network architecture")
+    arch: str = option("resnet50", choices=ARCH_CHOICES,
+                       help="network architecture (resnet20 ... resnet110: the CIFAR ResNets, "
+                            "option A shortcuts; a b suffix, e.g. resnet20b: option B)")
     weights: str = option("imagenet",
                           help="imagenet | none | path to a .pth/.safetensors state dict")
     stem: str = option("auto", choices=STEM_CHOICES,
@@ -118,6 +121,7 @@ class TrainConfig:
                        f"({self.epochs})")
         if self.stem not in STEM_CHOICES:
             out.append(f"--stem must be one of {', '.join(STEM_CHOICES)}, got {self.stem!r}")
+        out += self._arch_problems()
         if self.task not in TASK_CHOICES:
             out.append(f"--task must be single or multi, got {self.task!r}")
         if self.balance not in BALANCE_CHOICES:
@@ -136,6 +140,21 @@ class TrainConfig:
                        "pass one of them")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             out.append(f"--seed must be an integer >= 0, got {self.seed!r}")
+        return out
+
+    def _arch_problems(self) -> list[str]:
+        """Options the architecture cannot take: weights where none exist, a foreign stem."""
+        spec = ARCHITECTURES.get(self.arch)
+        if spec is None:
+            return [f"unknown --arch {self.arch!r}; known: {', '.join(ARCHITECTURES)}"]
+        out = []
+        if spec.imagenet is None and self.weights != "none":
+            out.append(f"--arch {self.arch} has no pretrained weights (no ImageNet weights exist "
+                       f"for it) and trains from scratch only: pass --weights none, "
+                       f"not {self.weights!r}")
+        if spec.own_stem and self.stem != "auto":
+            out.append(f"--stem {self.stem} does not apply to --arch {self.arch}, which has its "
+                       "own 3x3 stem for 32 px images: leave --stem auto")
         return out
 
     @property
@@ -192,5 +211,17 @@ class ImportConfig:
     """Every option of `import-torchvision`."""
 
     output: Path = option(help="checkpoint folder to write")
-    arch: str = option("resnet50", choices=ARCH_CHOICES,
+    arch: str = option("resnet50", choices=IMAGENET_ARCH_CHOICES,
                        help="which of torchvision's ImageNet classifiers")
+
+
+@dataclass
+class CifarImportConfig:
+    """Every option of `import-cifar`."""
+
+    src: Path = option(positional=True,
+                       help="cifar-10-batches-bin or cifar-100-binary folder (the binary "
+                            "version), or the folder holding it")
+    out: Path = option(positional=True, help="folder to create, with train/ and test/ inside")
+    labels: str = option("fine", choices=("fine", "coarse"),
+                         help="CIFAR-100: the 100 fine classes or the 20 coarse superclasses")

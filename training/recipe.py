@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from models.architectures import arch_spec
+from models.architectures import OWN_STEM, arch_spec
 from training.config import TrainConfig
 from training.data import infer_task
 
@@ -58,7 +58,10 @@ class Recipe:
 
 
 def default_stem(cfg: TrainConfig) -> str:
-    """A stem that keeps small images from being downsampled to nothing (from scratch only)."""
+    """A stem that keeps small images from being downsampled to nothing (from scratch only);
+    an architecture with its own stem (the CIFAR ResNets) keeps it."""
+    if arch_spec(cfg.arch).own_stem:
+        return OWN_STEM
     if cfg.pretrained or cfg.image_size > STRIDE2_STEM_MAX:
         return "imagenet"
     return "small_stride2"
