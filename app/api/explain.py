@@ -11,9 +11,8 @@ from pydantic_core import to_json
 
 from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import RegistryDep, SettingsDep
-from app.api.predict import _UPLOAD_BODY
 from app.api.schemas import error_responses
-from app.api.transport import read_uploads, unless_disconnected
+from app.api.transport import UPLOAD_BODY, read_uploads, unless_disconnected
 from app.exceptions import InvalidRequestError
 
 router = APIRouter(tags=["explain"], dependencies=[API_KEY_REQUIRED])
@@ -23,7 +22,7 @@ PNG = "image/png"
 
 
 @router.post(
-    "/explain", openapi_extra=_UPLOAD_BODY,
+    "/explain", openapi_extra=UPLOAD_BODY,
     responses={200: {"content": {"application/json": {}, PNG: {}},
                      "description": "per image: the class explained, its score and the "
                                     "heatmap PNG (base64), or with Accept: image/png and "

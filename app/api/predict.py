@@ -10,7 +10,7 @@ from pydantic_core import to_json
 from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import RegistryDep, SettingsDep
 from app.api.schemas import PredictResponse, error_responses
-from app.api.transport import FILE_FIELD, read_uploads, unless_disconnected
+from app.api.transport import UPLOAD_BODY, read_uploads, unless_disconnected
 from app.exceptions import InvalidRequestError
 from app.served_model import ClassifiedImage
 
@@ -18,27 +18,9 @@ router = APIRouter(tags=["predict"], dependencies=[API_KEY_REQUIRED])
 
 MAX_TOP_K = 10_000  # above any real class count: larger values are mistakes, not requests
 
-_UPLOAD_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": f"one or more images in the multipart field `{FILE_FIELD}` "
-                       "(repeat it for several), or one image as the raw body",
-        "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": [FILE_FIELD],
-                "properties": {FILE_FIELD: {
-                    "type": "array", "items": {"type": "string", "format": "binary"}}},
-            }},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-        },
-    },
-}
-
-
 @router.post(
     "/predict", response_model=PredictResponse, response_model_exclude_none=True,
-    openapi_extra=_UPLOAD_BODY,
+    openapi_extra=UPLOAD_BODY,
     responses=error_responses(400, 401, 404, 413, 415, 422, 429, 500, 503, 504),
     summary="Classify uploaded images",
 )

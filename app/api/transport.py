@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
@@ -29,6 +29,24 @@ T = TypeVar("T")
 
 FILE_FIELD = "file"
 RAW_FILENAME = "body"
+
+# the request body of the upload routes (/predict, /explain) as OpenAPI describes it
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": f"one or more images in the multipart field `{FILE_FIELD}` "
+                       "(repeat it for several), or one image as the raw body",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": [FILE_FIELD],
+                "properties": {FILE_FIELD: {
+                    "type": "array", "items": {"type": "string", "format": "binary"}}},
+            }},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
 
 
 async def read_uploads(request: Request, settings: Settings) -> list[Upload]:

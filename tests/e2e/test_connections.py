@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from app.connections import connection_cap
-from tests.e2e.test_server import ROOT, free_port
+from tests.server_process import ROOT, free_port
 from tests.serving_helpers import metric
 
 pytestmark = pytest.mark.slow

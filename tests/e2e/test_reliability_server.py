@@ -24,7 +24,7 @@ import torch
 from models.architectures import build
 from models.card import ModelCard, Preprocessing
 from models.checkpoint import save
-from tests.e2e.test_server import ROOT, free_port
+from tests.server_process import ROOT, free_port
 from tests.serving_helpers import CLASSES, jpeg, metric
 
 pytestmark = pytest.mark.slow

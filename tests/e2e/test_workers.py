@@ -17,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+from tests.server_process import free_port
 from tests.serving_helpers import jpeg
 
 pytestmark = pytest.mark.slow
@@ -24,14 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
 AUTH = {"x-api-key": KEY}
 FRESH = 20  # requests on fresh connections: all on one of two workers has odds 2 ** -19
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def children(pid: int) -> set[int]:
