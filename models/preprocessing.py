@@ -102,21 +102,26 @@ def eval_transform(pre: Preprocessing) -> Transform:
 
 
 def train_transform(pre: Preprocessing, *, min_scale: float = 0.08, hflip: bool = True,
-                    trivial_augment: bool = True, augment_probability: float = 1.0
-                    ) -> Transform:
+                    trivial_augment: bool = True, augment_probability: float = 1.0,
+                    pad_crop: int = 0) -> Transform:
     """Random-resized crop, flip, TrivialAugmentWide: PIL image -> uint8 CHW tensor.
 
     `min_scale` 1 takes no random crop: the shorter side is resized to the crop and the
     centred square kept, so nothing in that square is ever cut away (multi-label labels stay
-    true). `augment_probability` < 1 applies TrivialAugmentWide to only that share of the
+    true). `pad_crop` > 0 replaces the random resized crop with He et al.'s CIFAR augmentation:
+    that square, padded with `pad_crop` black pixels on each side, then a random crop of the
+    crop size. `augment_probability` < 1 applies TrivialAugmentWide to only that share of the
     images (a gentler policy for short runs from scratch).
     """
     interpolation = _INTERPOLATION[pre.interpolation]
-    steps: list[Callable] = [
-        ResizeCenterCrop(pre.crop, pre.crop, pre.interpolation) if min_scale >= 1.0
-        else T.RandomResizedCrop(pre.crop, scale=(min_scale, 1.0), interpolation=interpolation,
-                                 antialias=True),
-    ]
+    if pad_crop > 0:
+        steps: list[Callable] = [ResizeCenterCrop(pre.crop, pre.crop, pre.interpolation),
+                                 T.RandomCrop(pre.crop, padding=pad_crop, fill=0)]
+    elif min_scale >= 1.0:
+        steps = [ResizeCenterCrop(pre.crop, pre.crop, pre.interpolation)]
+    else:
+        steps = [T.RandomResizedCrop(pre.crop, scale=(min_scale, 1.0),
+                                     interpolation=interpolation, antialias=True)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     if trivial_augment and augment_probability > 0:

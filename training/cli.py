@@ -1,4 +1,4 @@
-"""Command line: `python -m training fit|evaluate|synth|import-torchvision|import-cifar`."""
+"""Command line: `python -m training fit|evaluate|synth|import-torchvision|import-cifar|compare`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from models.checkpoint import CheckpointError
 from models.device import DeviceUnavailableError
 from training.config import (
     CifarImportConfig,
+    CompareConfig,
     EvaluateConfig,
     ImportConfig,
     SynthConfig,
@@ -61,6 +62,12 @@ def _import_cifar(cfg: CifarImportConfig) -> None:
     logger.info("dataset ready: %s", import_cifar(cfg))
 
 
+def _compare(cfg: CompareConfig) -> None:
+    from training.compare import compare
+
+    compare(cfg)
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its options (a config dataclass), what runs it, and its help."""
@@ -83,6 +90,10 @@ COMMANDS = {
                             "convert the binary CIFAR-10/100 files into PNG class folders",
                             "Read cifar-10-batches-bin or cifar-100-binary (never the pickled "
                             "version) into OUT/train/<class>/*.png and OUT/test/<class>/*.png."),
+    "compare": Command(CompareConfig, _compare, "compare fit runs: curves, a table, confusion "
+                       "matrices", "Read RUN_DIRs written by fit (same task, same classes) and "
+                       "write curves.png, compare.json, compare.md and confusion_matrices.png "
+                       "into --output."),
 }
 
 

@@ -13,7 +13,7 @@ from models.decoding import DEFAULT_MAX_PIXELS
 from models.device import DEVICE_CHOICES
 from training.exceptions import ConfigError
 from training.files import RESUME_FILE
-from training.options import Range, option, range_problems
+from training.options import Range, flag_of, option, range_problems
 
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 4096
@@ -22,6 +22,10 @@ TASK_FLAGS = ("single", "multi")  # what --task accepts
 TASK_CHOICES = (None, *TASK_FLAGS, "single_label", "multi_label")  # what a TrainConfig takes
 BALANCE_CHOICES = ("auto", "none", "loss", "sampler")
 POS_WEIGHT_CHOICES = ("none", "balanced")
+OPTIMIZER_CHOICES = ("adamw", "sgd")
+SCHEDULE_CHOICES = ("cosine", "step", "constant")
+NORMALIZE_CHOICES = ("imagenet", "dataset")
+RECIPE_CHOICES = ("he2016-cifar",)  # named presets (training.recipe.PRESETS)
 AUTO_RESUME = "auto"  # --resume without a file: the state in --output
 ARCH_CHOICES = tuple(ARCHITECTURES)
 IMAGENET_ARCH_CHOICES = tuple(a for a, spec in ARCHITECTURES.items() if spec.imagenet is not None)
@@ -65,17 +69,46 @@ class TrainConfig:
     backbone_lr_scale: float | None = option(
         None, within=Range(0.0, 100.0),
         help="backbone LR = lr x this (default 0.1 fine-tuning, 1.0 scratch)")
-    weight_decay: float = option(0.05, within=Range(0.0, 10.0),
-                                 help="AdamW weight decay (none on norm weights and biases)")
+    recipe_name: str | None = option(
+        None, flag="--recipe", choices=RECIPE_CHOICES,
+        help="a named recipe whose values replace the defaults (options given still win): "
+             "he2016-cifar = the CIFAR recipe of He et al. 2016 (SGD, LR steps, pad-and-crop)")
+    optimizer: str | None = option(None, choices=OPTIMIZER_CHOICES,
+                                   help="adamw, or sgd with --momentum (default: adamw)")
+    momentum: float | None = option(None, within=Range(0.0, 1.0, high_open=True),
+                                    help="SGD momentum (default 0.9; sgd only)")
+    weight_decay: float | None = option(
+        None, within=Range(0.0, 10.0),
+        help="weight decay, none on norm weights and biases (default 0.05)")
+    schedule: str | None = option(
+        None, choices=SCHEDULE_CHOICES,
+        help="LR after the warm-up: cosine = decay to 1%, step = divided by 10 at 50% and 75% "
+             "of the steps, constant = held (default: cosine)")
     warmup_epochs: float | None = option(None, within=Range(0.0, 100_000.0),
                                          help="linear LR warm-up (default min(1, 0.1 x epochs))")
-    label_smoothing: float = option(0.1, within=Range(0.0, 1.0, high_open=True),
-                                    help="label smoothing of the single-label loss")
+    warmup_until_error: float | None = option(
+        None, within=Range(0.0, 1.0, low_open=True),
+        help="single-label: hold the LR at lr/10 until the running training error falls below "
+             "this (at most 10% of the steps), as He et al. did for ResNet-110 (0.8)")
+    label_smoothing: float | None = option(None, within=Range(0.0, 1.0, high_open=True),
+                                           help="label smoothing of the single-label loss "
+                                                "(default 0.1)")
     balance: str = option(
         "auto", choices=BALANCE_CHOICES,
         help="single-label class imbalance: loss = inverse-frequency class weights in the "
              "loss, sampler = draw every class equally often, none = neither, auto = sampler "
              "when the largest class has over 5x the images of the smallest, else none")
+    pad_crop: int | None = option(
+        None, within=Range(0, 1024), metavar="PIXELS",
+        help="instead of the random resized crop: pad the resized image by PIXELS of black on "
+             "each side and take a random crop of --image-size (default 0: off)")
+    normalize: str | None = option(
+        None, choices=NORMALIZE_CHOICES,
+        help="input mean/std: imagenet, or dataset = measured on the training images and "
+             "written to the card (default: imagenet)")
+    accumulate: int = option(1, within=Range(1, 10_000),
+                             help="micro-batches of --batch-size summed into one optimizer "
+                                  "step (effective batch = batch size x this)")
     min_scale: float | None = option(None, within=Range(0.0, 1.0, low_open=True),
                                      help="RandomResizedCrop min area; 1 = no crop (default: "
                                           "1 for multi-label, else auto)")
@@ -130,6 +163,7 @@ class TrainConfig:
         elif self.balance not in ("none", "auto") and self.task in ("multi", "multi_label"):
             out.append(f"--balance {self.balance} applies to single-label data only, not to "
                        "--task multi")
+        out += self._recipe_problems()
         if self.pos_weight not in (None, *POS_WEIGHT_CHOICES):
             out.append(f"--pos-weight must be one of {', '.join(POS_WEIGHT_CHOICES)}, "
                        f"got {self.pos_weight!r}")
@@ -140,6 +174,27 @@ class TrainConfig:
                        "pass one of them")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             out.append(f"--seed must be an integer >= 0, got {self.seed!r}")
+        return out
+
+    def _recipe_problems(self) -> list[str]:
+        """Optimizer, schedule, normalisation and named-recipe values this run cannot take."""
+        out = [f"{flag_of(self, name)} must be one of {', '.join(choices)}, got {value!r}"
+               for name, choices in (("optimizer", OPTIMIZER_CHOICES),
+                                     ("schedule", SCHEDULE_CHOICES),
+                                     ("normalize", NORMALIZE_CHOICES),
+                                     ("recipe_name", RECIPE_CHOICES))
+               if (value := getattr(self, name)) is not None and value not in choices]
+        if self.recipe_name == "he2016-cifar" and self.pretrained:
+            out.append("--recipe he2016-cifar trains from scratch: pass --weights none, "
+                       f"not {self.weights!r}")
+        if self.pad_crop and self.min_scale not in (None, 1.0):
+            out.append("--pad-crop replaces the random resized crop: --min-scale does not "
+                       "apply with it")
+        if self.momentum is not None and self.optimizer == "adamw":
+            out.append("--momentum applies to --optimizer sgd, not adamw")
+        if self.warmup_until_error is not None and self.task in ("multi", "multi_label"):
+            out.append("--warmup-until-error needs a training error: single-label data only, "
+                       "not --task multi")
         return out
 
     def _arch_problems(self) -> list[str]:
@@ -225,3 +280,20 @@ class CifarImportConfig:
     out: Path = option(positional=True, help="folder to create, with train/ and test/ inside")
     labels: str = option("fine", choices=("fine", "coarse"),
                          help="CIFAR-100: the 100 fine classes or the 20 coarse superclasses")
+
+
+@dataclass
+class CompareConfig:
+    """Every option of `compare`."""
+
+    runs: list[Path] = option(positional=True, nargs="+", metavar="RUN_DIR",
+                              help="folders written by `fit --output`")
+    output: Path = option(help="folder to write the comparison into (created)")
+    overwrite: bool = option(False, help="write into an --output that is not empty")
+
+    def __post_init__(self) -> None:
+        runs = [self.runs] if isinstance(self.runs, (str, Path)) else self.runs
+        self.runs = [Path(run) for run in runs]
+        self.output = Path(self.output)
+        if not self.runs:
+            raise ConfigError("compare needs at least one RUN_DIR")

@@ -6,6 +6,7 @@ the resume state training.state, and the checkpoint and its reports training.exp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -46,9 +47,11 @@ from training.loop import (
     build_optimizer,
     build_scheduler,
     evaluate,
+    optimizer_steps,
     train_one_epoch,
 )
 from training.metrics import held_out_multi_label_metrics, single_label_metrics, summary
+from training.normalization import measure_mean_std
 from training.pretrained import check_weights_option
 from training.recipe import Recipe, resolve
 from training.state import (
@@ -106,7 +109,9 @@ def history_row(epoch: int, lr: float, stats: EpochStats, validation: EvalOutput
                 metrics: dict[str, Any]) -> dict[str, Any]:
     """One epoch's line of history.csv."""
     return {"epoch": epoch + 1, "lr": lr,
-            "train_loss": round(stats.loss, 5), "val_loss": round(validation.loss, 5),
+            "train_loss": round(stats.loss, 5),
+            **({} if stats.accuracy is None else {"train_accuracy": round(stats.accuracy, 5)}),
+            "val_loss": round(validation.loss, 5),
             **{f"val_{k}": round(v, 5) for k, v in summary(metrics).items()
                if k != "num_samples"},
             "images_per_second": round(stats.images_per_second, 1),
@@ -133,11 +138,19 @@ class FitRun:
         distributed.init(info, self.accelerator.device)
         seed_everything(cfg.seed + info.rank)
         self.recipe = resolve(cfg)
+        if info.is_main:
+            logger.info("recipe%s: %s", f" {self.recipe.name}" if self.recipe.name else "",
+                        ", ".join(f"{k} {v}" for k, v in self.recipe.to_dict().items()
+                                  if k != "name"))
         self.preprocessing = make_preprocessing(cfg, self.recipe)
         if info.is_main:
             prepare_output(cfg)
         distributed.barrier(info)
         self.data = load_data(cfg, self.preprocessing, self.recipe, info)
+        if self.recipe.normalize == "dataset":
+            mean, std = measure_mean_std(self.data, info, batch_size=2 * self.recipe.batch_size,
+                                         workers=cfg.workers)
+            self.preprocessing = dataclasses.replace(self.preprocessing, mean=mean, std=std)
         self._check_card_fields()
         self._build_model()
         self.train_sampler, self.train_loader, self.val_loader = make_loaders(
@@ -177,12 +190,11 @@ class FitRun:
             self.net = DistributedDataParallel(self.model, device_ids=ids)
 
     def _build_optimization(self) -> None:
-        steps = len(self.train_loader)
         self.optimizer = build_optimizer(self.model, self.recipe, arch=self.cfg.arch)
         self.scheduler = build_scheduler(
-            self.optimizer, total_steps=steps * self.cfg.epochs,
-            warmup_steps=max(1, round(self.recipe.warmup_epochs * steps)),
-            freeze_steps=self.cfg.freeze_epochs * steps)
+            self.optimizer, self.recipe,
+            steps_per_epoch=optimizer_steps(len(self.train_loader), self.recipe.accumulate),
+            epochs=self.cfg.epochs, freeze_epochs=self.cfg.freeze_epochs)
         fp16 = self.accelerator.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=fp16)
         self.criterion = build_criterion(
@@ -272,7 +284,8 @@ class FitRun:
             self.net, self.train_loader, criterion=self.criterion, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler, accelerator=self.accelerator,
             normalize=self.normalize, info=self.info, epoch=epoch, epochs=self.cfg.epochs,
-            progress=self.cfg.progress, image_size=self.preprocessing.crop)
+            progress=self.cfg.progress, image_size=self.preprocessing.crop,
+            accumulate=self.recipe.accumulate)
         self.failures.add_train(stats.failed, epoch=epoch, data=self.data, info=self.info,
                                 data_root=self.cfg.data)
         return stats

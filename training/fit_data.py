@@ -96,7 +96,8 @@ def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, in
                        "its validation figures are empty: add images or pass --val", name)
     augment = train_transform(preprocessing, min_scale=recipe.min_scale, hflip=recipe.hflip,
                               trivial_augment=recipe.trivial_augment > 0,
-                              augment_probability=recipe.trivial_augment)
+                              augment_probability=recipe.trivial_augment,
+                              pad_crop=recipe.pad_crop)
     train = ImageDataset(train_samples, found.classes, found.task, augment,
                          decode_size=preprocessing.resize, max_pixels=cfg.max_pixels)
     val = ImageDataset(val_samples, found.classes, found.task, eval_transform(preprocessing),

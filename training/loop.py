@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -22,6 +24,7 @@ from training.data import Batch
 from training.distributed import DistInfo, all_reduce_mean, gather_objects
 from training.exceptions import DataError, NonFiniteError
 from training.recipe import Recipe
+from training.schedule import LRSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class EpochStats:
     seconds: float
     failed: set[int] = field(default_factory=set)  # dataset indices that did not decode
     seen: int = 0  # images this rank trained on
+    accuracy: float | None = None  # single-label: share right as they were trained on
 
     @property
     def images_per_second(self) -> float:
@@ -53,8 +57,9 @@ class EvalOutput:
     logits: np.ndarray | None = None  # the raw outputs the scores came from, same order
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, *, arch: str) -> torch.optim.AdamW:
-    """AdamW with four groups: backbone/head x decay/no-decay (norm weights and biases)."""
+def build_optimizer(model: nn.Module, recipe: Recipe, *, arch: str) -> torch.optim.Optimizer:
+    """AdamW, or SGD with momentum, with four groups: backbone/head x decay/no-decay (norm
+    weights and biases are not decayed)."""
     head_ids = {id(p) for p in classifier_parameters(model, arch)}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
@@ -67,26 +72,25 @@ def build_optimizer(model: nn.Module, recipe: Recipe, *, arch: str) -> torch.opt
         scale = 1.0 if part == "head" else recipe.backbone_lr_scale
         param_groups.append({"params": params, "lr": recipe.lr * scale, "part": part,
                              "weight_decay": recipe.weight_decay if decay else 0.0})
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum or 0.0)
     return torch.optim.AdamW(param_groups, lr=recipe.lr, betas=(0.9, 0.999))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
-                    freeze_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to 1%, per step; backbone LR held at 0 while frozen."""
-    def lr_multiplier(step: int) -> float:
-        """The factor on a group's base LR at `step`."""
-        if step < warmup_steps:
-            return 0.01 + 0.99 * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, *, steps_per_epoch: int,
+                    epochs: int, freeze_epochs: int = 0) -> LRSchedule:
+    """The recipe's schedule over `epochs` of `steps_per_epoch` optimizer steps."""
+    return LRSchedule(optimizer, kind=recipe.schedule, total_steps=steps_per_epoch * epochs,
+                      warmup_steps=max(1, round(recipe.warmup_epochs * steps_per_epoch))
+                      if recipe.warmup_epochs > 0 else 0,
+                      freeze_steps=freeze_epochs * steps_per_epoch,
+                      warmup_until_error=recipe.warmup_until_error)
 
-    def backbone_lr_multiplier(step: int) -> float:
-        """The same factor for the backbone, 0 during the head-only warm-up."""
-        return 0.0 if step < freeze_steps else lr_multiplier(step)
 
-    multipliers = [backbone_lr_multiplier if g.get("part") == "backbone" else lr_multiplier
-                   for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
+def optimizer_steps(micro_batches: int, accumulate: int) -> int:
+    """Optimizer steps in an epoch of `micro_batches` loader batches (the last group may be
+    short)."""
+    return math.ceil(micro_batches / accumulate)
 
 
 def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.Tensor,
@@ -106,63 +110,137 @@ def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.T
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Module,
-                    optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    optimizer: torch.optim.Optimizer, scheduler: LRSchedule,
                     scaler: torch.amp.GradScaler, accelerator: Accelerator, normalize: nn.Module,
                     info: DistInfo, epoch: int, epochs: int, progress: bool,
-                    image_size: int = 32) -> EpochStats:
+                    image_size: int = 32, accumulate: int = 1) -> EpochStats:
     """One pass over the training data; returns the mean loss across ranks.
 
-    Images that fail to decode are left out of their batch and their indices returned; a loss
-    that is not finite stops the run before the optimizer applies it.
+    Every `accumulate` loader batches make one optimizer step: each micro-batch's mean loss is
+    divided by the number of micro-batches in its group, so the gradient is that of the whole
+    group's mean (exactly, when the micro-batches are of equal size). Images that fail to
+    decode are left out of their batch and their indices returned; a loss that is not finite
+    stops the run before the optimizer applies it.
     """
     model.train()
-    total_loss, seen, failed, start = 0.0, 0, set(), time.perf_counter()
+    tally, failed, start = TrainTally(), set(), time.perf_counter()
+    micro_batches = len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, leave=False,
                disable=not (progress and info.is_main), dynamic_ncols=True, unit="batch")
-    for step, batch in enumerate(bar):
+    optimizer.zero_grad(set_to_none=True)
+    for index, batch in enumerate(bar):
         failed.update(batch.failed.tolist())
         n = batch.images.shape[0]
         if n == 0 and not info.enabled:
             continue
-        with accelerator.autocast():
-            loss = _batch_loss(model, batch, criterion, accelerator, normalize, image_size)
-        value = loss.item()
-        if not math.isfinite(value):
-            head_lr = optimizer.param_groups[-1]["lr"]
-            raise NonFiniteError(
-                f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}: the "
-                f"run diverged and was stopped (head LR then {head_lr:.3g}); lower --lr or "
-                "--backbone-lr-scale, or try --no-amp")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        total_loss += value * n
-        seen += n
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}",
-                        img_s=f"{seen * info.world_size / elapsed:.0f}")
+        group_start = index - index % accumulate
+        group_size = min(accumulate, micro_batches - group_start)
+        closes_group = index == group_start + group_size - 1
+        with _sync_unless(model, not closes_group), accelerator.autocast():
+            loss, logits, targets = _batch_loss(model, batch, criterion, accelerator, normalize,
+                                                image_size)
+            value = loss.item()
+            _check_finite(value, optimizer, epoch=epoch, step=index)
+            scaler.scale(loss / group_size).backward()
+        tally.add(value, n, logits, targets)
+        if closes_group:
+            _optimizer_step(optimizer, scaler, scheduler, tally, info)
+        bar.set_postfix(loss=f"{tally.mean_loss:.4f}",
+                        img_s=f"{tally.seen * info.world_size / (time.perf_counter() - start):.0f}")
     bar.close()
     seconds = time.perf_counter() - start
-    mean_loss = all_reduce_mean(info, total_loss / max(seen, 1), seen)
-    return EpochStats(loss=mean_loss, images=seen * info.world_size, seconds=seconds,
-                      failed=failed, seen=seen)
+    mean_loss = all_reduce_mean(info, tally.mean_loss, tally.seen)
+    accuracy = (None if tally.scored == 0 and not info.enabled
+                else all_reduce_mean(info, tally.accuracy, tally.scored))
+    return EpochStats(loss=mean_loss, images=tally.seen * info.world_size, seconds=seconds,
+                      failed=failed, seen=tally.seen,
+                      accuracy=accuracy if tally.single_label else None)
+
+
+class TrainTally:
+    """Running loss and (single-label) accuracy of an epoch, and the error of the current
+    optimizer step's images (for an error-driven warm-up)."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.seen, self.correct, self.scored = 0.0, 0, 0, 0
+        self.step_correct, self.step_scored, self.single_label = 0, 0, False
+
+    def add(self, loss: float, n: int, logits: torch.Tensor | None,
+            targets: torch.Tensor | None) -> None:
+        """One micro-batch's mean loss over `n` images, and its hits where single-label."""
+        self.loss_sum += loss * n
+        self.seen += n
+        if logits is not None and targets is not None and targets.ndim == 1:
+            self.single_label = True
+            hits = int((logits.argmax(dim=1) == targets).sum())
+            self.correct += hits
+            self.scored += n
+            self.step_correct += hits
+            self.step_scored += n
+
+    def take_step_error(self) -> tuple[float, int]:
+        """The error of the images since the last optimizer step, and their count; reset."""
+        n = self.step_scored
+        error = 1.0 - self.step_correct / n if n else 1.0
+        self.step_correct = self.step_scored = 0
+        return error, n
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean training loss so far."""
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def accuracy(self) -> float:
+        """Share of the scored training images the network got right as it trained on them."""
+        return self.correct / self.scored if self.scored else 0.0
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    scheduler: LRSchedule, tally: TrainTally, info: DistInfo) -> None:
+    """Apply the accumulated gradient, move the schedule on, feed it the step's error."""
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    error, n = tally.take_step_error()
+    if scheduler.wants_error:  # every rank must take the same decision: one shared error
+        scheduler.observe_error(all_reduce_mean(info, error, n))
+    scheduler.step()
+
+
+def _check_finite(value: float, optimizer: torch.optim.Optimizer, *, epoch: int, step: int
+                  ) -> None:
+    """Stop the run, with what to do, when the loss is not finite."""
+    if not math.isfinite(value):
+        head_lr = optimizer.param_groups[-1]["lr"]
+        raise NonFiniteError(
+            f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}: the "
+            f"run diverged and was stopped (head LR then {head_lr:.3g}); lower --lr or "
+            "--backbone-lr-scale, or try --no-amp")
+
+
+def _sync_unless(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP's gradient all-reduce is skipped on micro-batches that do not close a group."""
+    if skip and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def _batch_loss(model: nn.Module, batch: Batch, criterion: nn.Module, accelerator: Accelerator,
-                normalize: nn.Module, image_size: int) -> torch.Tensor:
-    """The batch's loss; a batch with no decodable image (possible only under DDP, where every
-    rank must take part in each step) runs one blank image in eval mode at zero weight."""
+                normalize: nn.Module, image_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The batch's loss, logits and targets; a batch with no decodable image (possible only
+    under DDP, where every rank must take part in each step) runs one blank image in eval mode
+    at zero weight (no logits then)."""
     if batch.images.shape[0] > 0:
         x = normalize(accelerator.to_device(batch.images))
         y = batch.targets.to(accelerator.device, non_blocking=True)
-        return criterion(model(x).float(), y)
+        logits = model(x).float()
+        return criterion(logits, y), logits.detach(), y
     blank = torch.zeros(1, 3, image_size, image_size, device=accelerator.device)
     model.eval()
     try:
-        return model(blank).float().sum() * 0.0
+        return model(blank).float().sum() * 0.0, None, None
     finally:
         model.train()
 

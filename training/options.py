@@ -93,11 +93,14 @@ def flag_of(config: type | object, name: str) -> str:
 
 
 def value_type(config: type, name: str) -> type:
-    """The type an option's values are parsed to: its annotation without `| None`."""
+    """The type an option's values are parsed to: its annotation without `| None` (of a
+    `list[...]` option, which takes several values with nargs, the type of each)."""
     hint = typing.get_type_hints(config)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         kinds = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = kinds[0] if len(kinds) == 1 else hint
+    if typing.get_origin(hint) is list and len(typing.get_args(hint)) == 1:
+        hint = typing.get_args(hint)[0]  # a list option (nargs): each of its values
     if hint not in _VALUE_TYPES:
         raise TypeError(f"{config.__name__}.{name}: options hold one of {_VALUE_TYPES}, "
                         f"not {hint}")
@@ -110,7 +113,8 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> None:
         kind = value_type(config, f.name)
         text = _help_text(f, spec)
         if spec.positional:
-            parser.add_argument(f.name, type=kind, help=text, metavar=spec.metavar)
+            parser.add_argument(f.name, type=kind, help=text, metavar=spec.metavar,
+                                nargs=spec.nargs)
             continue
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if kind is bool:  # on or unset (None) by default: --x/--no-x; off: a plain switch

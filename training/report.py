@@ -44,8 +44,13 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]], monitor: str) -> 
     ax_loss.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
-    ax_metric.plot(epochs, [r[f"val_{monitor}"] for r in history], marker="o", color="C2")
-    ax_metric.set(xlabel="epoch", ylabel=monitor, title=f"validation {monitor}", ylim=(0, 1.02))
+    ax_metric.plot(epochs, [r[f"val_{monitor}"] for r in history], marker="o", color="C2",
+                   label="validation")
+    if all(f"train_{monitor}" in r for r in history):  # single-label: accuracy as trained
+        ax_metric.plot(epochs, [r[f"train_{monitor}"] for r in history], marker="o",
+                       color="C0", linestyle="--", label="train (augmented, as trained)")
+        ax_metric.legend()
+    ax_metric.set(xlabel="epoch", ylabel=monitor, title=monitor, ylim=(0, 1.02))
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
     fig.tight_layout()

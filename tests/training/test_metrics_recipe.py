@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,8 @@ def test_optimizer_groups_and_schedule():
     assert by[("head", True)]["lr"] == pytest.approx(1e-3)
     assert by[("backbone", True)]["lr"] == pytest.approx(1e-4)
     assert all(p.ndim == 1 for p in by[("backbone", False)]["params"])  # norms and biases
-    sched = build_scheduler(opt, total_steps=10, warmup_steps=2, freeze_steps=3)
+    sched = build_scheduler(opt, dataclasses.replace(recipe, warmup_epochs=2.0),
+                            steps_per_epoch=1, epochs=10, freeze_epochs=3)
     lrs = []
     for _ in range(10):
         lrs.append({g["part"]: g["lr"] for g in opt.param_groups})

@@ -29,6 +29,10 @@ SINGLE_LABEL_SCRATCH_32PX_5_EPOCHS = {
     "stem": "small_stride2", "batch_size": 32, "lr": 2e-3, "backbone_lr_scale": 1.0,
     "weight_decay": 0.05, "warmup_epochs": 0.5, "label_smoothing": 0.1, "min_scale": 0.8,
     "hflip": True, "pos_weight": None, "trivial_augment": 0.0, "eval_resize_ratio": 1.0,
+    # named when the optimizer, schedule, crop and normalisation became options: what was
+    # always done (AdamW, cosine, the random resized crop, ImageNet's mean/std)
+    "optimizer": "adamw", "momentum": None, "schedule": "cosine", "warmup_until_error": None,
+    "pad_crop": 0, "normalize": "imagenet", "accumulate": 1, "name": None,
 }
 
 
@@ -51,11 +55,15 @@ def test_multi_label_runs_take_no_crop(cfg):
     assert recipe.min_scale == 1.0 and recipe.pos_weight == "balanced"
     single = resolve(_cfg("folder", weights=cfg.weights, image_size=cfg.image_size,
                           epochs=cfg.epochs))
-    # flips stay for fine-tuning only; everything else is what a single-label run of the
-    # same kind gets
+    # flips, the cosine decay and the warm-up stay for fine-tuning only; everything else is
+    # what a single-label run of the same kind gets
     assert recipe.hflip == cfg.pretrained
     differs = {k for k, v in recipe.to_dict().items() if single.to_dict()[k] != v}
-    assert differs == {"min_scale", "pos_weight"} | ({"hflip"} if not cfg.pretrained else set())
+    scratch_only = {"hflip", "schedule", "warmup_epochs"}  # flips, cosine and warm-up stay
+    assert differs == {"min_scale", "pos_weight"} | (scratch_only if not cfg.pretrained
+                                                      else set())
+    if not cfg.pretrained:
+        assert (recipe.schedule, recipe.warmup_epochs) == ("constant", 0.0)
 
 
 def test_values_the_user_sets_win_over_the_multi_label_defaults():
