@@ -15,7 +15,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from app.batching import DynamicBatcher
+from app.batching import DynamicBatcher, EventHook
 from app.compute import ComputeThread
 from app.config import Settings
 from app.imaging import DecodedImage, ImageDecoder, Upload
@@ -41,7 +41,8 @@ class ExplainQueue:
 
     def __init__(self, explainer: Explainer, *, name: str, decoder: ImageDecoder,
                  transform: Transform, settings: Settings,
-                 compute: ComputeThread | None = None) -> None:
+                 compute: ComputeThread | None = None,
+                 on_event: EventHook | None = None) -> None:
         self.explainer = explainer
         self.classes = explainer.card.classes
         self._decoder = decoder
@@ -50,7 +51,7 @@ class ExplainQueue:
         self.batcher = DynamicBatcher(
             explainer.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-            name=f"{name}-explain", compute=compute)
+            name=f"{name}-explain", compute=compute, on_event=on_event)
 
     def start(self) -> None:
         """Start the batcher's worker (on the event loop)."""

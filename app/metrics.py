@@ -60,6 +60,12 @@ class Metrics:
                                "(expired: deadline passed, disconnected: client gone, "
                                "failed: batch error)",
                                ["model", "reason"], registry=self.registry)
+        self.explain_batch_size = Histogram(
+            f"{prefix}_explain_batch_size", "images per POST /explain batch", ["model"],
+            buckets=BATCH_BUCKETS, registry=self.registry)
+        self.explained = Counter(f"{prefix}_images_explained",
+                                 "images run through a model's class activation map",
+                                 ["model"], registry=self.registry)
         self.rejected = Counter(f"{prefix}_images_rejected",
                                 "images refused with 429 because the queue was full",
                                 ["model"], registry=self.registry)
@@ -82,13 +88,16 @@ class Metrics:
             "closed at once) or closed by a deadline (header_timeout, body_timeout)",
             ["event"], registry=self.registry)
 
-    def batcher_hook(self, model: str) -> Callable[[str, int], None]:
-        """An event hook for one model's DynamicBatcher."""
+    def batcher_hook(self, model: str, *, explain: bool = False) -> Callable[[str, int], None]:
+        """An event hook for one model's DynamicBatcher (its /explain one with `explain`:
+        batches counted apart, refusals and drops with the model's)."""
+        sizes, images = ((self.explain_batch_size, self.explained) if explain
+                         else (self.batch_size, self.images))
 
         def hook(event: str, count: int) -> None:
             if event == "batch":
-                self.batch_size.labels(model).observe(count)
-                self.images.labels(model).inc(count)
+                sizes.labels(model).observe(count)
+                images.labels(model).inc(count)
             elif event == "rejected":
                 self.rejected.labels(model).inc(count)
             elif event in DROP_EVENTS:

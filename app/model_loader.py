@@ -73,7 +73,8 @@ class ModelLoader:
                            queue_bound=self.cluster.queue_bound(name, self.settings.max_queue)
                            if self.cluster else None,
                            device_decoder=self._device_decoder(name, card),
-                           explainer=self._explainer(name, predictor))
+                           explainer=self._explainer(name, predictor),
+                           on_explain_event=self.metrics.batcher_hook(name, explain=True))
 
     def _explainer(self, name: str, predictor: Predictor) -> Explainer | None:
         """The class activation maps of POST /explain, on the predictor's own network;

@@ -56,7 +56,8 @@ class ServedModel:
                  compute: ComputeThread | None = None,
                  queue_bound: SharedQueueBound | None = None,
                  device_decoder: DeviceJpegDecoder | None = None,
-                 explainer: Explainer | None = None) -> None:
+                 explainer: Explainer | None = None,
+                 on_explain_event: Callable[[str, int], None] | None = None) -> None:
         self.name = name
         self.card = card
         self.predictor = predictor
@@ -74,7 +75,7 @@ class ServedModel:
         # POST /explain: a batcher of its own on the same compute thread (app.explaining)
         self.explaining = None if explainer is None else ExplainQueue(
             explainer, name=name, decoder=decoder, transform=self.transform,
-            settings=settings, compute=compute)
+            settings=settings, compute=compute, on_event=on_explain_event)
 
     def start(self) -> None:
         """Start the batchers' workers (on the event loop)."""

@@ -128,23 +128,25 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Modul
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, leave=False,
                disable=not (progress and info.is_main), dynamic_ncols=True, unit="batch")
     optimizer.zero_grad(set_to_none=True)
+    pending = False  # gradients accumulated since the last optimizer step
     for index, batch in enumerate(bar):
         failed.update(batch.failed.tolist())
         n = batch.images.shape[0]
-        if n == 0 and not info.enabled:
-            continue
         group_start = index - index % accumulate
         group_size = min(accumulate, micro_batches - group_start)
         closes_group = index == group_start + group_size - 1
-        with _sync_unless(model, not closes_group), accelerator.autocast():
-            loss, logits, targets = _batch_loss(model, batch, criterion, accelerator, normalize,
-                                                image_size)
-            value = loss.item()
-            _check_finite(value, optimizer, epoch=epoch, step=index)
-            scaler.scale(loss / group_size).backward()
-        tally.add(value, n, logits, targets)
-        if closes_group:
+        if n > 0 or info.enabled:  # alone, a batch with no decodable image is skipped
+            with _sync_unless(model, not closes_group), accelerator.autocast():
+                loss, logits, targets = _batch_loss(model, batch, criterion, accelerator,
+                                                    normalize, image_size)
+                value = loss.item()
+                _check_finite(value, optimizer, epoch=epoch, step=index)
+                scaler.scale(loss / group_size).backward()
+            tally.add(value, n, logits, targets)
+            pending = True
+        if closes_group and pending:
             _optimizer_step(optimizer, scaler, scheduler, tally, info)
+            pending = False
         bar.set_postfix(loss=f"{tally.mean_loss:.4f}",
                         img_s=f"{tally.seen * info.world_size / (time.perf_counter() - start):.0f}")
     bar.close()

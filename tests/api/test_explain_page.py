@@ -14,7 +14,16 @@ import pytest_asyncio
 from PIL import Image
 
 from app.api.page import CONTENT_SECURITY_POLICY
-from tests.serving_helpers import CROP, color_image, encode, fast_settings, jpeg, png, running_app
+from tests.serving_helpers import (
+    CROP,
+    color_image,
+    encode,
+    fast_settings,
+    jpeg,
+    metric,
+    png,
+    running_app,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -58,6 +67,22 @@ async def test_explain_answers_a_heatmap_per_image(client: httpx.AsyncClient) ->
     for explained, result in zip(body["results"], predicted, strict=True):
         assert explained["score"] == pytest.approx(result["predictions"][0]["score"], abs=1e-5)
         assert _png_pixels(base64.b64decode(explained["heatmap"])).size == (CROP, CROP)
+
+
+async def test_explain_batches_are_counted_apart_from_predictions(
+        client: httpx.AsyncClient) -> None:
+    def counts(text: str) -> tuple[float, float, float]:
+        return (metric(text, "resnet_serve_images_explained_total", model="colors"),
+                metric(text, "resnet_serve_explain_batch_size_count", model="colors"),
+                metric(text, "resnet_serve_images_total", model="colors"))
+
+    before = counts((await client.get("/metrics")).text)
+    files = [("file", (f"{i}.png", png("red", seed=i), "image/png")) for i in range(3)]
+    assert (await client.post("/explain", files=files)).status_code == 200
+    after = counts((await client.get("/metrics")).text)
+    assert after[0] - before[0] == 3  # three images explained
+    assert after[1] > before[1]  # in at least one explain batch
+    assert after[2] == before[2]  # and not counted as predictions
 
 
 async def test_explain_a_named_class_as_a_png(client: httpx.AsyncClient) -> None:
