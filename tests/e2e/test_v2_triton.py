@@ -181,17 +181,25 @@ def test_async_callers_share_batches(server: str, client: triton.InferenceServer
         return (metric(text, "resnet_serve_batch_size_count", model="colors"),
                 metric(text, "resnet_serve_batch_size_sum", model="colors"))
 
-    before = batches()
-    images = [encode(color_image(CLASSES[i % 3], seed=80 + i), "JPEG") for i in range(32)]
-    pending = [client.async_infer("colors", [bytes_input([img], binary=True)])
-               for img in images]
-    labels = [CLASSES[int(p.get_result(timeout=60).as_numpy("PROBABILITIES").argmax())]
-              for p in pending]
-    assert labels == [CLASSES[i % 3] for i in range(32)]
-    after = batches()
-    ran, images_run = after[0] - before[0], after[1] - before[1]
-    assert images_run == 32
-    assert ran < 32, f"{ran} batches for 32 single-image requests: none shared a batch"
+    def burst(seed: int) -> float:
+        """32 concurrent single-image requests: answered right, and the batches they took."""
+        before = batches()
+        images = [encode(color_image(CLASSES[i % 3], seed=seed + i), "JPEG") for i in range(32)]
+        pending = [client.async_infer("colors", [bytes_input([img], binary=True)])
+                   for img in images]
+        labels = [CLASSES[int(p.get_result(timeout=60).as_numpy("PROBABILITIES").argmax())]
+                  for p in pending]
+        assert labels == [CLASSES[i % 3] for i in range(32)]
+        after = batches()
+        assert after[1] - before[1] == 32  # every image ran once
+        return after[0] - before[0]
+
+    # A lone caller never waits for company, so on a loaded machine a slow client can send
+    # each request after the last one's batch ran; a few bursts make sharing all but certain.
+    ran: list[float] = []
+    while len(ran) < 3 and (not ran or ran[-1] == 32):
+        ran.append(burst(80 + 32 * len(ran)))
+    assert min(ran) < 32, f"{ran} batches for 3 x 32 single-image requests: none shared one"
 
 
 def test_errors_reach_the_client_with_their_message(client: triton.InferenceServerClient
