@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.backend_names import Backend
+
 ENV_PREFIX = "RESNET_SERVE_"
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 API_KEY_PATTERN = re.compile(r"[\x21-\x7e]+")  # what a header carries byte for byte
@@ -61,7 +63,7 @@ class Settings(BaseSettings):
         "auto", description="where models run; auto picks CUDA when present")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="autocast dtype; auto = fp32 on CPU, bf16 (else fp16) on CUDA")
-    backend: Literal["torch", "onnxruntime"] = Field(
+    backend: Backend = Field(
         "torch", description="what runs the models: torch, or onnxruntime (CPU, fp32; "
         "exported at load and checked against torch; needs the onnx extra)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="most images run in one batch")

@@ -4,7 +4,7 @@ A runner takes a uint8 [N, 3, H, W] batch on the host and answers float32 [N, C]
 logits on the host, then the unknown score where the model computes one (models.unknown);
 the Predictor makes the served scores from them.
 A new serving backend is one runner here (its own module for the heavy part, as
-models.onnx_backend is) plus its name in BACKENDS.
+models.onnx_backend is) plus its name in models.backend_names.Backend.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from models.backend_names import BACKENDS
 from models.card import ModelCard
 from models.device import Accelerator
 from models.onnx_backend import BackendError, OnnxRuntimeModel
 from models.preprocessing import Normalize
-
-BACKENDS = ("torch", "onnxruntime")
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 

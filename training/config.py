@@ -14,6 +14,7 @@ from models.device import DEVICE_CHOICES
 from training.exceptions import ConfigError
 from training.files import RESUME_FILE
 from training.options import Range, flag_of, option, range_problems
+from training.presets import PRESETS
 
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 4096
@@ -25,7 +26,7 @@ POS_WEIGHT_CHOICES = ("none", "balanced")
 OPTIMIZER_CHOICES = ("adamw", "sgd")
 SCHEDULE_CHOICES = ("cosine", "step", "constant")
 NORMALIZE_CHOICES = ("imagenet", "dataset")
-RECIPE_CHOICES = ("he2016-cifar",)  # named presets (training.recipe.PRESETS)
+RECIPE_CHOICES = tuple(PRESETS)  # named recipes (training.presets)
 AUTO_RESUME = "auto"  # --resume without a file: the state in --output
 ARCH_CHOICES = tuple(ARCHITECTURES)
 IMAGENET_ARCH_CHOICES = tuple(a for a, spec in ARCHITECTURES.items() if spec.imagenet is not None)

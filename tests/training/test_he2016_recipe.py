@@ -155,3 +155,16 @@ def test_the_error_driven_warm_up_ends_when_the_training_error_drops(
     assert not run.scheduler.wants_error
     assert run.scheduler.error_warmup_ended_at == ERROR_WINDOW
     assert run.progress.history[0]["lr"] == pytest.approx(0.1)  # after the first epoch
+
+
+def test_every_named_recipe_sets_options_that_exist():
+    import dataclasses
+
+    from training.presets import PRESETS
+
+    options = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, values in PRESETS.items():
+        assert set(values) <= options, (name, set(values) - options)
+        resolved = resolve(_cfg(recipe_name=name)).to_dict()
+        assert {k: resolved[k] for k in values if k in resolved} == {
+            k: v for k, v in values.items() if k in resolved}
