@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from app.config import Settings
 from app.exceptions import NotReadyError
@@ -37,3 +37,7 @@ async def get_registry(request: Request) -> ModelRegistry:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+# ?model= of the routes that run a model: which checkpoint (None: the default one)
+ModelQuery = Annotated[str | None, Query(
+    max_length=128, description="model name (default: the configured or only model)",
+    examples=["pets"])]

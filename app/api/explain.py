@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic_core import to_json
 
 from app.api.auth import API_KEY_REQUIRED
-from app.api.deps import RegistryDep, SettingsDep
+from app.api.deps import ModelQuery, RegistryDep, SettingsDep
 from app.api.schemas import error_responses
 from app.api.transport import UPLOAD_BODY, read_uploads, unless_disconnected
 from app.exceptions import InvalidRequestError
@@ -34,9 +34,7 @@ async def explain_images(
     request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
-    model: Annotated[str | None, Query(
-        max_length=128, description="model name (default: the configured or only model)")
-    ] = None,
+    model: ModelQuery = None,
     label: Annotated[str | None, Query(
         alias="class", max_length=MAX_LABEL_LENGTH,
         description="the class to explain (default: each image's top class)")] = None,

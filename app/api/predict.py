@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic_core import to_json
 
 from app.api.auth import API_KEY_REQUIRED
-from app.api.deps import RegistryDep, SettingsDep
+from app.api.deps import ModelQuery, RegistryDep, SettingsDep
 from app.api.schemas import PredictResponse, error_responses
 from app.api.transport import UPLOAD_BODY, read_uploads, unless_disconnected
 from app.exceptions import InvalidRequestError
@@ -28,9 +28,7 @@ async def predict_images(
     request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
-    model: Annotated[str | None, Query(
-        max_length=128, description="model name (default: the configured or only model)",
-        examples=["pets"])] = None,
+    model: ModelQuery = None,
     top_k: Annotated[int, Query(
         ge=1, le=MAX_TOP_K, description="single-label: how many labels per image (clamped "
                                         "to the class count)")] = 5,
