@@ -31,9 +31,10 @@ from training.compare_plots import (
     plot_curves,
     save_figure,
 )
-from training.config import CompareConfig
+from training.config import CompareConfig, TrainConfig
 from training.exceptions import TrainingError
 from training.fit import monitor_name
+from training.options import flag_of
 from training.storage import write_atomically, write_errors
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ JSON_FILE = "compare.json"
 MARKDOWN_FILE = "compare.md"
 # Where a run's files were and how it was shown: never what tells two models apart, unless
 # nothing else differs (then the folder name does).
-INCIDENTAL_KEYS = frozenset({"data", "output", "val", "resume", "overwrite", "progress"})
+# what a run's outcome does not depend on, and the recipe's copy of --recipe ("name")
+INCIDENTAL_KEYS = frozenset({"data", "output", "val", "resume", "overwrite", "progress",
+                             "name"})
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_second")
 
 History = list[dict[str, float | None]]
@@ -236,13 +239,19 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
     """One distinct label per run: `key=value` for each differing setting, else its folder."""
     chosen, derived = differing_keys(runs)
     shown = chosen or derived
-    base = [" ".join(f"{k}={_shown(run.settings.get(k))}" for k in shown) for run in runs]
+    base = [" ".join(f"{_setting_name(k)}={_shown(run.settings.get(k))}" for k in shown)
+            for run in runs]
     counts = Counter(base)
     labels = [_label_with(b, run.name) if not b or counts[b] > 1 else b
               for b, run in zip(base, runs, strict=True)]
     counts = Counter(labels)  # the same folder name in different places: the whole path
     return [_label_with(b, str(run.directory)) if counts[label] > 1 else label
             for b, label, run in zip(base, labels, runs, strict=True)]
+
+
+def _setting_name(key: str) -> str:
+    """A setting as the user spells it: the option's flag without its dashes."""
+    return flag_of(TrainConfig, key).removeprefix("--")
 
 
 def _label_with(base: str, where: str) -> str:

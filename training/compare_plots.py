@@ -22,6 +22,8 @@ MAX_TICK_LABELS = 30  # class names per confusion-matrix axis; more classes show
 MAX_COUNTS_SHOWN = 10  # counts are written in the cells up to this many classes
 PANELS_PER_ROW = 4
 TITLE_WIDTH = 36  # characters per line of a panel title
+MAX_MARKED_EPOCHS = 40  # longer curves are drawn as plain lines
+LOG_LOSS_SPAN = 30  # losses spread over more than this factor are drawn on a log scale
 TRAIN_ACCURACY = "train_accuracy"  # a history column of single-label runs that record it
 
 History = Sequence[dict[str, float | None]]
@@ -41,19 +43,26 @@ def _series(history: History, column: str) -> tuple[list[float], list[float]]:
 def plot_curves(histories: Sequence[History], labels: Sequence[str], monitor: str) -> Figure:
     """Loss and the monitored figure per epoch, one colour per run, train dashed, val solid."""
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4.2))
+    marker = "o" if max(len(h) for h in histories) <= MAX_MARKED_EPOCHS else None
+    losses: list[float] = []
     for i, history in enumerate(histories):
         colour = run_colour(i)
-        ax_loss.plot(*_series(history, "train_loss"), "--", marker="o", color=colour)
-        ax_loss.plot(*_series(history, "val_loss"), "-", marker="o", color=colour)
+        for column, style in (("train_loss", "--"), ("val_loss", "-")):
+            epochs, values = _series(history, column)
+            ax_loss.plot(epochs, values, style, marker=marker, color=colour)
+            losses += values
         if monitor == "accuracy":
-            ax_metric.plot(*_series(history, TRAIN_ACCURACY), "--", marker="o", color=colour)
-        ax_metric.plot(*_series(history, f"val_{monitor}"), "-", marker="o", color=colour)
+            ax_metric.plot(*_series(history, TRAIN_ACCURACY), "--", marker=marker, color=colour)
+        ax_metric.plot(*_series(history, f"val_{monitor}"), "-", marker=marker, color=colour)
+    positive = [v for v in losses if v > 0]
+    if positive and max(positive) > LOG_LOSS_SPAN * min(positive):
+        ax_loss.set_yscale("log")  # an early spike would flatten every later epoch
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_metric.set(xlabel="epoch", ylabel=monitor, title=monitor, ylim=(0, 1.02))
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    handles = [Line2D([], [], color=run_colour(i), marker="o", label=label)
+    handles = [Line2D([], [], color=run_colour(i), marker=marker, label=label)
                for i, label in enumerate(labels)]
     handles += [Line2D([], [], color="black", linestyle="--", label="train"),
                 Line2D([], [], color="black", linestyle="-", label="validation")]
