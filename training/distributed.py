@@ -38,10 +38,12 @@ def dist_info_from_env(env: dict[str, str]) -> DistInfo:
 
 
 def init(info: DistInfo, device: torch.device) -> None:
-    """Join the process group: NCCL on GPUs, gloo on the CPU."""
+    """Join the process group: NCCL for CUDA tensors on GPUs, gloo for CPU tensors always
+    (the epoch's mean loss, the warm-up's error and gathered objects are CPU values, which
+    NCCL alone cannot reduce)."""
     if not info.enabled or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
                             device_id=device if device.type == "cuda" else None)
     logger.info("joined process group: rank %d of %d (%s)", info.rank, info.world_size, backend)
