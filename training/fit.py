@@ -105,6 +105,19 @@ def validation_metrics(validation: CalibratedOutput, data: TrainingData
     return metrics, thresholds
 
 
+def recall_summary(metrics: dict[str, Any], shown: int = 20) -> str:
+    """Single-label: balanced accuracy and each class's recall (the lowest `shown` when there
+    are more classes), for the run's closing line; empty for multi-label metrics."""
+    recall = metrics.get("per_class_recall")
+    if not recall:
+        return ""
+    ordered = sorted(recall.items(), key=lambda item: item[1])
+    part = "" if len(ordered) <= shown else f" (lowest {shown} of {len(ordered)})"
+    listed = ", ".join(f"{name} {value:.3f}" for name, value in ordered[:shown])
+    return (f", balanced accuracy {metrics['balanced_accuracy']:.4f}, recall by class"
+            f"{part}: {listed}")
+
+
 def history_row(epoch: int, lr: float, stats: EpochStats, validation: EvalOutput,
                 metrics: dict[str, Any]) -> dict[str, Any]:
     """One epoch's line of history.csv."""
@@ -362,9 +375,9 @@ class FitRun:
                           history=self.progress.history, monitor=monitor,
                           unknown_rule=self._unknown_rule,
                           best_metrics=self.progress.best_metrics)
-        logger.info("best val_%s %.4f at epoch %d; checkpoint in %s (%.1fs)", monitor,
-                    self.progress.best_value, self.progress.best_epoch + 1, self.cfg.output,
-                    seconds)
+        logger.info("best val_%s %.4f at epoch %d%s; checkpoint in %s (%.1fs)", monitor,
+                    self.progress.best_value, self.progress.best_epoch + 1,
+                    recall_summary(self.progress.best_metrics), self.cfg.output, seconds)
 
 
 def fit(cfg: TrainConfig, info: DistInfo | None = None,

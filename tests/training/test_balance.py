@@ -144,6 +144,21 @@ def test_tiny_fit_with_each_balance_writes_the_new_metrics(balance, skewed_data,
     assert card.metrics["balanced_accuracy"] == metrics["balanced_accuracy"]
     assert card.training["config"]["balance"] == balance
     assert "val_balanced_accuracy" in (out / "history.csv").read_text().splitlines()[0]
+    closing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("best val")]
+    recall = metrics["per_class_recall"]
+    assert len(closing) == 1 and all(f"{name} {recall[name]:.3f}" in closing[0]
+                                     for name in recall)
+    assert f"balanced accuracy {metrics['balanced_accuracy']:.4f}" in closing[0]
+
+
+def test_the_closing_line_lists_the_lowest_recalls_of_many_classes():
+    from training.fit import recall_summary
+
+    recall = {f"c{i:02d}": i / 30 for i in range(30)}
+    line = recall_summary({"per_class_recall": recall, "balanced_accuracy": 0.48}, shown=5)
+    assert "(lowest 5 of 30)" in line and "c00 0.000" in line and "c04 0.133" in line
+    assert "c05" not in line
+    assert recall_summary({"mAP": 0.5}) == ""
 
 
 def test_auto_balance_samples_imbalanced_data_and_leaves_the_rest(skewed_data, multi_data,
