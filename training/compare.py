@@ -32,8 +32,8 @@ from training.compare_plots import (
     save_figure,
 )
 from training.config import CompareConfig, TrainConfig
+from training.epoch_report import monitor_name
 from training.exceptions import TrainingError
-from training.fit import monitor_name
 from training.options import flag_of
 from training.storage import write_atomically, write_errors
 

@@ -30,6 +30,7 @@ from training.balance import class_counts, class_weights
 from training.calibrate import CalibratedOutput, calibrate, card_calibration
 from training.config import TrainConfig
 from training.distributed import DistInfo, gather_objects
+from training.epoch_report import history_row, monitor_name, recall_summary, validation_metrics
 from training.exceptions import DataError, NonFiniteError
 from training.export import (
     PER_EXPORT_REPORTS,
@@ -39,10 +40,9 @@ from training.export import (
     write_checkpoint,
 )
 from training.files import RESUME_FILE
-from training.fit_data import DecodeFailures, TrainingData, load_data, make_loaders
+from training.fit_data import DecodeFailures, load_data, make_loaders
 from training.loop import (
     EpochStats,
-    EvalOutput,
     build_criterion,
     build_optimizer,
     build_scheduler,
@@ -50,7 +50,6 @@ from training.loop import (
     optimizer_steps,
     train_one_epoch,
 )
-from training.metrics import held_out_multi_label_metrics, single_label_metrics, summary
 from training.normalization import measure_mean_std
 from training.pretrained import check_weights_option
 from training.recipe import Recipe, resolve
@@ -73,11 +72,6 @@ logger = logging.getLogger(__name__)
 EpochHook = Callable[[int, dict[str, Any]], None]
 
 
-def monitor_name(task: str) -> str:
-    """The validation figure that picks the best epoch."""
-    return "accuracy" if task == "single_label" else "mAP"
-
-
 def make_preprocessing(cfg: TrainConfig, recipe: Recipe) -> Preprocessing:
     """The eval preprocessing written to the card (and used for validation)."""
     return Preprocessing.for_crop(cfg.image_size, ratio=recipe.eval_resize_ratio)
@@ -88,47 +82,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def validation_metrics(validation: CalibratedOutput, data: TrainingData
-                       ) -> tuple[dict[str, Any], list[float] | None]:
-    """Full metrics for one validation pass; multi-label thresholds are tuned here, on the
-    calibrated scores (F1 is scored on images the thresholds were not tuned on)."""
-    scores, targets = validation.scores, validation.targets
-    if data.task == "single_label":
-        metrics, thresholds = single_label_metrics(scores, targets.astype(int),
-                                                   data.classes), None
-    else:
-        metrics, thresholds = held_out_multi_label_metrics(scores, targets, data.classes)
-    metrics["excluded"] = len(validation.failed)
-    metrics["calibration"] = validation.calibration
-    return metrics, thresholds
-
-
-def recall_summary(metrics: dict[str, Any], shown: int = 20) -> str:
-    """Single-label: balanced accuracy and each class's recall (the lowest `shown` when there
-    are more classes), for the run's closing line; empty for multi-label metrics."""
-    recall = metrics.get("per_class_recall")
-    if not recall:
-        return ""
-    ordered = sorted(recall.items(), key=lambda item: item[1])
-    part = "" if len(ordered) <= shown else f" (lowest {shown} of {len(ordered)})"
-    listed = ", ".join(f"{name} {value:.3f}" for name, value in ordered[:shown])
-    return (f", balanced accuracy {metrics['balanced_accuracy']:.4f}, recall by class"
-            f"{part}: {listed}")
-
-
-def history_row(epoch: int, lr: float, stats: EpochStats, validation: EvalOutput,
-                metrics: dict[str, Any]) -> dict[str, Any]:
-    """One epoch's line of history.csv."""
-    return {"epoch": epoch + 1, "lr": lr,
-            "train_loss": round(stats.loss, 5),
-            **({} if stats.accuracy is None else {"train_accuracy": round(stats.accuracy, 5)}),
-            "val_loss": round(validation.loss, 5),
-            **{f"val_{k}": round(v, 5) for k, v in summary(metrics).items()
-               if k != "num_samples"},
-            "images_per_second": round(stats.images_per_second, 1),
-            "seconds": round(stats.seconds, 2)}
 
 
 def _training_device(cfg: TrainConfig, info: DistInfo) -> str:

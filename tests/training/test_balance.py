@@ -152,7 +152,7 @@ def test_tiny_fit_with_each_balance_writes_the_new_metrics(balance, skewed_data,
 
 
 def test_the_closing_line_lists_the_lowest_recalls_of_many_classes():
-    from training.fit import recall_summary
+    from training.epoch_report import recall_summary
 
     recall = {f"c{i:02d}": i / 30 for i in range(30)}
     line = recall_summary({"per_class_recall": recall, "balanced_accuracy": 0.48}, shown=5)
