@@ -84,9 +84,11 @@ class TrainConfig:
     schedule: str | None = option(
         None, choices=SCHEDULE_CHOICES,
         help="LR after the warm-up: cosine = decay to 1%, step = divided by 10 at 50% and 75% "
-             "of the steps, constant = held (default: cosine)")
+             "of the steps, constant = held (default: cosine; constant for multi-label "
+             "from scratch)")
     warmup_epochs: float | None = option(None, within=Range(0.0, 100_000.0),
-                                         help="linear LR warm-up (default min(1, 0.1 x epochs))")
+                                         help="linear LR warm-up (default min(1, 0.1 x "
+                                              "epochs); none for multi-label from scratch)")
     warmup_until_error: float | None = option(
         None, within=Range(0.0, 1.0, low_open=True),
         help="single-label: hold the LR at lr/10 until the running training error falls below "
