@@ -5,7 +5,9 @@ classification extension, concurrent async inference sharing batches, errors it 
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -174,32 +176,38 @@ def test_classification_of_a_multi_label_model_returns_labels_past_thresholds(
     assert full.shape == (3, 3) and not np.allclose(full.sum(1), 1.0)  # sigmoid per class
 
 
-def test_async_callers_share_batches(server: str, client: triton.InferenceServerClient
-                                     ) -> None:
+CALLERS = 8  # client threads, each with its own connection
+
+
+def test_concurrent_callers_share_batches(server: str) -> None:
+    """Eight tritonclient callers on threads of their own, four single-image requests each.
+
+    tritonclient's `async_infer` runs its greenlets on the calling thread, and on a fast
+    machine it sent one request after another's answer; threads are truly concurrent."""
     def batches() -> tuple[float, float]:
         text = httpx.get(f"http://{server}/metrics").text
         return (metric(text, "resnet_serve_batch_size_count", model="colors"),
                 metric(text, "resnet_serve_batch_size_sum", model="colors"))
 
-    def burst(seed: int) -> float:
-        """32 concurrent single-image requests: answered right, and the batches they took."""
-        before = batches()
-        images = [encode(color_image(CLASSES[i % 3], seed=seed + i), "JPEG") for i in range(32)]
-        pending = [client.async_infer("colors", [bytes_input([img], binary=True)])
-                   for img in images]
-        labels = [CLASSES[int(p.get_result(timeout=60).as_numpy("PROBABILITIES").argmax())]
-                  for p in pending]
-        assert labels == [CLASSES[i % 3] for i in range(32)]
-        after = batches()
-        assert after[1] - before[1] == 32  # every image ran once
-        return after[0] - before[0]
+    images = [encode(color_image(CLASSES[i % 3], seed=80 + i), "JPEG") for i in range(32)]
+    start = threading.Barrier(CALLERS)
 
-    # A lone caller never waits for company, so on a loaded machine a slow client can send
-    # each request after the last one's batch ran; a few bursts make sharing all but certain.
-    ran: list[float] = []
-    while len(ran) < 3 and (not ran or ran[-1] == 32):
-        ran.append(burst(80 + 32 * len(ran)))
-    assert min(ran) < 32, f"{ran} batches for 3 x 32 single-image requests: none shared one"
+    def caller(k: int) -> list[tuple[int, str]]:
+        with triton.InferenceServerClient(server) as tc:
+            start.wait(timeout=30)
+            answers = [tc.infer("colors", [bytes_input([images[i]], binary=True)])
+                       for i in range(k, len(images), CALLERS)]
+        return [(i, CLASSES[int(a.as_numpy("PROBABILITIES").argmax())])
+                for i, a in zip(range(k, len(images), CALLERS), answers, strict=True)]
+
+    before = batches()
+    with ThreadPoolExecutor(CALLERS) as pool:
+        labels = dict(pair for part in pool.map(caller, range(CALLERS)) for pair in part)
+    after = batches()
+    assert [labels[i] for i in range(32)] == [CLASSES[i % 3] for i in range(32)]
+    ran, images_run = after[0] - before[0], after[1] - before[1]
+    assert images_run == 32  # every image ran once
+    assert ran < 32, f"{ran} batches for 32 single-image requests: none shared a batch"
 
 
 def test_errors_reach_the_client_with_their_message(client: triton.InferenceServerClient
