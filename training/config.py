@@ -15,6 +15,7 @@ from training.exceptions import ConfigError
 from training.files import RESUME_FILE
 from training.options import Range, flag_of, option, range_problems
 from training.presets import PRESETS
+from training.schedule import SCHEDULES
 
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 4096
@@ -24,7 +25,7 @@ TASK_CHOICES = (None, *TASK_FLAGS, "single_label", "multi_label")  # what a Trai
 BALANCE_CHOICES = ("auto", "none", "loss", "sampler")
 POS_WEIGHT_CHOICES = ("none", "balanced")
 OPTIMIZER_CHOICES = ("adamw", "sgd")
-SCHEDULE_CHOICES = ("cosine", "step", "constant")
+SCHEDULE_CHOICES = SCHEDULES
 NORMALIZE_CHOICES = ("imagenet", "dataset")
 RECIPE_CHOICES = tuple(PRESETS)  # named recipes (training.presets)
 AUTO_RESUME = "auto"  # --resume without a file: the state in --output

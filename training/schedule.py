@@ -47,8 +47,9 @@ class LRSchedule:
         if kind not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
         self.optimizer, self.kind = optimizer, kind
-        self.total_steps, self.warmup_steps, self.freeze_steps = total_steps, warmup_steps, \
-            freeze_steps
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.freeze_steps = freeze_steps
         self.warmup_until_error = warmup_until_error
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.last_epoch = 0  # optimizer steps taken (the name torch's schedulers use)
