@@ -42,9 +42,8 @@ logger = logging.getLogger(__name__)
 CONFUSION_MATRICES_FILE = "confusion_matrices.png"
 JSON_FILE = "compare.json"
 MARKDOWN_FILE = "compare.md"
-# Where a run's files were and how it was shown: never what tells two models apart, unless
-# nothing else differs (then the folder name does).
-# what a run's outcome does not depend on, and the recipe's copy of --recipe ("name")
+# Where a run's files were and how it was shown, and the recipe's copy of --recipe ("name"):
+# never what tells two models apart (when nothing else differs, the folder name does).
 INCIDENTAL_KEYS = frozenset({"data", "output", "val", "resume", "overwrite", "progress",
                              "name"})
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_second")
@@ -235,9 +234,12 @@ def differing_keys(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
     return chosen, [k for k in differing if k not in chosen]
 
 
-def run_labels(runs: Sequence[Run]) -> list[str]:
-    """One distinct label per run: `key=value` for each differing setting, else its folder."""
-    chosen, derived = differing_keys(runs)
+def run_labels(runs: Sequence[Run],
+               keys: tuple[list[str], list[str]] | None = None) -> list[str]:
+    """One distinct label per run: `key=value` for each differing setting (those set
+    differently, else those resolved differently: `keys`, or `differing_keys(runs)`), else
+    its folder."""
+    chosen, derived = keys if keys is not None else differing_keys(runs)
     shown = chosen or derived
     base = [" ".join(f"{_setting_name(k)}={_shown(run.settings.get(k))}" for k in shown)
             for run in runs]
@@ -290,7 +292,7 @@ def confusion_note(runs: Sequence[Run]) -> str | None:
 def comparison(runs: Sequence[Run]) -> dict[str, Any]:
     """compare.json's content: the runs' task, classes, labels and one row per run."""
     chosen, derived = differing_keys(runs)
-    labels = run_labels(runs)
+    labels = run_labels(runs, (chosen, derived))
     note = confusion_note(runs)
     return {
         "task": runs[0].card.task, "monitor": runs[0].monitor, "classes": runs[0].card.classes,
@@ -340,15 +342,15 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     labels = [row["label"] for row in table["runs"]]
     written = [cfg.output / CURVES_FILE]
     save_figure(written[0], plot_curves([run.history for run in runs], labels, table["monitor"]))
-    stale = cfg.output / CONFUSION_MATRICES_FILE
+    matrices = cfg.output / CONFUSION_MATRICES_FILE
     if table["confusion_matrices_left_out"] is None:
         figure = plot_confusion_matrices([run.metrics["confusion_matrix"] for run in runs],
                                          labels, table["classes"])
-        save_figure(stale, figure)
-        written.append(stale)
-    elif stale.exists():  # left by an earlier comparison in this --output
-        with write_errors(stale):
-            stale.unlink()
+        save_figure(matrices, figure)
+        written.append(matrices)
+    elif matrices.exists():  # left by an earlier comparison in this --output
+        with write_errors(matrices):
+            matrices.unlink()
     write_atomically(cfg.output / JSON_FILE,
                      json.dumps(table, indent=2, allow_nan=False) + "\n")
     write_atomically(cfg.output / MARKDOWN_FILE, markdown(table))
