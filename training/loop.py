@@ -136,9 +136,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Modul
         group_size = min(accumulate, micro_batches - group_start)
         closes_group = index == group_start + group_size - 1
         if n > 0 or info.enabled:  # alone, a batch with no decodable image is skipped
-            with _sync_unless(model, not closes_group), accelerator.autocast():
-                loss, logits, targets = _batch_loss(model, batch, criterion, accelerator,
-                                                    normalize, image_size)
+            with _sync_unless(model, not closes_group):
+                with accelerator.autocast():  # the forward only: backward runs outside it
+                    loss, logits, targets = _batch_loss(model, batch, criterion, accelerator,
+                                                        normalize, image_size)
                 value = loss.item()
                 _check_finite(value, optimizer, epoch=epoch, step=index)
                 scaler.scale(loss / group_size).backward()
