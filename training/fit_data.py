@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,6 +55,13 @@ class TrainingData:
     split: dict[str, Any] = field(default_factory=dict)  # sha256, sizes, where it came from
     unusable: list[tuple[Path, str]] = field(default_factory=list)  # skipped at discovery
     balance: str = "none"  # --balance as resolved for this data (training.balance)
+
+    def train_as_validated(self, samples: Sequence[Sample] | None = None) -> ImageDataset:
+        """The training images (or `samples` of them) as validation sees them: the eval
+        transform, no augmentation."""
+        return ImageDataset(self.train.samples if samples is None else samples, self.classes,
+                            self.task, self.val.transform, decode_size=self.val.decode_size,
+                            max_pixels=self.val.max_pixels)
 
 
 class Loaders(NamedTuple):

@@ -41,10 +41,8 @@ def channel_sums(dataset: ImageDataset, *, batch_size: int, workers: int
 def measure_mean_std(data: TrainingData, info: DistInfo, *, batch_size: int, workers: int
                      ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """The training images' per-channel mean and std, as the eval transform shows them."""
-    share = data.train.samples[info.rank::info.world_size]
-    dataset = ImageDataset(share, data.classes, data.task, data.val.transform,
-                           decode_size=data.val.decode_size, max_pixels=data.val.max_pixels)
-    parts = gather_objects(info, channel_sums(dataset, batch_size=batch_size, workers=workers))
+    share = data.train_as_validated(data.train.samples[info.rank::info.world_size])
+    parts = gather_objects(info, channel_sums(share, batch_size=batch_size, workers=workers))
     total = sum(p[0] for p in parts)
     squares = sum(p[1] for p in parts)
     count = sum(p[2] for p in parts)

@@ -58,9 +58,7 @@ def fit_unknown_rule(model: nn.Module, arch: str, data: TrainingData, *,
     was_training = model.training
     model.eval()
     try:
-        # the training images as validation sees them: the eval transform, no augmentation
-        train = ImageDataset(data.train.samples, data.classes, data.task, data.val.transform,
-                             decode_size=data.val.decode_size, max_pixels=data.val.max_pixels)
+        train = data.train_as_validated()
         common = {"accelerator": accelerator, "normalize": normalize,
                   "batch_size": batch_size, "workers": workers}
         train_features, train_targets = pooled_features(model, arch, train, **common)
