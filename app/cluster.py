@@ -4,6 +4,10 @@ With `--workers N` the supervisor (app.supervisor) creates these tables in share
 before it spawns the workers, and each worker sees them through a `WorkerLink`. Every cell
 has one writer (a worker writes its own row, the supervisor clears a dead worker's row), so
 no lock is needed and a worker that dies mid-write can never wedge the others.
+
+A worker counts as ready only while its heartbeat is fresh (`stale_after` seconds, well under
+`worker_timeout`): a stopped or stalled worker still holds its share of the port's new
+connections, so `/ready` turns 503 long before the supervisor replaces it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 QUEUE_SLOTS = 4096  # model names hash into these; two names in one slot share one bound
 TICK_SECONDS = 0.1  # how often a worker publishes its state and looks for reload requests
+READY_HEARTBEAT_SECONDS = 3.0  # a heartbeat older than this (at most) is not ready
 
 # the fields of a worker's row
 PID, STATE, HEARTBEAT_NS, RELOADED = range(4)
@@ -48,13 +53,22 @@ class ClusterTables:
     rows: Any  # int64 [workers, ROW_FIELDS]
     reload_requests: Any  # int64 [workers + 1]: requests made by each worker, then SIGHUPs
     queue_held: Any  # int64 [workers, QUEUE_SLOTS]: images each worker holds, per model
+    stale_after: float = READY_HEARTBEAT_SECONDS  # heartbeat age beyond which: not ready
 
     @classmethod
-    def create(cls, workers: int, context: BaseContext) -> ClusterTables:
-        """Zeroed tables for `workers` processes."""
+    def create(cls, workers: int, context: BaseContext, *,
+               worker_timeout: float = 30.0) -> ClusterTables:
+        """Zeroed tables for `workers` processes replaced after `worker_timeout` s silent."""
         return cls(workers, context.RawArray("q", workers * ROW_FIELDS),
                    context.RawArray("q", workers + 1),
-                   context.RawArray("q", workers * QUEUE_SLOTS))
+                   context.RawArray("q", workers * QUEUE_SLOTS),
+                   ready_heartbeat_limit(worker_timeout))
+
+
+def ready_heartbeat_limit(worker_timeout: float) -> float:
+    """Seconds a worker may go without ticking and still count as ready: a few seconds,
+    well under `worker_timeout` (a tenth of a second is one tick)."""
+    return min(READY_HEARTBEAT_SECONDS, max(10 * TICK_SECONDS, worker_timeout / 3))
 
 
 def _view(raw: SynchronizedBase | Any, *shape: int) -> np.ndarray:
@@ -66,6 +80,7 @@ class SharedState:
 
     def __init__(self, tables: ClusterTables) -> None:
         self.workers = tables.workers
+        self.stale_after = tables.stale_after
         self.rows = _view(tables.rows, tables.workers, ROW_FIELDS)
         self.reload_requests = _view(tables.reload_requests, tables.workers + 1)
         self.queue_held = _view(tables.queue_held, tables.workers, QUEUE_SLOTS)
@@ -76,8 +91,12 @@ class SharedState:
         self.queue_held[index, :] = 0
 
     def ready_count(self) -> int:
-        """Workers that are up, serving and not stopping."""
-        return int(np.count_nonzero((self.rows[:, PID] != 0) & (self.rows[:, STATE] == READY)))
+        """Workers that are up, serving, not stopping and ticking (a stalled or stopped
+        worker still takes its share of new connections, which hang)."""
+        beats = self.rows[:, HEARTBEAT_NS]
+        fresh = (beats != 0) & (time.monotonic_ns() - beats <= self.stale_after * 1e9)
+        return int(np.count_nonzero((self.rows[:, PID] != 0) & (self.rows[:, STATE] == READY)
+                                    & fresh))
 
     def reload_target(self) -> int:
         """Reload requests made so far, by anyone."""

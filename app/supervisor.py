@@ -52,7 +52,8 @@ class Supervisor:
         self.workers = workers
         self.entry = entry
         self.context = multiprocessing.get_context("spawn")  # no state of ours is forked
-        self.tables = ClusterTables.create(workers, self.context)
+        self.tables = ClusterTables.create(workers, self.context,
+                                           worker_timeout=settings.worker_timeout)
         self.state = SharedState(self.tables)
         self.slots = [_Slot(i) for i in range(workers)]
         self.stopping = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -206,6 +207,36 @@ def test_a_crashed_worker_is_replaced(cluster) -> None:
     after = children(proc.pid)
     assert len(after) == 2 and victim not in after
     assert "exited with status -9" in log_path.read_text()
+
+
+def _ready_on_fresh_connections(url: str, count: int) -> list[int]:
+    """GET /ready on `count` new connections at once; the statuses of those answered
+    within a second (a stopped worker's share hangs)."""
+    statuses: list[int] = []
+
+    def probe() -> None:
+        with contextlib.suppress(httpx.TransportError):
+            statuses.append(httpx.get(f"{url}/ready", timeout=1).status_code)
+
+    threads = [threading.Thread(target=probe) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    return statuses
+
+
+def test_a_stopped_worker_makes_the_server_not_ready_before_it_is_replaced(cluster) -> None:
+    proc, url, _, log_path = cluster
+    victim = min(children(proc.pid))
+    os.kill(victim, signal.SIGSTOP)  # the port still hands it half the new connections
+    try:
+        time.sleep(1.5)  # past the heartbeat limit (1 s at --worker-timeout 3), not the 3 s
+        answered = _ready_on_fresh_connections(url, 8)
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert answered and set(answered) == {503}, answered
+    wait_ready(proc, url, log_path, timeout=60)  # resumed, or replaced if it was too late
 
 
 def test_a_stalled_worker_is_replaced(cluster) -> None:

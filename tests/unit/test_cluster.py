@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 import pytest
 
 from app.batching import DynamicBatcher, QueueFullError
 from app.cluster import (
+    HEARTBEAT_NS,
     PID,
     READY,
     RELOADED,
@@ -18,6 +20,7 @@ from app.cluster import (
     SharedState,
     WorkerLink,
     queue_slot,
+    ready_heartbeat_limit,
     workers_for,
 )
 
@@ -131,6 +134,9 @@ def test_readiness_counts_only_live_ready_workers() -> None:
     assert state.ready_count() == 0
     for link in links:
         link._row[STATE] = READY
+    assert state.ready_count() == 0  # none has ticked yet
+    for link in links:
+        link._row[HEARTBEAT_NS] = time.monotonic_ns()
     assert links[0].all_ready()
     links[2]._row[STATE] = STOPPING
     assert not links[0].all_ready()
@@ -138,6 +144,20 @@ def test_readiness_counts_only_live_ready_workers() -> None:
     state.clear(1)
     assert state.ready_count() == 1
     assert state.pid(0) == os.getpid() and state.rows[1, PID] == 0
+
+
+def test_a_worker_that_stops_ticking_is_not_ready_long_before_it_is_replaced() -> None:
+    tables = ClusterTables.create(2, SPAWN, worker_timeout=30.0)
+    assert tables.stale_after == 3.0  # a few seconds, well under the worker timeout
+    assert ready_heartbeat_limit(3.0) == 1.0
+    links = [WorkerLink(tables, i) for i in range(2)]
+    for link in links:
+        link._row[STATE] = READY
+        link._row[HEARTBEAT_NS] = time.monotonic_ns()
+    assert links[0].all_ready()
+    links[1]._row[HEARTBEAT_NS] = time.monotonic_ns() - int(3.5e9)  # stopped 3.5 s ago
+    assert not links[0].all_ready()
+    assert links[0].ready_count() == 1
 
 
 def test_reload_requests_add_up_from_every_requester() -> None:
