@@ -12,20 +12,31 @@ The pixels are 1024 red, then 1024 green, then 1024 blue bytes, each plane a row
 image. The output is OUT/train/<class>/*.png and OUT/test/<class>/*.png, each image named
 after its file and its record number (from 1). Every file is checked before anything is
 written, and the tree is written in a staging folder renamed to OUT at the end, so a refused
-or failed import leaves no OUT behind.
+or failed import leaves no OUT behind; the staging folder of an import that was killed is
+removed by the next import into the same OUT. Files are read a chunk of records at a time,
+so memory stays flat whatever their size. Class names must be folder names that `fit` reads
+back as they are (training.class_names): not hidden, not `__MACOSX`, not two spellings of
+one name, at most 255 bytes.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import logging
+import os
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from training.class_names import is_ignored_name, nfc
 from training.config import CifarImportConfig
 from training.exceptions import DataError, OutputError
 
@@ -33,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 SIDE = 32
 PIXEL_BYTES = 3 * SIDE * SIDE
+CHUNK_RECORDS = 1024  # records read at a time: about 3 MB, whatever the file's size
+MAX_NAME_BYTES = 255  # the longest file name ext4, XFS, btrfs, APFS and NTFS take
+STAGING_MARK = ".importing-"  # OUT is staged in .OUT.importing-XXXX beside it
 
 
 @dataclass(frozen=True)
@@ -79,41 +93,84 @@ def find_layout(src: Path) -> tuple[Layout, Path]:
 
 
 def read_names(path: Path, count: int) -> list[str]:
-    """The class names in `path`, one a line (blank lines skipped), `count` of them."""
+    """The class names in `path`, one a line (blank lines skipped), `count` of them, in NFC:
+    each must be a folder name that `fit` reads back as it is (training.data)."""
     if not path.is_file():
         raise DataError(f"{path}: class names file missing")
     try:
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a text file of class names ({exc})") from exc
-    names = [n for n in names if n]
-    bad = [n for n in names if n in (".", "..") or "/" in n or "\\" in n or "\0" in n]
-    if len(names) != count or len(set(names)) != count or bad:
-        raise DataError(f"{path}: expected {count} distinct class names usable as folder "
-                        f"names, found {len(names)}{f' (unusable: {bad[:3]})' if bad else ''}")
+    names = [nfc(n) for n in names if n]  # fit compares names in NFC
+    if len(names) != count:
+        raise DataError(f"{path}: expected {count} class names, found {len(names)}")
+    for name in names:
+        problem = _name_problem(name)
+        if problem:
+            raise DataError(f"{path}: class name {_shown(name)} {problem}")
+    repeated = next((n for n, times in Counter(names).items() if times > 1), None)
+    if repeated is not None:
+        raise DataError(f"{path}: class name {_shown(repeated)} is given twice (names are "
+                        "compared in Unicode NFC, as fit compares them)")
     return names
 
 
-def read_records(path: Path, layout: Layout, label_at: int) -> tuple[np.ndarray, np.ndarray]:
-    """[N] labels (of label byte `label_at`) and [N, 32, 32, 3] uint8 images of one file,
-    every record checked: its length, and each of its label bytes against its class count."""
+def _name_problem(name: str) -> str | None:
+    """Why `name` cannot be a class folder that fit reads as this class (None when it can)."""
+    if is_ignored_name(name):
+        return "would be ignored by fit (a hidden name, or __MACOSX): rename it"
+    if any(c in name for c in "/\\\0"):
+        return "holds a path separator or a NUL byte"
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes, the longest folder name most file " \
+               "systems take"
+    return None
+
+
+def _shown(name: str, limit: int = 60) -> str:
+    text = ascii(name)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
+
+
+def record_count(path: Path, layout: Layout) -> int:
+    """How many records `path` holds, from its size (refused empty or not whole records)."""
     record = layout.label_bytes + PIXEL_BYTES
-    data = np.fromfile(path, dtype=np.uint8)
-    if data.size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise DataError(f"{path}: empty file, no records")
-    if data.size % record:
+    if size % record:
         raise DataError(f"{path}: truncated or not a {layout.name} file: record "
-                        f"{data.size // record + 1} is incomplete ({data.size} bytes is not a "
+                        f"{size // record + 1} is incomplete ({size} bytes is not a "
                         f"multiple of the {record}-byte record)")
-    rows = data.reshape(-1, record)
+    return size // record
+
+
+def read_records(path: Path, layout: Layout, label_at: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """[n] labels (of label byte `label_at`) and [n, 32, 32, 3] uint8 images of one file,
+    CHUNK_RECORDS records at a time (memory stays flat whatever the file's size), every
+    record checked: its length, and each of its label bytes against its class count."""
+    record = layout.label_bytes + PIXEL_BYTES
+    count = record_count(path, layout)
+    with path.open("rb") as fh:
+        for start in range(0, count, CHUNK_RECORDS):
+            n = min(CHUNK_RECORDS, count - start)
+            data = fh.read(n * record)
+            if len(data) != n * record:
+                raise DataError(f"{path}: changed while it was being read")
+            rows = np.frombuffer(data, dtype=np.uint8).reshape(n, record)
+            _check_labels(path, rows, layout, start)
+            images = rows[:, layout.label_bytes:].reshape(-1, 3, SIDE, SIDE)
+            yield rows[:, label_at], images.transpose(0, 2, 3, 1)
+
+
+def _check_labels(path: Path, rows: np.ndarray, layout: Layout, start: int) -> None:
     for offset, classes in enumerate(layout.label_classes):
         wrong = np.flatnonzero(rows[:, offset] >= classes)
         if wrong.size:
             first = int(wrong[0])
-            raise DataError(f"{path}: record {first + 1}: label byte {int(rows[first, offset])} "
-                            f"is past the class count ({classes})")
-    images = rows[:, layout.label_bytes:].reshape(-1, 3, SIDE, SIDE).transpose(0, 2, 3, 1)
-    return rows[:, label_at].copy(), np.ascontiguousarray(images)
+            raise DataError(f"{path}: record {start + first + 1}: label byte "
+                            f"{int(rows[first, offset])} is past the class count ({classes})")
 
 
 def import_cifar(cfg: CifarImportConfig) -> Path:
@@ -129,17 +186,15 @@ def import_cifar(cfg: CifarImportConfig) -> Path:
         raise OutputError(f"{out} already exists: give a new folder to import into")
     files = [(split, folder / f) for split, fs in layout.splits.items() for f in fs]
     for _, path in files:  # check every file before writing anything
-        read_records(path, layout, label_at)
+        for _chunk in read_records(path, layout, label_at):
+            pass
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    remove_abandoned_staging(out)
+    with staging_folder(out) as staging:
         total = sum(_write_file(staging, split, path, layout, label_at, names)
                     for split, path in files)
         staging.chmod(0o755)  # mkdtemp makes it private
         staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     logger.info("imported %d %s images (%s labels, %d classes) into %s", total, layout.name,
                 cfg.labels, len(names), out)
     return out
@@ -148,12 +203,48 @@ def import_cifar(cfg: CifarImportConfig) -> Path:
 def _write_file(root: Path, split: str, path: Path, layout: Layout, label_at: int,
                 names: list[str]) -> int:
     """Write one file's records as PNGs under root/split/<class>/; returns how many."""
-    labels, images = read_records(path, layout, label_at)
     for name in names:
         (root / split / name).mkdir(parents=True, exist_ok=True)
-    stem = path.stem
-    for index, (label, image) in enumerate(zip(labels.tolist(), images, strict=True), start=1):
-        Image.fromarray(image).save(
-            root / split / names[label] / f"{stem}_{index:05d}.png", format="PNG")
-    logger.info("%s: %d images into %s/", path.name, len(labels), split)
-    return len(labels)
+    stem, index = path.stem, 0
+    for labels, images in read_records(path, layout, label_at):
+        for label, image in zip(labels.tolist(), images, strict=True):
+            index += 1
+            Image.fromarray(np.ascontiguousarray(image)).save(
+                root / split / names[label] / f"{stem}_{index:05d}.png", format="PNG")
+    logger.info("%s: %d images into %s/", path.name, index, split)
+    return index
+
+
+@contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A new hidden folder beside `out`, locked while this import writes it, removed unless
+    it was renamed to `out` (a killed import's is removed by the next one)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}", dir=out.parent))
+    fd = os.open(staging, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until this process ends, however it ends
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        os.close(fd)
+
+
+def remove_abandoned_staging(out: Path) -> None:
+    """Remove the staging folders of imports into `out` that ended without finishing (killed):
+    those whose lock no process holds any more."""
+    for staging in out.parent.glob(f".{glob.escape(out.name)}{STAGING_MARK}*"):
+        try:
+            fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another import is writing it now
+            continue
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+            logger.warning("removed %s, left by an import into %s that did not finish",
+                           staging, out)
+        finally:
+            os.close(fd)

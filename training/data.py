@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import random
-import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from models.decoding import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
+from training.class_names import is_ignored_name, nfc
 from training.exceptions import (
     ClassMismatchError,
     CsvFormatError,
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 TASK_NAMES = {"single": "single_label", "multi": "multi_label",
               "single_label": "single_label", "multi_label": "multi_label"}
-IGNORED_FOLDERS = frozenset({"__MACOSX"})  # resource forks of zip files made on macOS
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,6 @@ class SampleSet:
     task: str
     root: Path
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (image, why) at discovery
-
-
-def nfc(name: str) -> str:
-    """A class name in Unicode NFC (macOS writes folder names decomposed, as NFD)."""
-    return unicodedata.normalize("NFC", name)
 
 
 def infer_task(location: str | Path, task: str | None = None) -> str:
@@ -131,13 +125,45 @@ def _usable(path: Path, max_pixels: int, skipped: list[tuple[Path, str]]) -> boo
 
 
 def _is_visible(path: Path, root: Path) -> bool:
-    parts = path.relative_to(root).parts
-    return not any(p.startswith(".") or p in IGNORED_FOLDERS for p in parts)
+    return not any(is_ignored_name(p) for p in path.relative_to(root).parts)
+
+
+def _shown_path(path: Path) -> str:
+    """`path` for a message, bytes that are not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """The class subfolders of `root`, sorted. A name that is not UTF-8 is refused (it could
+    not be written into the card, nor sent by the server). A linked folder is followed when
+    it leads outside `root`; one that leads back into `root`, to a folder holding it, or into
+    another class's folder is left out with a warning: its images would be counted again,
+    under another class and on both sides of the split."""
+    real_root = root.resolve()
+    folders: list[Path] = []
+    taken: list[Path] = [real_root]  # what the classes kept so far (and the root) cover
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and _is_visible(p, root)):
+        try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{_shown_path(path)}: the class folder's name is not UTF-8 (bytes "
+                f"{os.fsencode(path.name)!r}); rename it in UTF-8, e.g. with "
+                "`convmv -f latin1 -t utf8`") from None
+        if path.is_symlink():
+            target = path.resolve()
+            if any(target.is_relative_to(t) or t.is_relative_to(target) for t in taken):
+                logger.warning("%s: left out: the link leads to %s, whose images are already "
+                               "counted", _shown_path(path), _shown_path(target))
+                continue
+            taken.append(target)
+        folders.append(path)
+    return folders
 
 
 def _discover_folder(root: Path, max_pixels: int, skipped: list[tuple[Path, str]]
                      ) -> list[Sample]:
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _is_visible(p, root))
+    class_dirs = _class_folders(root)
     if not class_dirs:
         raise DataError(f"{root}: no class subfolders (expected one folder per class)")
     samples: list[Sample] = []

@@ -137,3 +137,111 @@ def test_the_command_line_refuses_foreign_folders_and_existing_outputs(
     assert "applies to CIFAR-100 only" in caplog.text
     assert main(["import-cifar", str(tmp_path / "src"), str(tmp_path / "o")]) == 0
     assert len(_pngs(tmp_path / "o")) == 12
+
+
+def _with_names(root: Path, names: list[str]) -> Path:
+    """A CIFAR-10 source whose batches.meta.txt holds `names`."""
+    _cifar10(root)
+    (root / "cifar-10-batches-bin" / "batches.meta.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    (".hidden", "would be ignored by fit"),
+    ("__MACOSX", "would be ignored by fit"),
+    ("x" * 256, "longer than 255 bytes"),
+    ("\u00e9" * 128, "longer than 255 bytes"),  # 128 characters, 256 bytes of UTF-8
+    ("cafe\u0301", "given twice"),  # "café" decomposed, beside "café" composed
+])
+def test_names_fit_would_drop_or_merge_are_refused_in_one_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, message: str) -> None:
+    names = [*CIFAR10_NAMES[:8], "caf\u00e9", name]
+    src = _with_names(tmp_path / "src", names)
+    assert main(["import-cifar", str(src), str(tmp_path / "out")]) == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0].getMessage(), caplog.text
+    assert "batches.meta.txt" in errors[0].getMessage() and not errors[0].exc_info
+    assert "Traceback" not in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_names_are_written_as_fit_reads_them(tmp_path: Path) -> None:
+    names = [*CIFAR10_NAMES[:9], "cafe\u0301"]  # decomposed: written composed, as fit reads it
+    out = import_cifar(CifarImportConfig(src=_with_names(tmp_path / "src", names),
+                                         out=tmp_path / "out"))
+    for split in ("train", "test"):
+        written = sorted(p.name for p in (out / split).iterdir())
+        assert written == sorted([*CIFAR10_NAMES[:9], "caf\u00e9"])
+
+
+KILLED_IMPORT = """
+import os, signal, sys
+from pathlib import Path
+import training.cifar_import as ci
+from training.config import CifarImportConfig
+
+real_write = ci._write_file
+def write_then_die(root, *args, **kw):
+    real_write(root, *args, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or kill -9 would
+ci._write_file = write_then_die
+ci.import_cifar(CifarImportConfig(src=Path(sys.argv[1]), out=Path(sys.argv[2])))
+"""
+
+
+def test_a_killed_import_leaves_nothing_the_next_import_keeps(tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    _cifar10(tmp_path / "src")
+    out = tmp_path / "data" / "cifar10"
+    killed = subprocess.run([sys.executable, "-c", KILLED_IMPORT, str(tmp_path / "src"),
+                             str(out)], cwd=Path(__file__).parents[2], capture_output=True,
+                            timeout=120)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    left = [p.name for p in out.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".cifar10") and not out.exists()
+    live = out.parent / ".cifar10.importing-live"  # an import writing now: kept
+    live.mkdir()
+    held = os.open(live, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        import_cifar(CifarImportConfig(src=tmp_path / "src", out=out))
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([".cifar10.importing-live",
+                                                                   "cifar10"])
+    assert len(_pngs(out)) == 12
+
+
+def _cifar10_with_a_large_batch(root: Path, records: int, *, bad_last: bool) -> None:
+    """_cifar10, its data_batch_1.bin replaced by `records` records (3073 bytes each)."""
+    _cifar10(root)
+    data = np.zeros((records, 1 + 3072), np.uint8)
+    data[:, 0] = np.arange(records) % 10
+    data[:, 1:] = np.arange(3072, dtype=np.uint32) % 251
+    if bad_last:
+        data[-1, 0] = 10
+    data.tofile(root / "cifar-10-batches-bin" / "data_batch_1.bin")
+
+
+def test_a_large_batch_file_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    _cifar10_with_a_large_batch(tmp_path / "big", 13_000, bad_last=True)  # 40 MB, refused last
+    _cifar10_with_a_large_batch(tmp_path / "mid", 2_600, bad_last=False)  # 8 MB, written
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="record 13000: label byte 10"):
+            import_cifar(CifarImportConfig(src=tmp_path / "big", out=tmp_path / "out-big"))
+        checked = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        import_cifar(CifarImportConfig(src=tmp_path / "mid", out=tmp_path / "out-mid"))
+        written = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert checked < 12e6, f"checking a 40 MB file peaked at {checked / 1e6:.1f} MB"
+    assert written < 12e6, f"importing an 8 MB file peaked at {written / 1e6:.1f} MB"
+    assert len(list((tmp_path / "out-mid" / "train").rglob("*.png"))) == 2_600 + 8
