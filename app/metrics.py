@@ -4,6 +4,8 @@ With `--workers N` each worker writes its metrics to files in PROMETHEUS_MULTIPR
 (prometheus_client's multiprocess mode, set up by app.supervisor) and any worker's /metrics
 adds them up: counters and histograms over every worker that ever ran, gauges over the live
 ones. Values read on demand (queue depth, open connections) are written at each worker tick.
+The folder's life (claimed, dead workers' files folded into archives, removed) is
+app.metrics_files.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +24,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from app.metrics_files import hold_folder, scrape_lock
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -41,6 +46,9 @@ class Metrics:
     def __init__(self, *, multiprocess_mode: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess = multiprocess_mode and MULTIPROC_ENV in os.environ
+        self.folder = Path(os.environ[MULTIPROC_ENV]) if self.multiprocess else None
+        # held for the process's life: the folder is in use, no other supervisor removes it
+        self._folder_hold = hold_folder(self.folder) if self.folder else None
         self._watched: list[tuple[Gauge, Callable[[], float]]] = []
         prefix = "resnet_serve"
         self.requests = Counter(f"{prefix}_requests", "HTTP requests answered",
@@ -161,9 +169,11 @@ class Metrics:
             self.overloaded.inc()
 
     def render(self) -> bytes:
-        """The Prometheus text exposition (of every worker, in multiprocess mode)."""
-        if not self.multiprocess:
+        """The Prometheus text exposition (of every worker, in multiprocess mode); reads
+        files, so call it off the event loop."""
+        if self.folder is None:
             return generate_latest(self.registry)
         view = CollectorRegistry()
-        multiprocess.MultiProcessCollector(view)
-        return generate_latest(view)
+        multiprocess.MultiProcessCollector(view, path=str(self.folder))
+        with scrape_lock(self.folder):
+            return generate_latest(view)

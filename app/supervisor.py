@@ -12,10 +12,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -24,6 +22,7 @@ from types import FrameType
 from app.cluster import READY, STATE, ClusterTables, SharedState
 from app.config import Settings
 from app.metrics import MULTIPROC_ENV
+from app.metrics_files import MetricsFolder, remove_stale_folders
 from app.server import EXIT_CANNOT_LISTEN, WorkerEntry, serve_worker, shared_port_socket
 
 logger = logging.getLogger("app.supervisor")
@@ -59,6 +58,7 @@ class Supervisor:
         self.stopping = False
         self.failed_starts = 0
         self.gave_up = False
+        self.metrics_folder: MetricsFolder | None = None
 
     def run(self) -> int:
         """Serve until told to stop; returns the exit status."""
@@ -66,8 +66,13 @@ class Supervisor:
         # workers, which each listen on it
         port_holder = shared_port_socket(self.settings.host, self.settings.port)
         port = port_holder.getsockname()[1]
-        metrics_dir = tempfile.mkdtemp(prefix="resnet-serve-metrics-")
-        os.environ[MULTIPROC_ENV] = metrics_dir  # read by each worker's prometheus_client
+        stale = remove_stale_folders()
+        if stale:
+            logger.info("removed %d metrics folders left by supervisors that were killed: %s",
+                        len(stale), ", ".join(map(str, stale)))
+        self.metrics_folder = MetricsFolder.claim()
+        # read by each worker's prometheus_client
+        os.environ[MULTIPROC_ENV] = str(self.metrics_folder.path)
         # each worker knows the port and how many share the host (see app.main.host_threads)
         worker_settings = self.settings.model_copy(update={"port": port,
                                                            "workers": self.workers})
@@ -82,7 +87,7 @@ class Supervisor:
             self._stop_all()
         finally:
             port_holder.close()
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+            self.metrics_folder.remove()
         return 1 if self.gave_up else 0
 
     def _install_signals(self) -> None:
@@ -142,7 +147,8 @@ class Supervisor:
         """A worker has exited: forget its state and plan its replacement."""
         pid = slot.process.pid if slot.process else 0
         self.state.clear(slot.index)
-        _forget_metrics(pid)
+        if pid and self.metrics_folder is not None:
+            self.metrics_folder.archive_dead(pid)  # its counts stay in the totals
         slot.process = None
         if self.stopping:
             return
@@ -179,15 +185,6 @@ class Supervisor:
         for slot in self.slots:
             self.state.clear(slot.index)
         logger.info("supervisor: every worker has stopped")
-
-
-def _forget_metrics(pid: int) -> None:
-    """Drop a dead worker's live gauges (its counters keep counting in the totals)."""
-    if not pid or MULTIPROC_ENV not in os.environ:
-        return
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(pid)
 
 
 def supervise(settings: Settings, workers: int, entry: WorkerEntry | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 
 from app.api.auth import API_KEY_REQUIRED
@@ -40,4 +42,5 @@ async def ready(request: Request, registry: RegistryDep) -> Readiness:
     **error_responses(401)})
 async def metrics(metrics: MetricsDep) -> Response:
     """Prometheus metrics: requests, latency, batch sizes, queue depth, drops."""
-    return Response(metrics.render(), media_type=metrics.content_type)
+    # off the event loop: with several workers a scrape reads every worker's files
+    return Response(await asyncio.to_thread(metrics.render), media_type=metrics.content_type)

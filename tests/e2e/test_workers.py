@@ -191,10 +191,27 @@ def test_reloads_under_load_fail_no_request(cluster) -> None:
     assert set(statuses) == {200} and statuses[200] > 10
 
 
+def metrics_folder(worker: int) -> Path:
+    """The multiprocess metrics folder the supervisor handed worker `worker`."""
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    found = [v.split(b"=", 1)[1] for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+    return Path(found[0].decode())
+
+
+def requests_counted(url: str) -> float:
+    """Every /predict answered 200 so far, by any worker that has run."""
+    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+    return metric(text, "resnet_serve_requests_total", route="/predict", method="POST",
+                  status="200")
+
+
 def test_a_crashed_worker_is_replaced(cluster) -> None:
     proc, url, _, log_path = cluster
     before = children(proc.pid)
     victim = min(before)
+    folder = metrics_folder(victim)
+    assert predict(url).status_code == 200
+    counted = requests_counted(url)
     os.kill(victim, signal.SIGKILL)
     outcomes = Counter()
     for _ in range(FRESH):  # the other worker keeps answering; nothing hangs
@@ -207,6 +224,9 @@ def test_a_crashed_worker_is_replaced(cluster) -> None:
     after = children(proc.pid)
     assert len(after) == 2 and victim not in after
     assert "exited with status -9" in log_path.read_text()
+    # its files were folded into the archives: none left behind, none of its counts lost
+    assert not list(folder.glob(f"*_{victim}.db"))
+    assert requests_counted(url) >= counted + outcomes[200]
 
 
 def _ready_on_fresh_connections(url: str, count: int) -> list[int]:
