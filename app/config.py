@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         30.0, gt=0.0, le=3600.0,
         description="seconds from the end of a request's headers to the end of its body "
         "(408 beyond); raise it for large uploads over slow links")
+    write_timeout: float = Field(
+        30.0, gt=0.0, le=3600.0,
+        description="seconds an answer may wait for the client to take it once the "
+        "connection's send buffers are full (the connection is closed beyond); while an "
+        "answer waits, no further pipelined request is read")
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="largest request body in bytes (413 beyond)")
     max_images_per_request: int = Field(

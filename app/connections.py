@@ -4,8 +4,9 @@ uvicorn's h11 protocol closes an idle connection only after it has answered a re
 a client that connects and sends nothing, trickles a request head, or trickles a body keeps
 its socket for ever, and enough of them exhaust the process's file descriptors.
 `GuardedH11Protocol` gives each phase its own deadline (idle: `keepalive_timeout`, request
-head: `header_timeout`, request body: `body_timeout`); `ConnectionGuard` caps the connections
-served below the open-file limit and answers the ones over it with a quick 503.
+head: `header_timeout`, request body: `body_timeout`, an answer the client does not take:
+`write_timeout`); `ConnectionGuard` caps the connections served below the open-file limit and
+answers the ones over it with a quick 503.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ConnectionLimits:
     keepalive_timeout: float
     header_timeout: float
     body_timeout: float
+    write_timeout: float = 30.0
 
 
 def widen_listen_backlog(listeners: list[Any]) -> None:
@@ -125,7 +127,7 @@ class ConnectionGuard:
             self.awaiting_refusal -= 1
 
     def event(self, name: str) -> None:
-        """Report refused, dropped, header_timeout or body_timeout (to the metrics)."""
+        """Report refused, dropped, header_timeout, body_timeout or write_timeout (metrics)."""
         self._on_event(name)
 
     def _log_over_limit(self, count: int) -> None:
@@ -148,12 +150,17 @@ class GuardedH11Protocol(H11Protocol):
         self._admission: Admission | None = None
         self._phase: Phase = "idle"
         self._deadline: asyncio.TimerHandle | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
+        self._answer_waiting = False  # answered, but the answer has not left yet
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Admit the connection, refuse it with 503, or close it at once."""
         super().connection_made(transport)
         self._admission = self.guard.admit()
         if self._admission == "serve":  # idle until its first byte: the keep-alive timeout
+            # any byte the kernel does not take at once is waiting to leave: pause_writing
+            # then starts the write deadline, resume_writing comes once all of it has left
+            transport.set_write_buffer_limits(high=0)
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler)
             return
@@ -167,8 +174,9 @@ class GuardedH11Protocol(H11Protocol):
             self._arm(REFUSAL_GRACE, self._close_quietly)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Release the connection's place and its deadline."""
+        """Release the connection's place and its deadlines."""
         self._disarm()
+        self._disarm_write()
         if self._admission is not None:
             self.guard.release(self._admission)
             self._admission = None
@@ -182,9 +190,32 @@ class GuardedH11Protocol(H11Protocol):
         self._follow_request()
 
     def on_response_complete(self) -> None:
-        """After an answer, the next request (possibly pipelined already) starts its phases."""
+        """After an answer has left, the next request (possibly pipelined) starts its phases.
+
+        An answer still waiting for the client to take it holds the next request back:
+        a client that pipelines requests and never reads gets no more work done for it,
+        and the write deadline closes its connection."""
+        if not self.transport.is_closing() and self.transport.get_write_buffer_size():
+            self._answer_waiting = True
+            self.flow.pause_reading()
+            return
         super().on_response_complete()
         self._follow_request()
+
+    def pause_writing(self) -> None:
+        """The client is not taking what is sent: the write deadline starts."""
+        super().pause_writing()
+        if self._admission == "serve" and self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(
+                self.guard.limits.write_timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        """Everything sent has left; an answer held back lets the next request in."""
+        super().resume_writing()
+        self._disarm_write()
+        if self._answer_waiting:
+            self._answer_waiting = False
+            self.on_response_complete()
 
     def _unsupported_upgrade_warning(self) -> None:
         """The service has no websockets: an Upgrade header is ignored, quietly."""
@@ -225,6 +256,11 @@ class GuardedH11Protocol(H11Protocol):
             self._deadline.cancel()
             self._deadline = None
 
+    def _disarm_write(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
     def _close_quietly(self) -> None:
         self._deadline = None
         if not self.transport.is_closing():
@@ -258,6 +294,17 @@ class GuardedH11Protocol(H11Protocol):
         logger.debug("closing a connection from %s: request body not in after %s s",
                      _peer(self.client), seconds)
         self.transport.close()
+
+
+    def _write_timed_out(self) -> None:
+        self._write_deadline = None
+        if not self.transport.get_write_buffer_size():
+            return
+        seconds = self.guard.limits.write_timeout
+        self.guard.event("write_timeout")
+        logger.debug("closing a connection to %s: its answer has not left after %s s",
+                     _peer(self.client), seconds)
+        self.transport.abort()  # close() would wait for the buffer to drain, which it never does
 
 
 def protocol_for(guard: ConnectionGuard) -> type[GuardedH11Protocol]:

@@ -34,7 +34,7 @@ DROP_EVENTS = ("expired", "disconnected", "failed")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 OTHER_METHOD = "other"
 UNMATCHED_ROUTE = "unmatched"
-CONNECTION_EVENTS = ("refused", "dropped", "header_timeout", "body_timeout")
+CONNECTION_EVENTS = ("refused", "dropped", "header_timeout", "body_timeout", "write_timeout")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -93,7 +93,7 @@ class Metrics:
         self.connection_events = Counter(
             f"{prefix}_connection_events",
             "connections refused over max_connections (refused: answered 503, dropped: "
-            "closed at once) or closed by a deadline (header_timeout, body_timeout)",
+            "closed at once) or closed by a deadline (header_timeout, body_timeout, write_timeout)",
             ["event"], registry=self.registry)
 
     def batcher_hook(self, model: str, *, explain: bool = False) -> Callable[[str, int], None]:

@@ -74,12 +74,14 @@ def connection_limits(settings: Settings, share: int = 1) -> ConnectionLimits:
     fd_limit = open_file_limit()
     cap = connection_cap(max(1, settings.max_connections // share), fd_limit)
     logger.info("connections: at most %d open (max_connections %d over %d process(es), "
-                "open-file limit %s); timeouts: idle %gs, headers %gs, body %gs", cap,
-                settings.max_connections, share, fd_limit or "unlimited",
-                settings.keepalive_timeout, settings.header_timeout, settings.body_timeout)
+                "open-file limit %s); timeouts: idle %gs, headers %gs, body %gs, write %gs",
+                cap, settings.max_connections, share, fd_limit or "unlimited",
+                settings.keepalive_timeout, settings.header_timeout, settings.body_timeout,
+                settings.write_timeout)
     return ConnectionLimits(max_connections=cap, keepalive_timeout=settings.keepalive_timeout,
                             header_timeout=settings.header_timeout,
-                            body_timeout=settings.body_timeout)
+                            body_timeout=settings.body_timeout,
+                            write_timeout=settings.write_timeout)
 
 
 def server_config(app: FastAPI, settings: Settings, share: int = 1) -> uvicorn.Config:

@@ -169,6 +169,64 @@ def test_a_body_sent_byte_by_byte_is_cut_off(quick_server, path: str) -> None:
     assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
 
 
+def pipeline_unread(port: int, request: bytes, count: int) -> socket.socket:
+    """A client that sends `count` copies of `request` at once and never reads: a small
+    receive buffer and segment size, so the server's send buffers fill after a few answers
+    instead of megabytes of them."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    sock.settimeout(GIVE_UP)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request * count)
+    return sock
+
+
+def closed_by_server(sock: socket.socket, give_up: float) -> bool:
+    """Whether the server closes `sock` (an end or a reset after whatever it had sent)
+    before the monotonic time `give_up`."""
+    with contextlib.suppress(ConnectionResetError):
+        while (left := give_up - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                if not sock.recv(65536):
+                    return True
+            except TimeoutError:
+                return False
+        return False
+    return True
+
+
+def test_clients_that_pipeline_and_never_read_are_closed(
+        checkpoint_root: Path, tmp_path: Path) -> None:
+    log_path = tmp_path / "server.log"
+    proc, url, port = start_server(checkpoint_root, log_path, "--max-connections", "8",
+                                   "--write-timeout", "1")
+    asked, unread = 64, []
+    try:
+        began = time.monotonic()
+        # more sockets than the server serves, each asking for the page's script (open to
+        # all) again and again without reading a byte of the answers
+        request = b"GET /page/app.js HTTP/1.1\r\nHost: t\r\n\r\n"
+        unread += [pipeline_unread(port, request, asked) for _ in range(12)]
+        while (probe := httpx.get(f"{url}/health", timeout=10)).status_code != 200:
+            assert time.monotonic() - began < 8, f"/health still {probe.status_code}"
+            time.sleep(0.1)
+        give_up = time.monotonic() + 5
+        assert all(closed_by_server(sock, give_up) for sock in unread)
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        for sock in unread:
+            sock.close()
+        stop(proc)
+    assert metric(text, "resnet_serve_connection_events_total", event="write_timeout") >= 8
+    # an answer waiting to leave holds the next request back: few of the asked were answered
+    answered = metric(text, "resnet_serve_requests_total", route="/page/{file}",
+                      method="GET", status="200")
+    assert answered <= 8 * asked / 4, answered
+    assert "Traceback" not in log_path.read_text()
+
+
 def test_a_connection_flood_past_the_open_file_limit(
         checkpoint_root: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "server.log"

@@ -69,3 +69,90 @@ def test_the_documented_reserve_is_the_one_in_force() -> None:
     assert f"minus {FD_RESERVE}" in Settings.model_fields["max_connections"].description
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     assert f"open-file limit (`ulimit -n`) minus {FD_RESERVE}" in readme
+
+
+class StalledTransport(asyncio.Transport):
+    """A connection whose client takes nothing: every byte written stays buffered, and the
+    protocol is paused past the high-water mark it set, as asyncio's transports do."""
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.buffered = 0
+        self.high = 64 * 1024  # asyncio's default
+        self.paused = self.closing = self.aborted = False
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        self.buffered += len(data)
+        if self.buffered > self.high and not self.paused:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def drain(self) -> None:
+        """The client reads everything at last."""
+        self.buffered, self.paused = 0, False
+        self.protocol.resume_writing()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = 64 * 1024 if high is None else high
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+        asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(
+            name, default)
+
+
+async def test_an_unread_answer_holds_pipelined_requests_back_until_the_write_deadline(
+        ) -> None:
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from app.connections import protocol_for
+
+    answered: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        answered.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 1000})
+
+    events: list[str] = []
+    guard = ConnectionGuard(ConnectionLimits(4, 5.0, 10.0, 30.0, write_timeout=0.3),
+                            on_event=events.append)
+    config = uvicorn.Config(app, log_config=None, lifespan="off", proxy_headers=False)
+    protocol = protocol_for(guard)(config=config, server_state=ServerState(), app_state={})
+    transport = StalledTransport(protocol)
+    protocol.connection_made(transport)
+    protocol.data_received(b"".join(f"GET /{n} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+                                    for n in range(3)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # the first answer waits for the client to take it: the second request is not started
+    assert answered == ["/0"] and not transport.reading
+    for _ in range(2):  # the client takes the head, then the body of the first answer
+        transport.drain()
+        for _ in range(20):
+            await asyncio.sleep(0)
+    assert answered == ["/0", "/1"]
+    await asyncio.sleep(0.5)  # the second answer is never taken: the connection is cut
+    assert transport.aborted and events == ["write_timeout"]
+    assert answered == ["/0", "/1"] and guard.served == 0
