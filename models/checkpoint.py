@@ -292,8 +292,9 @@ def find_checkpoints(root: str | Path) -> list[Path]:
 
 def _holds_checkpoint(folder: Path) -> bool:
     try:
-        return folder.is_dir() and ((folder / CARD_FILE).exists()
-                                    or (folder / WEIGHTS_FILE).exists())
+        # lexists: a card that is a broken or looping symlink is listed, and its load says why
+        return folder.is_dir() and (os.path.lexists(folder / CARD_FILE)
+                                    or os.path.lexists(folder / WEIGHTS_FILE))
     except OSError:  # e.g. not searchable: listed, and loading it reports the error
         return True
 

@@ -198,3 +198,22 @@ async def test_a_checkpoint_folder_that_cannot_be_listed_changes_nothing(
         assert ok.status_code == 200  # the loaded model was neither removed nor retired
         monkeypatch.undo()
         assert (await http.post("/models/reload")).status_code == 200
+
+
+async def test_a_card_that_is_a_looping_or_broken_link_is_listed_as_failed(
+        make_checkpoint_dir, checkpoint_root: Path) -> None:
+    root = make_checkpoint_dir("colors")
+    for name, target in (("looping", "card.json"), ("dangling", "nowhere.json")):
+        (root / name).mkdir()
+        (root / name / "card.json").symlink_to(target)  # card.json -> card.json: ELOOP
+    shutil.copytree(checkpoint_root / "colors", root / "looping-with-weights")
+    (root / "looping-with-weights" / "card.json").unlink()
+    (root / "looping-with-weights" / "card.json").symlink_to("card.json")
+    async with running_app(fast_settings(root)) as (http, _app):
+        models = {m["name"]: m for m in (await http.get("/models")).json()["models"]}
+        assert models["colors"]["status"] == "loaded"
+        for name, words in (("looping", "symbolic links"), ("dangling", "missing"),
+                            ("looping-with-weights", "symbolic links")):
+            assert models[name]["status"] == "failed", models.get(name)
+            assert "card.json" in models[name]["error"], models[name]
+            assert words in models[name]["error"], models[name]
