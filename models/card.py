@@ -64,6 +64,18 @@ def _numbers_problem(what: str, value: object, *, count: int, low: float, high: 
     return None
 
 
+def is_unicode_text(value: object) -> bool:
+    """True for a string that can be written as UTF-8: no lone surrogate, which is how Python
+    spells file-name bytes that were not UTF-8 (b'caf\\xe9' becomes 'caf\\udce9')."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _classes_problem(classes: object) -> str | None:
     """Why `classes` is not a non-empty list of unique non-empty strings (None when it is)."""
     if not isinstance(classes, (list, tuple)) or not classes:
@@ -71,6 +83,10 @@ def _classes_problem(classes: object) -> str | None:
     bad = [c for c in classes if not isinstance(c, str) or not c]
     if bad:
         return f"classes must be non-empty strings, got {_shown(bad[0])} in {_shown(classes)}"
+    bad = [c for c in classes if not is_unicode_text(c)]
+    if bad:
+        return (f"classes must be Unicode text, got {_shown(bad[0])}: a name made of bytes "
+                "that are not UTF-8 cannot be sent in an answer")
     if len(set(classes)) != len(classes):
         return "classes must be unique"
     return None
@@ -209,9 +225,9 @@ class ModelCard:
 
     def _field_type_problems(self) -> list[str]:
         """Fields whose JSON type is wrong: strings, objects, the flag, the preprocessing."""
-        out = [f"{what} must be a non-empty string, got {_shown(value)}"
+        out = [f"{what} must be a non-empty string of Unicode text, got {_shown(value)}"
                for what, value in (("name", self.name), ("created_at", self.created_at))
-               if not isinstance(value, str) or not value]
+               if not is_unicode_text(value) or not value]
         out += [f"{what} must be an object, got {_shown(value)}"
                 for what, value in (("metrics", self.metrics), ("training", self.training))
                 if not isinstance(value, dict)]

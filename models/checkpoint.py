@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -187,6 +188,36 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise CheckpointError(path, f"is larger than {limit} bytes")
     return data
+
+
+def open_report(directory: str | Path, filename: str) -> BinaryIO | None:
+    """The report `filename` of a checkpoint folder opened for reading, or None unless it is
+    a regular file right in that folder: a symlink (wherever it points), a FIFO or a folder
+    of that name is never opened, so a folder from a less trusted producer cannot make the
+    server read a file outside it."""
+    if filename in ("", ".", "..") or "/" in filename or os.sep in filename:
+        return None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(Path(directory) / filename, flags)
+    except OSError:  # missing, a symlink (ELOOP), not readable
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return open(fd, "rb")
+
+
+def report_files(directory: str | Path, names: Iterable[str]) -> list[str]:
+    """Those of `names` that are regular files right in `directory` (symlinks are not)."""
+    found = []
+    for name in names:
+        try:
+            if stat.S_ISREG(os.lstat(Path(directory) / name).st_mode):
+                found.append(name)
+        except OSError:
+            continue
+    return found
 
 
 def load(directory: str | Path, *, map_location: str | torch.device = "cpu"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
@@ -9,7 +11,10 @@ from fastapi import APIRouter, Path, Request
 from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import RegistryDep
 from app.api.schemas import ModelInfo, ModelList, ReloadResponse, error_responses
+from app.card_view import public_card, sendable_text
 from app.registry import ModelEntry
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[API_KEY_REQUIRED])
 
@@ -18,11 +23,23 @@ RELOAD_WAIT_SECONDS = 600.0  # longest wait for the other workers' rescans
 
 
 def _info(entry: ModelEntry) -> ModelInfo:
-    return ModelInfo(
-        name=entry.name, status=entry.status, error=entry.error,  # type: ignore[arg-type]
+    """The entry as listed; a card that cannot be sent as JSON is left out with a note, so
+    one odd card never fails the listing of every model."""
+    info = ModelInfo(
+        name=sendable_text(entry.name), status=entry.status,  # type: ignore[arg-type]
+        error=sendable_text(entry.error) if entry.error else None,
         loaded_at=entry.served.loaded_at if entry.served else None,
         backend=entry.served.predictor.backend if entry.served else None,  # type: ignore[arg-type]
-        card=entry.card.to_dict() if entry.card else None)
+        card=public_card(entry.card) if entry.card else None)
+    try:  # what the JSON response will do with it
+        json.dumps(info.model_dump(mode="json"), ensure_ascii=False, allow_nan=False
+                   ).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:
+        logger.warning("model %s: its card cannot be sent as JSON (%s); listed without it",
+                       info.name, type(exc).__name__)
+        note = "its card cannot be sent as JSON and is left out"
+        info.card, info.error = None, f"{info.error}; {note}" if info.error else note
+    return info
 
 
 @router.get("", response_model=ModelList, responses=error_responses(401, 503))

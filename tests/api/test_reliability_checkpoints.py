@@ -46,6 +46,9 @@ BROKEN: dict[str, tuple] = {
     "crop-true": (with_field("preprocessing.crop", "true"), None, "card.json",
                   "preprocessing.crop"),
     "name-number": (with_field("name", "42"), None, "card.json", "name must be"),
+    # a class folder named in Latin-1 (b"caf\xe9"), as Python reads it: a lone surrogate
+    "classes-latin1": (with_field("classes", '["red", "caf\\udce9", "blue"]'), None,
+                       "card.json", "classes must be Unicode text"),
     "huge-card": (lambda card: json.dumps(card) + " " * checkpoint.MAX_CARD_BYTES, None,
                   "card.json", "larger than"),
     "nan-weights": (None, spoil_weights(float("nan")), "model.safetensors", "NaN or infinite"),
@@ -198,6 +201,78 @@ async def test_a_checkpoint_folder_that_cannot_be_listed_changes_nothing(
         assert ok.status_code == 200  # the loaded model was neither removed nor retired
         monkeypatch.undo()
         assert (await http.post("/models/reload")).status_code == 200
+
+
+async def test_text_no_answer_can_carry_breaks_no_listing(
+        make_checkpoint_dir, checkpoint_root: Path) -> None:
+    root = make_checkpoint_dir("colors", "tags")
+    card = json.loads((root / "tags" / "card.json").read_text())
+    card["metrics"] = {"note": "caf\udce9"}  # loads: no class name, nothing served, holds it
+    card["training"] = {"config": {"data": "/data/caf\udce9"}}
+    (root / "tags" / "card.json").write_text(json.dumps(card))  # "\udce9" escaped in JSON
+    plant(root, checkpoint_root / "colors", ["classes-latin1"])
+    async with running_app(fast_settings(root, default_model="colors")) as (http, _app):
+        listing = await http.get("/models")
+        assert listing.status_code == 200, listing.text
+        models = {m["name"]: m for m in listing.json()["models"]}
+        assert models["colors"]["status"] == "loaded" and models["tags"]["status"] == "loaded"
+        assert models["tags"]["card"]["metrics"] == {"note": "caf\\udce9"}
+        assert_listed_as_failed(models, ["classes-latin1"])
+        for name in ("colors", "tags", "classes-latin1"):
+            assert (await http.get(f"/models/{name}")).status_code == 200
+        assert (await http.get("/ready")).json()["models"] == ["colors", "tags"]
+        ok = await http.post("/predict", files={"file": ("g.jpg", jpeg("green"))})
+        assert ok.status_code == 200
+
+
+async def test_report_figures_are_never_read_through_a_link(
+        make_checkpoint_dir, tmp_path: Path) -> None:
+    root = make_checkpoint_dir("colors")
+    folder = root / "colors"
+    figure = b"\x89PNG\r\n\x1a\n" + b"real figure"
+    (folder / "curves.png").write_bytes(figure)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (folder / "calibration.png").symlink_to(secret)  # a file outside the checkpoint
+    (folder / "pr_curves.png").symlink_to(folder / "card.json")  # a file inside it, linked
+    (folder / "confusion_matrix.png").symlink_to("/etc/passwd")
+    async with running_app(fast_settings(root)) as (http, _app):
+        listed = await http.get("/models/colors/reports")
+        assert listed.json() == {"reports": ["curves.png"]}
+        for name in ("calibration.png", "pr_curves.png", "confusion_matrix.png"):
+            r = await http.get(f"/models/colors/reports/{name}")
+            assert r.status_code == 404, (name, r.text[:200])
+            assert b"root:" not in r.content and b"format_version" not in r.content
+        ok = await http.get("/models/colors/reports/curves.png")
+        assert ok.status_code == 200 and ok.content == figure
+        assert ok.headers["content-type"] == "image/png"
+        assert ok.headers["content-length"] == str(len(figure))
+        assert ok.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_cards_show_no_local_data_paths(make_checkpoint_dir) -> None:
+    root = make_checkpoint_dir("colors")
+    card = json.loads((root / "colors" / "card.json").read_text())
+    card["training"] = {
+        "config": {"data": "/home/alice/datasets/pets", "output": "/home/alice/runs/pets-r50",
+                   "val": "C:\\Users\\bob\\val-pets", "weights": "imagenet", "resume": None},
+        "dataset": {"root": "/home/alice/datasets/pets", "train": 10, "val": 2,
+                    "skipped": {"examples": ["cat/1.jpg"]}},
+        "split": {"source": "--val /srv/private/val-pets", "sha256": "ab" * 32},
+    }
+    (root / "colors" / "card.json").write_text(json.dumps(card))
+    async with running_app(fast_settings(root)) as (http, _app):
+        for path in ("/models", "/models/colors"):
+            r = await http.get(path)
+            assert r.status_code == 200
+            for private in ("alice", "bob", "/srv", "private", "Users"):
+                assert private not in r.text, (path, private)
+        training = (await http.get("/models/colors")).json()["card"]["training"]
+        assert training["config"] == {"data": "pets", "output": "pets-r50", "val": "val-pets",
+                                      "weights": "imagenet", "resume": None}
+        assert training["dataset"]["root"] == "pets"
+        assert training["dataset"]["skipped"] == {"examples": ["cat/1.jpg"]}
+        assert training["split"]["source"] == "--val val-pets"
 
 
 async def test_a_card_that_is_a_looping_or_broken_link_is_listed_as_failed(
