@@ -26,6 +26,8 @@ from typing import Any, Literal
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from app.http_framing import StrictFraming
+
 logger = logging.getLogger(__name__)
 
 # asyncio accepts up to its `backlog` connections per loop iteration before any protocol
@@ -144,9 +146,13 @@ class GuardedH11Protocol(H11Protocol):
     """
 
     guard: ConnectionGuard
+    conn: StrictFraming
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        event_limit = self.config.h11_max_incomplete_event_size
+        self.conn = (StrictFraming(h11.SERVER) if event_limit is None
+                     else StrictFraming(h11.SERVER, event_limit))
         self._admission: Admission | None = None
         self._phase: Phase = "idle"
         self._deadline: asyncio.TimerHandle | None = None
@@ -216,6 +222,12 @@ class GuardedH11Protocol(H11Protocol):
         if self._answer_waiting:
             self._answer_waiting = False
             self.on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 or `StrictFraming` refused: the service's JSON 400, then close."""
+        detail = self.conn.refusal or "the request is not valid HTTP/1.1"
+        self.transport.write(error_bytes(400, detail, uuid.uuid4().hex))
+        self.transport.close()
 
     def _unsupported_upgrade_warning(self) -> None:
         """The service has no websockets: an Upgrade header is ignored, quietly."""
@@ -317,7 +329,8 @@ def error_bytes(status: int, detail: str, request_id: str,
     """A whole HTTP/1.1 error response in the service's JSON shape, closing the connection."""
     body = json.dumps({"detail": detail, "request_id": request_id}, separators=(",", ":")).encode()
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-            "content-type: application/json", f"content-length: {len(body)}",
+            "content-type: application/json", "x-content-type-options: nosniff",
+            f"content-length: {len(body)}",
             f"x-request-id: {request_id}", "connection: close", *extra_headers]
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 

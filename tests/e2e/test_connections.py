@@ -169,6 +169,36 @@ def test_a_body_sent_byte_by_byte_is_cut_off(quick_server, path: str) -> None:
     assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
 
 
+SMUGGLED = b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+@pytest.mark.parametrize(("request_bytes", "reason"), [
+    # framed by Transfer-Encoding, the smuggled request follows the empty chunked body; a
+    # proxy framing by Content-Length would have sent it as part of this one's body
+    (b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: " + str(5 + len(SMUGGLED)).encode()
+     + b"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+     "both Content-Length and Transfer-Encoding"),
+    (b"GET /health HTTP/1.1\nHost: t\n\n" + SMUGGLED, "bare LF"),
+    (b"GET /health HTTP/1.1\r\nHost: t\r\nX-A: b\nX-B: c\r\n\r\n" + SMUGGLED, "bare LF"),
+])
+def test_ambiguous_framing_gets_400_and_the_connection_closes(
+        quick_server, request_bytes: bytes, reason: str) -> None:
+    url, port, log_path = quick_server
+    with connect(port) as sock:
+        sock.sendall(request_bytes)
+        answer = read_until_closed(sock)
+    assert reason in json_error(answer, 400)["detail"]
+    assert answer.count(b"HTTP/1.1 ") == 1  # the request after it was never read
+    assert b"\r\nx-content-type-options: nosniff\r\n" in answer
+    with connect(port) as sock:  # a pipelined request is checked when its turn comes
+        sock.sendall(SMUGGLED + b"GET /health HTTP/1.1\nHost: t\n\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 2
+    assert b"HTTP/1.1 400 " in answer and b"bare LF" in answer
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    assert "Traceback" not in log_path.read_text()
+
+
 def pipeline_unread(port: int, request: bytes, count: int) -> socket.socket:
     """A client that sends `count` copies of `request` at once and never reads: a small
     receive buffer and segment size, so the server's send buffers fill after a few answers
