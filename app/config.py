@@ -48,8 +48,19 @@ class Settings(BaseSettings):
         Path("checkpoints"), description="folder of checkpoints (one subfolder per model)")
     default_model: str | None = Field(
         None, description="model used when a request names none (default: the only one)")
+    max_models: int = Field(
+        0, ge=0, le=100_000,
+        description="most models loaded at once in each server process (each costs its "
+        "weights plus warm-up buffers in memory, about 70 MB for a resnet18 on the CPU); "
+        "checkpoints beyond it are listed as failed with the reason, the default model and "
+        "then names in order loading first (0: no limit)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="proxies whose X-Forwarded-For and X-Forwarded-Proto headers are "
+        "believed: IP addresses or networks such as 10.0.0.0/8, comma-separated, or * for "
+        "any peer (empty: none; the headers are ignored and logs show the peer's address)")
     workers: int = Field(
         0, ge=0, le=64,
         description="server processes sharing the port, each decoding and batching its own "

@@ -18,6 +18,7 @@ from app.exceptions import (
     UnknownModelError,
 )
 from app.imaging import ImageDecoder
+from app.memory import release_memory
 from app.metrics import Metrics
 from app.model_loader import ModelLoader
 from app.served_model import ServedModel
@@ -161,6 +162,8 @@ class ModelRegistry:
                 raise CheckpointFolderError(
                     f"rescan skipped, the models loaded keep serving: {exc}") from None
             named = [(*model_name(path.name), path) for path in paths]
+            # under --max-models the default model takes its place first, then names in order
+            named.sort(key=lambda found: found[0] != self.settings.default_model)
             retired = await self._load_each(named, report)
             if not self.closing:
                 gone = set(self._entries) - {entry_name for entry_name, _, _ in named}
@@ -169,8 +172,11 @@ class ModelRegistry:
             self.metrics.reloads.inc()
         logger.info("models: loaded %s, unchanged %s, removed %s, failed %s",
                     report.loaded, report.unchanged, report.removed, sorted(report.failed))
-        await asyncio.gather(*(s.retire(self.settings.request_timeout) for s in retired))
-        self._retiring.difference_update(retired)
+        if retired:
+            await asyncio.gather(*(s.retire(self.settings.request_timeout) for s in retired))
+            self._retiring.difference_update(retired)
+            retired.clear()  # the last references: their memory goes back to the OS now
+            await asyncio.to_thread(release_memory)
         return report
 
     async def _load_each(self, named: list[tuple[str, str | None, Path]],
@@ -186,8 +192,12 @@ class ModelRegistry:
                 if self.closing:  # close() stops whatever has been published so far
                     break
                 old = self._entries.get(name)
-                entry = (self._refused(name, path, problem, old, report) if problem
-                         else await self._refresh(path, old, report))
+                if problem:
+                    entry = self._refused(name, path, problem, old, report)
+                elif self._over_cap(old, named):
+                    entry = await self._not_loaded(name, path, report)
+                else:
+                    entry = await self._refresh(path, old, report)
                 retired += self._publish(entry)
         finally:
             for name in self.loading_names():  # never reached: shutting down or cancelled
@@ -216,6 +226,27 @@ class ModelRegistry:
         self.metrics.forget_model(name)
         self._retiring.add(old.served)
         return [old.served]
+
+    def _over_cap(self, old: ModelEntry | None,
+                  named: list[tuple[str, str | None, Path]]) -> bool:
+        """True when loading this checkpoint would pass --max-models (a new version of a
+        model serving now always loads: it takes its old version's place)."""
+        cap = self.settings.max_models
+        if not cap or (old is not None and old.served is not None):
+            return False
+        present = {name for name, _, _ in named}  # those gone are removed after this scan
+        return len([n for n in self.loaded_names() if n in present]) >= cap
+
+    async def _not_loaded(self, name: str, path: Path, report: ReloadReport) -> ModelEntry:
+        """The entry of a checkpoint left out by --max-models (tried again at each rescan)."""
+        serving = [n for n in self.loaded_names() if n != name]
+        error = (f"not loaded: max_models is {self.settings.max_models} and that many models "
+                 f"are loaded ({', '.join(serving)}); raise --max-models "
+                 "(RESNET_SERVE_MAX_MODELS) or remove a checkpoint folder, then reload")
+        logger.warning("model %s %s", name, error)
+        report.failed[name] = error
+        card = await asyncio.to_thread(_try_card, path)
+        return ModelEntry(name, path, (), card=card, error=error)
 
     @staticmethod
     def _refused(name: str, path: Path, problem: str, old: ModelEntry | None,

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,3 +278,51 @@ async def test_sighup_during_the_first_load_then_shutdown_ends_cleanly(
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "sighup-reload"]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+async def test_max_models_leaves_the_checkpoints_past_it_not_loaded(
+        make_checkpoint_dir) -> None:
+    root = make_checkpoint_dir("colors", "tags")
+    shutil.copytree(root / "colors", root / "colors-2")
+    settings = fast_settings(root, max_models=2, default_model="tags")
+    async with running_app(settings) as (http, _app):
+        models = {m["name"]: m for m in (await http.get("/models")).json()["models"]}
+        # the default model first, then names in order
+        assert {n: m["status"] for n, m in models.items()} == {
+            "colors": "loaded", "tags": "loaded", "colors-2": "failed"}
+        assert "max_models is 2" in models["colors-2"]["error"]
+        assert "--max-models" in models["colors-2"]["error"]
+        assert models["colors-2"]["card"]["name"] == "colors"  # what it is, still shown
+        for name in ("colors", "tags"):
+            ok = await http.post("/predict", params={"model": name},
+                                 files={"file": ("r.jpg", jpeg("red"))})
+            assert ok.status_code == 200
+        left_out = await http.post("/predict", params={"model": "colors-2"},
+                                   files={"file": ("r.jpg", jpeg("red"))})
+        assert left_out.status_code == 404
+        shutil.rmtree(root / "colors")  # its place goes to the one left out
+        report = (await http.post("/models/reload")).json()
+        assert report["loaded"] == ["colors-2"] and report["removed"] == ["colors"]
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGESIZE") / 1e6
+
+
+async def test_a_removed_models_memory_is_given_back(make_checkpoint_dir) -> None:
+    root = make_checkpoint_dir("colors")
+    copies = [f"copy-{n}" for n in range(3)]
+    for name in copies:
+        shutil.copytree(root / "colors", root / name)
+    async with running_app(fast_settings(root, default_model="colors")) as (http, app):
+        predictors = [weakref.ref(app.state.registry.get(n).predictor) for n in copies]
+        loaded = resident_mb()
+        for name in copies:
+            shutil.rmtree(root / name)
+        report = (await http.post("/models/reload")).json()
+        assert report["removed"] == copies
+        # no gc.collect() here: the reload collects the retired models and trims the heap
+        assert [ref() for ref in predictors] == [None] * len(copies)
+        given_back = loaded - resident_mb()
+        assert given_back > 30 * len(copies), f"{given_back:.0f} MB given back"  # ~45 each
