@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -11,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.decode_box import BoxLimits
 from models.backend_names import Backend
 
 ENV_PREFIX = "RESNET_SERVE_"
@@ -36,6 +38,29 @@ def available_cpus() -> int:
 
 def _default_decode_workers() -> int:
     return max(1, min(4, available_cpus()))
+
+
+def read_key_file(path: Path) -> list[SecretStr]:
+    """The API keys in `path`, one a line; a problem is named by its line, never shown."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ValueError(f"cannot read the API key file {str(path)!r}: {reason}") from None
+    keys = []
+    for number, line in enumerate(lines, start=1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if not API_KEY_PATTERN.fullmatch(key):
+            raise ValueError(f"line {number} of the API key file {str(path)!r} holds a space "
+                             "or a character outside visible ASCII; HTTP headers cannot carry "
+                             "it reliably")
+        keys.append(SecretStr(key))
+    if not keys:
+        raise ValueError(f"the API key file {str(path)!r} holds no key; leave it out to "
+                         "serve without keys")
+    return keys
 
 
 class Settings(BaseSettings):
@@ -109,17 +134,32 @@ class Settings(BaseSettings):
         20 * 1024 * 1024, ge=1, description="largest request body in bytes (413 beyond)")
     max_images_per_request: int = Field(
         32, ge=1, description="most images in one request (413 beyond)")
+    parse_processes: int = Field(
+        2, ge=1, le=64,
+        description="processes per server process that parse large Open Inference Protocol "
+        "JSON bodies, so that parsing never stalls the other requests (each about 60 MB "
+        "while in use; started on the first such body)")
     max_pixels: int = Field(
         40_000_000, ge=1, description="most pixels in one decoded image (413 beyond)")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="accepted API keys (comma-separated in the environment); empty: no auth")
+    api_key_file: Path | None = Field(
+        None, description="a file of accepted API keys, one a line (blank lines and lines "
+        "starting with # are skipped), added to api_keys; unlike --api-key, the keys do not "
+        "show in the process list")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="lowest level logged")
     decode_workers: int = Field(
         default_factory=_default_decode_workers, ge=1, le=256,
-        description="threads decoding and resizing uploads (default: min(4, CPUs))")
+        description="decode processes per server process, each decoding and resizing one "
+        "upload at a time under the memory limit below (default: min(4, CPUs))")
+    decode_memory_mb: int = Field(
+        512, ge=64, le=1_048_576,
+        description="memory one decode process may use beyond its idle footprint, in MiB; an "
+        "image that needs more gets 413 (with the default 4 processes at most 2 GiB, "
+        "only while four such images decode at once)")
     gpu_decode: Literal["auto", "on", "off"] = Field(
         "auto", description="decode JPEG uploads on the models' device (nvJPEG on CUDA), "
         "other images on the decode threads: auto = on CUDA only; on = on whatever device "
@@ -138,7 +178,7 @@ class Settings(BaseSettings):
         30.0, gt=0.0, le=3600.0,
         description="seconds to finish in-flight requests on shutdown before giving up")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -157,6 +197,25 @@ class Settings(BaseSettings):
                     "ASCII (letters, digits, punctuation); HTTP headers cannot carry it "
                     "reliably, so no request could ever match it")
         return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry[:64]!r} in forwarded_allow_ips is neither an IP "
+                                 "address, a network (such as 10.0.0.0/8) nor *") from None
+        return value
+
+    @model_validator(mode="after")
+    def _keys_from_file(self) -> Settings:
+        if self.api_key_file is not None:
+            self.api_keys = [*self.api_keys, *read_key_file(self.api_key_file)]
+        return self
 
     @field_validator("default_model")
     @classmethod
@@ -189,6 +248,11 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def decode_limits(self) -> BoxLimits:
+        """What one decode may spend: `decode_memory_mb`, and CPU up to the request timeout."""
+        return BoxLimits(memory_bytes=self.decode_memory_mb << 20,
+                         cpu_seconds=self.request_timeout + 1.0)
 
     def api_key_values(self) -> list[bytes]:
         """The configured keys as bytes, for constant-time comparison."""

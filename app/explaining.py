@@ -21,7 +21,7 @@ from app.config import Settings
 from app.imaging import DecodedImage, ImageDecoder, Upload
 from models.cam import Explainer, Explanation
 from models.heatmap import heatmap_png
-from models.preprocessing import Transform
+from models.preprocessing import EvalCrop
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,13 @@ class ExplainQueue:
     """One model's explain batcher and the steps around it."""
 
     def __init__(self, explainer: Explainer, *, name: str, decoder: ImageDecoder,
-                 transform: Transform, settings: Settings,
+                 crop: EvalCrop, settings: Settings,
                  compute: ComputeThread | None = None,
                  on_event: EventHook | None = None) -> None:
         self.explainer = explainer
         self.classes = explainer.card.classes
         self._decoder = decoder
-        self._transform = transform
-        self._resize = explainer.card.preprocessing.resize
+        self._crop = crop
         self.batcher = DynamicBatcher(
             explainer.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
@@ -67,8 +66,7 @@ class ExplainQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         with self.batcher.reserve(len(uploads)):
-            images = await self._decoder.decode(uploads, self._transform,
-                                                target_size=self._resize, timeout=timeout)
+            images = await self._decoder.decode(uploads, self._crop, timeout=timeout)
         found = await self.batcher.submit([(image.pixels, class_index) for image in images],
                                           timeout=max(1e-3, deadline - loop.time()))
         # PNG encoding takes milliseconds per image: off the event loop

@@ -33,6 +33,9 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
+DECODE_START_TIMEOUT = 60  # seconds a model waits for the decode processes before serving
+
+
 class ModelLoader:
     """Builds served models with the service's settings, device, decoder and compute thread."""
 
@@ -64,6 +67,9 @@ class ModelLoader:
         except ModelOutputError as exc:
             raise checkpoint.CheckpointError(path / checkpoint.WEIGHTS_FILE,
                                              f"failed warm-up: {exc}") from exc
+        if not self.decoder.wait_started(DECODE_START_TIMEOUT):
+            logger.warning("the decode processes have not started after %d s; requests wait "
+                           "for them", DECODE_START_TIMEOUT)
         logger.info("model %s loaded from %s (%s, %s, %d classes) on %s, %s, %s", name, path,
                     card.arch, card.task, card.num_classes, self.accelerator.describe(),
                     self.accelerator.precision_name, predictor.backend)

@@ -34,7 +34,7 @@ from models.card import ModelCard
 from models.device_decode import DeviceJpegDecoder
 from models.pixels import crops_from_channels_last, crops_from_normalized
 from models.predict import ImageResult, Predictor
-from models.preprocessing import Transform, eval_transform
+from models.preprocessing import EvalCrop
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ServedModel:
         self.name = name
         self.card = card
         self.predictor = predictor
-        self.transform: Transform = eval_transform(card.preprocessing)
+        self.crop = EvalCrop(card.preprocessing)  # what the decode processes run
         self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._decoder = decoder
         self.device_decoder = device_decoder  # None: every image on the decode threads
@@ -74,7 +74,7 @@ class ServedModel:
             on_event=on_event, compute=compute, bound=queue_bound)
         # POST /explain: a batcher of its own on the same compute thread (app.explaining)
         self.explaining = None if explainer is None else ExplainQueue(
-            explainer, name=name, decoder=decoder, transform=self.transform,
+            explainer, name=name, decoder=decoder, crop=self.crop,
             settings=settings, compute=compute, on_event=on_explain_event)
 
     def start(self) -> None:
@@ -103,8 +103,7 @@ class ServedModel:
         deadline = loop.time() + timeout
         with self.batcher.reserve(len(uploads)):  # admission before any decoding is spent
             images = await self._decoder.decode(
-                uploads, self.transform, target_size=self.card.preprocessing.resize,
-                timeout=timeout,  # the request's deadline covers decoding too
+                uploads, self.crop, timeout=timeout,  # the deadline covers decoding too
                 on_device=self.device_decoder)
         rows = await self.batcher.submit([image.pixels for image in images],
                                          timeout=max(1e-3, deadline - loop.time()))
@@ -122,8 +121,7 @@ class ServedModel:
         deadline = loop.time() + timeout
         with self.batcher.reserve(len(uploads)):
             images = await self._decoder.decode(
-                uploads, self.transform, target_size=self.card.preprocessing.resize,
-                timeout=timeout, on_device=self.device_decoder)
+                uploads, self.crop, timeout=timeout, on_device=self.device_decoder)
         return await self._score_crops([image.pixels for image in images],
                                        timeout=max(1e-3, deadline - loop.time()))
 

@@ -38,6 +38,16 @@ class ImageTooLargeError(ValueError):
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
 _DRAFT_FORMATS = ("JPEG", "MPO")  # may be decoded at a reduced scale
 _REDUCED_SCALES = (2, 4, 8)  # the scales libjpeg decodes at
+# libjpeg decodes a progressive JPEG scan by scan over a full-size coefficient buffer, each
+# scan a pass over the whole frame; encoders write about 10 (libjpeg's script) to 20. A file of
+# thousands of tiny scans costs minutes of CPU, so more than this is refused unread.
+MAX_JPEG_SCANS = 100
+# and each scan is a pass over the frame: scans x pixels may be at most this many passes over
+# a frame of the whole pixel budget (a 12 MP photo of 10 scans is 0.3% of it at 40 MP)
+MAX_PROGRESSIVE_PASSES = 32
+_START_OF_SCAN = b"\xff\xda"
+_TIFF_TILE_TAGS = (322, 323)  # TileWidth, TileLength
+_TIFF_ROWS_PER_STRIP = 278
 _ICO_MAGIC = b"\x00\x00\x01\x00"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -85,6 +95,10 @@ def _open_within(source: BinaryIO, head: bytes, whole: Callable[[], bytes], *,
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(source, formats=ACCEPTED_FORMATS)
     width, height = img.size
+    if img.format in _DRAFT_FORMATS and img.info.get("progressive"):
+        _check_progressive(img.size, whole(), max_pixels)
+    elif img.format == "TIFF":
+        _check_tiff_blocks(img, max_pixels)
     scale = 1
     if width * height > max_pixels and shrink_to_fit and img.format in _DRAFT_FORMATS:
         scale = next((s for s in _REDUCED_SCALES
@@ -95,6 +109,88 @@ def _open_within(source: BinaryIO, head: bytes, whole: Callable[[], bytes], *,
         img.draft(None, (width // scale, height // scale))
     _check_pixels(img.size, max_pixels)
     return img
+
+
+def _check_progressive(size: tuple[int, int], data: bytes, max_pixels: int) -> None:
+    """A progressive JPEG is decoded over its full frame whatever the draft scale, so the
+    full frame must fit the budget, and its scans are counted."""
+    _check_pixels(size, max_pixels)
+    scans = jpeg_scan_count(data)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageTooLargeError(f"progressive JPEG with {scans:,} scans, over the limit of "
+                                 f"{MAX_JPEG_SCANS}")
+    if scans * size[0] * size[1] > MAX_PROGRESSIVE_PASSES * max_pixels:
+        raise ImageTooLargeError(
+            f"progressive JPEG of {size[0]}x{size[1]} pixels in {scans} scans: decoding it "
+            f"would pass over more than {MAX_PROGRESSIVE_PASSES} x the pixel limit of "
+            f"{max_pixels:,}")
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """The number of scans (SOS markers) in the first image of a JPEG stream.
+
+    Counting the marker's two bytes anywhere is exact for the entropy-coded data (a 0xFF
+    there is always followed by a stuffed zero) and only over-counts bytes inside metadata
+    segments; the segments are walked only when that quick count is over the limit.
+    """
+    if data.count(_START_OF_SCAN) <= MAX_JPEG_SCANS:
+        return data.count(_START_OF_SCAN)
+    scans, pos = 0, 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI: the end of the first image (an MPO's others follow)
+            break
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):
+            pos += 1 if marker == 0xFF else 2  # fill byte, restart, stuffed byte, TEM
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 + length
+        if marker == 0xDA:
+            scans += 1
+            pos = _end_of_entropy_data(data, pos)
+    return scans
+
+
+def _end_of_entropy_data(data: bytes, pos: int) -> int:
+    """The position of the first marker after a scan's entropy-coded data."""
+    while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < len(data):
+        follower = data[pos + 1]
+        if follower != 0x00 and not 0xD0 <= follower <= 0xD7 and follower != 0xFF:
+            return pos
+        pos += 1 if follower == 0xFF else 2
+    return len(data)
+
+
+def _check_tiff_blocks(img: Image.Image, max_pixels: int) -> None:
+    """libtiff inflates a whole tile (or strip) before cropping it to the image: a tiny TIFF
+    may declare one tile far larger than itself, so its blocks count against the budget."""
+    tags = getattr(img, "tag_v2", {})
+    width, height = img.size
+    tile_width, tile_length = (tags.get(tag) for tag in _TIFF_TILE_TAGS)
+    if tile_width is not None or tile_length is not None:
+        block = (_tag_int(tile_width, width), _tag_int(tile_length, height))
+        kind = "tile"
+    else:
+        rows = _tag_int(tags.get(_TIFF_ROWS_PER_STRIP), height)
+        block, kind = (width, min(rows, max(height, 1))), "strip"
+    if block[0] * block[1] > max_pixels:
+        raise ImageTooLargeError(
+            f"TIFF {kind} of {block[0]}x{block[1]} = {block[0] * block[1]:,} pixels, over the "
+            f"limit of {max_pixels:,}")
+
+
+def _tag_int(value: object, default: int) -> int:
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    try:
+        return int(value) if value is not None else default  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ImageDecodeError(f"TIFF tag value {value!r} is not an integer") from None
 
 
 def reduced_scale(width: int, height: int, target_size: int) -> int:

@@ -8,15 +8,19 @@ device (`Normalize`), which keeps host-to-device copies four times smaller.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from models import decoding
 from models.card import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -99,6 +103,36 @@ def eval_transform(pre: Preprocessing) -> Transform:
         ResizeCenterCrop(pre.resize, pre.crop, pre.interpolation),
         T.PILToTensor(),
     ])
+
+
+@dataclass(frozen=True)
+class EvalCrop:
+    """Image bytes -> the eval crop a model sees, as uint8 HWC pixels: decoding within a pixel
+    budget, then `eval_transform`'s resize and centre crop. Plain values, so it can be sent to
+    the process that runs it (app.decode_box)."""
+
+    preprocessing: Preprocessing
+
+    @property
+    def output_bytes(self) -> int:
+        """The size of the crop it answers."""
+        return 3 * self.preprocessing.crop ** 2
+
+    def __call__(self, data: bytes, max_pixels: int) -> np.ndarray:
+        pre = self.preprocessing
+        image = decoding.decode(data, max_pixels=max_pixels, target_size=pre.resize)
+        crop = _resize_center_crop(pre.resize, pre.crop, pre.interpolation)(image)
+        return np.asarray(crop.convert("RGB") if crop.mode != "RGB" else crop)
+
+
+@functools.lru_cache(maxsize=16)
+def _resize_center_crop(resize: int, crop: int, interpolation: str) -> ResizeCenterCrop:
+    return ResizeCenterCrop(resize, crop, interpolation)
+
+
+def crop_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 HWC pixels -> the uint8 CHW tensor `eval_transform` gives (a view of a copy)."""
+    return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)
 
 
 def train_transform(pre: Preprocessing, *, min_scale: float = 0.08, hflip: bool = True,

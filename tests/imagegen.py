@@ -106,3 +106,54 @@ def ico_embedding(png: bytes, *, listed_size: int = 16) -> bytes:
 def icon(size: int = 32, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
     """A real ICO file as Pillow writes it."""
     return _save(Image.new("RGB", (size, size), color), "ICO", sizes=[(size, size)])
+
+
+def progressive_frame_bomb(width: int = 13_000, height: int = 13_000) -> bytes:
+    """A few hundred bytes of progressive JPEG whose frame claims `width` x `height`: libjpeg
+    allocates the full-size coefficient buffer before it finds the data missing."""
+    data = _save(Image.new("RGB", (16, 16), (200, 40, 40)), "JPEG", progressive=True)
+    sof = data.index(b"\xff\xc2")
+    patched = data[:sof + 5] + struct.pack(">HH", height, width) + data[sof + 9:]
+    return patched[:patched.index(b"\xff\xda") + 40]  # the first scan's header and a little
+
+
+def many_scans_jpeg(scans: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    """A progressive JPEG of a flat image whose last scan is repeated until it has `scans`
+    scans (each one more pass of the decoder over the whole frame; libjpeg warns, goes on)."""
+    data = _save(Image.new("RGB", size, (200, 40, 40)), "JPEG", progressive=True)
+    last = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    present = data.count(b"\xff\xda")
+    return data[:end] + data[last:end] * max(0, scans - present) + data[end:]
+
+
+def tiff_tile_bomb(tile: int = 32_768) -> bytes:
+    """An 8x8 deflate TIFF whose one tile claims `tile` x `tile` pixels: libtiff inflates the
+    whole tile before cropping it to the image."""
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((8, 8, 3), np.uint8), tile=(16, 16), compression="zlib",
+                     photometric="rgb")
+    data = bytearray(buf.getvalue())
+    for tag in (322, 323):  # TileWidth, TileLength: patched in the IFD entry, in place
+        entry = _tiff_entry(bytes(data), tag)
+        kind = struct.unpack_from("<H", data, entry + 2)[0]
+        struct.pack_into("<H" if kind == 3 else "<I", data, entry + 8, tile)
+    return bytes(data)
+
+
+def _tiff_entry(data: bytes, tag: int) -> int:
+    """The offset of `tag`'s entry in a little-endian TIFF's first IFD."""
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == tag:
+            return entry
+    raise ValueError(f"no tag {tag}")
+
+
+def rgba_png_within_budget(width: int = 6_000, height: int = 6_000) -> bytes:
+    """A PNG of a few tens of kB that is within a 40 MP budget, yet decoding it and making
+    it RGB (alpha composited over white) takes about 15 bytes per pixel."""
+    return _save(Image.new("RGBA", (width, height), (200, 40, 40, 128)), "PNG", optimize=True)

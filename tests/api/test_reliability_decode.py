@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,17 +13,16 @@ import pytest_asyncio
 from PIL import Image
 
 from tests.api.test_reliability_inputs import assert_error, assert_healthy
-from tests.imagegen import ico_embedding, icon, png_bomb, strip_png
+from tests.decode_gate import HEAVY, Gate
+from tests.imagegen import ico_embedding, icon, png_bomb, rgba_png_within_budget, strip_png
 from tests.serving_helpers import fast_settings, png, running_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-HEAVY = (64, 64)  # uploads of this size stand for slow decodes while the gate is closed
-
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def served(checkpoint_root: Path) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
-    """The colour model, two decode threads, a 1.5 s request timeout."""
+    """The colour model, two decode processes, a 1.5 s request timeout."""
     settings = fast_settings(checkpoint_root, default_model="colors", decode_workers=2,
                              request_timeout=1.5, max_pixels=40_000_000,
                              max_upload_bytes=2_000_000)
@@ -58,46 +56,38 @@ async def test_formats_outside_the_accepted_list_are_400_naming_them(served) -> 
                  400, "app.icns", "accepted: JPEG, PNG")
 
 
-async def test_slow_decodes_get_504_at_the_deadline_and_do_not_starve_others(served) -> None:
+async def test_slow_decodes_get_504_at_the_deadline_and_do_not_starve_others(
+        served, tmp_path: Path) -> None:
     http, app = served
     model = app.state.registry.get("colors")
-    real, release, started = model.transform, threading.Event(), []
-
-    def gated(image: Image.Image):
-        started.append(image.size)
-        if image.size == HEAVY:
-            release.wait(30)
-        return real(image)
-
-    model.transform = gated
+    real, gate = model.crop, Gate(tmp_path, model.crop)
+    model.crop = gate.recipe
     try:
         heavy = [("file", (f"h{i}.png", png("red", seed=i, size=HEAVY))) for i in range(4)]
         slow = asyncio.ensure_future(http.post("/predict", files=heavy))
-        while HEAVY not in started:
+        while not gate.heavy_started():
             await asyncio.sleep(0.01)
         quick = await http.post("/predict", files={"file": ("q.png", png("blue"))})
         assert quick.status_code == 200, quick.text
         assert quick.json()["results"][0]["predictions"][0]["label"] == "blue"
         assert_error(await slow, 504, "decoding")
-        assert started.count(HEAVY) == 1  # its share of one thread; the rest never started
+        assert gate.heavy_started() == 1  # its share of one process; the rest never started
     finally:
-        release.set()
-        model.transform = real
+        gate.release()
+        model.crop = real
 
 
-async def test_running_out_of_memory_while_decoding_fails_only_that_request(served) -> None:
-    http, app = served
-    model = app.state.registry.get("colors")
-    real = model.transform
-
-    def exhausted(image: Image.Image):
-        raise MemoryError()
-
-    model.transform = exhausted
-    try:
-        r = await http.post("/predict", files={"file": ("big.png", png("red"))})
-    finally:
-        model.transform = real
-    assert_error(r, 503, "big.png", "not enough memory")
-    assert r.headers["retry-after"] == "1"
-    await assert_healthy(http)
+async def test_an_image_over_the_decode_memory_limit_is_413_and_costs_nothing_else(
+        checkpoint_root: Path) -> None:
+    """A 3000x3000 RGBA PNG of a few kB, within the pixel budget, needs well over the 64 MiB
+    its decode process may use: that process fails it (413) and is replaced."""
+    settings = fast_settings(checkpoint_root, default_model="colors", decode_workers=1,
+                             decode_memory_mb=64)
+    async with running_app(settings) as (http, _app):
+        data = rgba_png_within_budget(3000, 3000)
+        assert len(data) < 100_000
+        assert_error(await http.post("/predict", files={"file": ("alpha.png", data)}), 413,
+                     "alpha.png", "64 MiB")
+        r = await http.post("/predict", files={"file": ("after.png", png("red"))})
+        assert r.status_code == 200 and r.json()["results"][0]["predictions"][0]["label"] == "red"
+        await assert_healthy(http)

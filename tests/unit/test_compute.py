@@ -13,7 +13,11 @@ import torch
 from app.batching import DynamicBatcher
 from app.compute import ComputeThread, run_in_fresh_thread
 from app.imaging import ImageDecoder, Upload
+from models.card import Preprocessing
+from models.preprocessing import EvalCrop
 from tests.serving_helpers import png
+
+CROP = EvalCrop(Preprocessing(resize=32, crop=32))
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -116,12 +120,10 @@ async def test_threads_carry_their_role_as_os_name() -> None:
     try:
         assert _os_name(await compute.run(threading.get_native_id)) == "compute"
 
-        def record_thread(image: object) -> torch.Tensor:
-            return torch.tensor(threading.get_native_id())
-
-        [decoded] = await decoder.decode([Upload("a.png", png("red"))], record_thread,
-                                         timeout=10)
-        assert _os_name(int(decoded.pixels)) == "decode"
+        await decoder.decode([Upload("a.png", png("red"))], CROP, timeout=10)
+        decode_threads = [t for t in threading.enumerate() if t.name.startswith("decode_")]
+        assert decode_threads and all(_os_name(t.native_id) == "decode"
+                                      for t in decode_threads)
 
         def own_name() -> str:
             return _os_name(threading.get_native_id())

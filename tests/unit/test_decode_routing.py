@@ -1,5 +1,5 @@
 """ImageDecoder with a device decoder: JPEGs to the device, the rest (and its refusals) to
-the threads, results in upload order, errors and deadlines as without it."""
+the decode processes, results in upload order, errors and deadlines as without it."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from app.exceptions import InvalidImageError, OversizedImageError
 from app.imaging import ImageDecoder, Upload
 from models.card import Preprocessing
 from models.device_decode import DeviceJpegDecoder, DeviceResult
-from models.preprocessing import eval_transform
+from models.preprocessing import EvalCrop
 from tests.jpegs import corrupt_scan, jpeg_bytes, scene, with_frame_size
 from tests.serving_helpers import encode
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
 PRE = Preprocessing(resize=64, crop=56)
-TRANSFORM = eval_transform(PRE)
+CROP = EvalCrop(PRE)
 CPU = torch.device("cpu")
 
 
@@ -53,9 +53,9 @@ async def test_a_mixed_request_comes_back_in_upload_order(pool: ImageDecoder) ->
                Upload("b.jpg", jpeg_bytes(scene(200, 150, seed=1))),
                Upload("c.jpg", jpeg_bytes(scene(120, 100, seed=2).convert("CMYK"))),
                Upload("d.jpg", jpeg_bytes(scene(300, 240, seed=3)))]
-    routed = await pool.decode(uploads, TRANSFORM, target_size=PRE.resize, timeout=30,
+    routed = await pool.decode(uploads, CROP, timeout=30,
                                on_device=device)
-    on_threads = await pool.decode(uploads, TRANSFORM, target_size=PRE.resize, timeout=30)
+    on_threads = await pool.decode(uploads, CROP, timeout=30)
     assert [image.filename for image in routed] == ["a.png", "b.jpg", "c.jpg", "d.jpg"]
     b, d = device.decode([uploads[1].data, uploads[3].data])
     assert torch.equal(routed[1].pixels, b) and torch.equal(routed[3].pixels, d)
@@ -72,7 +72,7 @@ async def test_the_first_bad_file_in_upload_order_is_reported(pool: ImageDecoder
     for uploads, named in (([Upload("ok.jpg", good), corrupt, broken], "corrupt.jpg"),
                            ([broken, Upload("ok.jpg", good), corrupt], "x.png")):
         with pytest.raises(InvalidImageError, match=named):
-            await pool.decode(uploads, TRANSFORM, target_size=PRE.resize, timeout=30,
+            await pool.decode(uploads, CROP, timeout=30,
                               on_device=device)
 
 
@@ -80,7 +80,7 @@ async def test_a_jpeg_over_max_pixels_is_refused_as_on_the_threads(pool: ImageDe
     device = DeviceJpegDecoder(CPU, PRE, 10**7)
     bomb = Upload("bomb.jpg", with_frame_size(jpeg_bytes(scene(120, 90)), 30_000, 30_000))
     with pytest.raises(OversizedImageError, match="bomb.jpg"):
-        await pool.decode([bomb], TRANSFORM, target_size=PRE.resize, timeout=30,
+        await pool.decode([bomb], CROP, timeout=30,
                           on_device=device)
 
 
@@ -92,15 +92,15 @@ async def test_the_deadline_covers_the_device_and_late_batches_never_run(
     began = loop.time()
     try:
         with pytest.raises(DeadlineExceededError, match="decoding 1 image"):
-            await pool.decode(uploads, TRANSFORM, timeout=0.3, on_device=device)
+            await pool.decode(uploads, CROP, timeout=0.3, on_device=device)
         assert loop.time() - began < 5  # answered at its deadline, the device still busy
-        late = asyncio.ensure_future(pool.decode(uploads * 2, TRANSFORM, timeout=0.2,
+        late = asyncio.ensure_future(pool.decode(uploads * 2, CROP, timeout=0.2,
                                                  on_device=device))
         with pytest.raises(DeadlineExceededError):
             await late
     finally:
         device.release.set()
-    [image] = await pool.decode(uploads, TRANSFORM, timeout=10, on_device=device)
+    [image] = await pool.decode(uploads, CROP, timeout=10, on_device=device)
     assert image.pixels.shape == (3, 56, 56)
     assert device.batches == [1, 1]  # the late request's batch was dropped before it ran
 
@@ -108,5 +108,5 @@ async def test_the_deadline_covers_the_device_and_late_batches_never_run(
 async def test_a_closed_decoder_takes_no_device_work(pool: ImageDecoder) -> None:
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):
-        await pool.decode([Upload("a.jpg", jpeg_bytes(scene(50, 40)))], TRANSFORM,
+        await pool.decode([Upload("a.jpg", jpeg_bytes(scene(50, 40)))], CROP,
                           timeout=5, on_device=DeviceJpegDecoder(CPU, PRE, 10**7))
