@@ -113,12 +113,15 @@ class DeviceJpegDecoder:
                 with Image.open(io.BytesIO(data), formats=_FORMATS) as img:
                     width, height = img.size
                     mode, orientation = img.mode, img.getexif().get(ExifTags.Base.Orientation, 1)
+                    progressive = bool(img.info.get("progressive"))
         except Image.DecompressionBombError:  # Pillow's own limit: the host says 413 too
             return CpuFallback("over max_pixels")
         except Exception as exc:  # noqa: BLE001 - the host path reports it properly
             return CpuFallback(f"unreadable header: {type(exc).__name__}")
         if mode != "RGB":
             return CpuFallback(f"colour mode {mode}")
+        if progressive:  # its scans are counted and its cost bounded in a decode process
+            return CpuFallback("progressive JPEG")
         if width * height > self.max_pixels:
             # the host path refuses it, or decodes it at a reduced scale that fits
             return CpuFallback("over max_pixels")
