@@ -22,6 +22,7 @@ from models.checkpoint import (
     HISTORY_FILE,
     METRICS_FILE,
     CheckpointError,
+    printable,
     read_card,
 )
 from training.compare_markdown import markdown
@@ -47,6 +48,11 @@ MARKDOWN_FILE = "compare.md"
 INCIDENTAL_KEYS = frozenset({"data", "output", "val", "resume", "overwrite", "progress",
                              "name"})
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_second")
+# A label is drawn in the figures and written in compare.md: a card's value (a list of a
+# million numbers, a path with a newline) is shown shortened and on one line.
+MAX_VALUE_CHARS = 40  # one setting's value in a label
+MAX_LABEL_CHARS = 120  # the settings part of a label
+MAX_WHERE_CHARS = 80  # the folder part of a label (a long path keeps its end)
 
 History = list[dict[str, float | None]]
 
@@ -217,11 +223,12 @@ def _key(value: Any) -> str:
 
 
 def _shown(value: Any) -> str:
+    """A setting's value in a label: one line, at most MAX_VALUE_CHARS characters."""
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, str):
-        return value
-    return "none" if value is None else json.dumps(value, sort_keys=True)
+    text = value if isinstance(value, str) else \
+        "none" if value is None else json.dumps(value, sort_keys=True)
+    return printable(text[:2 * MAX_VALUE_CHARS], MAX_VALUE_CHARS)
 
 
 def differing_keys(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
@@ -243,12 +250,22 @@ def run_labels(runs: Sequence[Run],
     shown = chosen or derived
     base = [" ".join(f"{_setting_name(k)}={_shown(run.settings.get(k))}" for k in shown)
             for run in runs]
+    base = [printable(b[:2 * MAX_LABEL_CHARS], MAX_LABEL_CHARS) for b in base]
     counts = Counter(base)
-    labels = [_label_with(b, run.name) if not b or counts[b] > 1 else b
+    labels = [_label_with(b, _where(run.name)) if not b or counts[b] > 1 else b
               for b, run in zip(base, runs, strict=True)]
     counts = Counter(labels)  # the same folder name in different places: the whole path
-    return [_label_with(b, str(run.directory)) if counts[label] > 1 else label
-            for b, label, run in zip(base, labels, runs, strict=True)]
+    labels = [_label_with(b, _where(str(run.directory))) if counts[label] > 1 else label
+              for b, label, run in zip(base, labels, runs, strict=True)]
+    counts = Counter(labels)  # paths alike in their last characters: numbered
+    return [f"{label} #{i}" if counts[label] > 1 else label
+            for i, label in enumerate(labels, start=1)]
+
+
+def _where(text: str) -> str:
+    """A folder name or path in a label: one line, its end kept when it is long."""
+    text = printable(text[-2 * MAX_WHERE_CHARS:], limit=8 * MAX_WHERE_CHARS)
+    return text if len(text) <= MAX_WHERE_CHARS else "..." + text[-(MAX_WHERE_CHARS - 3):]
 
 
 def _setting_name(key: str) -> str:

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.checkpoint import printable
+
 MAX_CLASSES_SHOWN = 20
+MAX_CELL_CHARS = 200  # a cell's text (a card's value may be a list of a million numbers)
 FIGURE = "{:.4f}"  # losses, accuracies and mAP
 
 
+def _text(text: str, limit: int = MAX_CELL_CHARS) -> str:
+    """`text` from a card or a path, safe in a Markdown line: newlines and other control
+    characters escaped (a run folder may be named with a newline), at most `limit`
+    characters (only the start of a long text is looked at)."""
+    return printable(text[:2 * limit], limit)
+
+
 def _cell(value: Any, fmt: str) -> str:
-    """A table cell: the value formatted, pipes escaped, a dash for none."""
+    """A table cell: the value formatted on one line, pipes escaped, a dash for none."""
     if value is None:
         return "-"
     text = value if isinstance(value, str) else fmt.format(value)
-    return text.replace("|", "\\|")
+    return _text(text).replace("|", "\\|")
 
 
 def table_columns(monitor: str, train_accuracy: bool) -> list[tuple[str, str, str]]:
@@ -43,7 +53,7 @@ def runs_table(table: dict[str, Any]) -> list[str]:
 
 
 def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:MAX_CLASSES_SHOWN])
+    shown = ", ".join(_text(n, 60) for n in names[:MAX_CLASSES_SHOWN])
     more = len(names) - MAX_CLASSES_SHOWN
     return shown + (f" and {more} more" if more > 0 else "")
 
@@ -52,8 +62,8 @@ def markdown(table: dict[str, Any]) -> str:
     """compare.md's text: what was compared, the table, which figures there are."""
     monitor, classes = table["monitor"], table["classes"]
     set_keys, resolved = table["differing"]["set"], table["differing"]["resolved"]
-    differing = (f"set differently: {', '.join(set_keys) or 'nothing'}"
-                 + (f"; resolved differently by the recipe: {', '.join(resolved)}"
+    differing = (f"set differently: {_names(set_keys) or 'nothing'}"
+                 + (f"; resolved differently by the recipe: {_names(resolved)}"
                     if resolved else ""))
     train_accuracy = any("final_train_accuracy" in row for row in table["runs"])
     figures = [f"`{table['figures']['curves']}` (loss, and validation {monitor}"

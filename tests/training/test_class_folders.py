@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -68,3 +69,15 @@ def test_a_linked_class_folder_from_elsewhere_is_followed_once(
         found = discover(data)
     assert found.classes == ["bird", "cat"] and len(found.samples) == 5
     assert f"{data / 'fowl'}: left out" in caplog.text
+
+
+def test_class_names_that_look_like_tex_are_drawn_as_text(tmp_path: Path) -> None:
+    from training.report import plot_confusion, plot_pr_curves
+
+    classes = ["price $_{$ tag", "tea"]  # mathtext would refuse it, after the whole run
+    plot_confusion(tmp_path / "confusion_matrix.png", [[3, 1], [0, 4]], classes)
+    scores = np.array([[0.9, 0.2], [0.3, 0.8], [0.6, 0.1]])
+    targets = np.array([[1, 0], [0, 1], [1, 0]])
+    plot_pr_curves(tmp_path / "pr_curves.png", scores, targets, classes, [0.5, 0.5])
+    for name in ("confusion_matrix.png", "pr_curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

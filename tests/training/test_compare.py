@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -315,3 +316,36 @@ def test_a_run_folder_is_never_the_output(runs, tmp_path, caplog):
     assert (runs["base"] / "curves.png").read_bytes() == before
     assert _compare(runs["base"], runs["base"], "--output", tmp_path / "o") == 1
     assert f"run folder {runs['base']} is given twice" in _errors(caplog)[1]
+
+
+def _with_config(run: Path, **values: object) -> Path:
+    card = json.loads((run / CARD_FILE).read_text())
+    card["training"]["config"].update(values)
+    (run / CARD_FILE).write_text(json.dumps(card))
+    return run
+
+
+def test_huge_values_and_odd_folder_names_are_shown_short_and_on_one_line(runs, tmp_path):
+    import time
+
+    huge = [_with_config(_copy_run(runs["base"], tmp_path / name), seed=[digit] * 1_300_000)
+            for name, digit in (("zeros", 0), ("ones", 1))]  # cards of 3.9 MB
+    odd = _copy_run(runs["base"], tmp_path / "line\nbreak | $\\frac{$")  # a folder name
+    dollars = _copy_run(runs["base"], tmp_path / "sub" / "line\nbreak | $\\frac{$")
+    out = tmp_path / "out"
+    started = time.monotonic()
+    assert _compare(*huge, odd, dollars, "--output", out) == 0
+    assert time.monotonic() - started < 30
+    labels = [row["label"] for row in json.loads((out / "compare.json").read_text())["runs"]]
+    assert len(set(labels)) == 4 and all(len(label) <= 250 for label in labels), labels
+    assert all("\n" not in label for label in labels)
+    assert labels[0].startswith("seed=[0, 0, 0") and labels[0].endswith("...")
+    assert "line\\nbreak" in labels[2]
+    lines = [line for line in (out / "compare.md").read_text().splitlines()
+             if line.startswith("|")]
+    assert len(lines) == 2 + 4  # one table line per run: the newline split no row
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines]
+    assert all(len(row) == len(cells[0]) for row in cells)  # the pipe split no cell
+    assert "line\\nbreak \\| $" in cells[4][1]
+    _assert_png(out / "curves.png", 800, 350)
+    _assert_png(out / "confusion_matrices.png", 900, 250)
