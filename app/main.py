@@ -15,6 +15,7 @@ from app.api import docs, errors, explain, health, page, predict, reports, v2
 from app.api import models as model_routes
 from app.api.middleware import (
     ErrorBoundaryMiddleware,
+    NoSniffMiddleware,
     RequestIdMiddleware,
     RequestMetricsMiddleware,
 )
@@ -79,7 +80,8 @@ def create_app(settings: Settings | None = None, *,
         description="Image classification with fine-tuned ResNets, dynamically batched.",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url=None, redoc_url=None, openapi_url=None,  # served by app.api.docs, with auth
+        docs_url=None, redoc_url=None, openapi_url=None,  # served by app.api.docs
+        redirect_slashes=False,  # a redirect would be built from the request's Host header
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -94,6 +96,7 @@ def create_app(settings: Settings | None = None, *,
     app.add_middleware(ErrorBoundaryMiddleware, stopping=lambda: _stopping(app))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(NoSniffMiddleware)
     return app
 
 

@@ -85,7 +85,8 @@ def connection_limits(settings: Settings, share: int = 1) -> ConnectionLimits:
 
 
 def server_config(app: FastAPI, settings: Settings, share: int = 1) -> uvicorn.Config:
-    """uvicorn's configuration: our h11 protocol with its connection limits, no websockets."""
+    """uvicorn's configuration: our h11 protocol with its connection limits, no websockets,
+    forwarded headers believed only from `forwarded_allow_ips`."""
     metrics = app.state.metrics
     guard = ConnectionGuard(connection_limits(settings, share),
                             on_event=metrics.connection_hook())
@@ -95,6 +96,10 @@ def server_config(app: FastAPI, settings: Settings, share: int = 1) -> uvicorn.C
         log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_timeout,
         lifespan="on", server_header=False, http=protocol_for(guard), ws="none",
         loop="asyncio", backlog=ACCEPT_BATCH,
+        # X-Forwarded-For/-Proto only from the proxies the operator names (uvicorn would
+        # believe any local peer), so a client cannot pose as another address or scheme
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
         timeout_keep_alive=settings.keepalive_timeout)  # type: ignore[arg-type]
 
 

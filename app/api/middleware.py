@@ -1,4 +1,5 @@
-"""ASGI middlewares, one job each: request ids, request metrics, the last-resort error answer.
+"""ASGI middlewares, one job each: request ids, nosniff, request metrics, the last-resort
+error answer.
 
 Who may call a route is not decided here: routers declare it (`app.api.auth`).
 """
@@ -53,6 +54,30 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
+
+
+class NoSniffMiddleware:
+    """Every answer says `X-Content-Type-Options: nosniff`, so a browser takes a JSON answer
+    (which may repeat what a request sent) for JSON, never for a page or a script."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI scope."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_nosniff(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-content-type-options" for k, _ in headers):
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_nosniff)
 
 
 class RequestMetricsMiddleware:

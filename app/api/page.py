@@ -48,12 +48,14 @@ def _serve(name: str) -> Response:
 
 
 @router.get("/")
+@router.head("/")
 async def index() -> Response:
-    """The page."""
+    """The page (GET or HEAD, as uptime checks probe)."""
     return _serve(INDEX)
 
 
 @router.get("/page/{file}")
+@router.head("/page/{file}")
 async def asset(file: Annotated[str, Path(max_length=64)]) -> Response:
     """The page's script or style sheet (404 for any other name)."""
     if file not in ASSETS or file == INDEX:

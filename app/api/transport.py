@@ -11,10 +11,10 @@ from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
-from starlette.types import Message
 
+from app.api.multipart import disposition_with_filename, parse_form
 from app.config import Settings
 from app.exceptions import (
     ClientDisconnectedError,
@@ -91,24 +91,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def _parse_multipart(request: Request, body: bytes, max_images: int) -> list[Upload]:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
     try:
-        form = await Request(request.scope, replay).form(max_files=max_images, max_fields=100)
-    except StarletteHTTPException as exc:
+        form = await parse_form(request.headers, body, max_files=max_images, max_fields=100)
+    except MultiPartException as exc:
         # the parser stops at max_images files, among other limits: count them to say which
         content_type = request.headers.get("content-type", "")
         if count_file_parts(body, content_type, stop_after=max_images + 1) > max_images:
             raise PayloadTooLargeError(f"more than {max_images} images in one request") \
                 from None
-        raise MalformedRequestError(f"cannot parse the multipart body: {exc.detail}") from None
+        raise MalformedRequestError(f"cannot parse the multipart body: {exc.message}") from None
     try:
         items = form.getlist(FILE_FIELD)
         files = [item for item in items if isinstance(item, UploadFile)]
@@ -154,7 +145,7 @@ def count_file_parts(body: bytes, content_type: str, *, stop_after: int) -> int:
 
     def on_headers_finished() -> None:
         nonlocal count, disposition
-        if b"filename" in parse_options_header(disposition)[1]:
+        if b"filename" in parse_options_header(disposition_with_filename(disposition))[1]:
             count += 1
             if count >= stop_after:
                 raise _CountReached

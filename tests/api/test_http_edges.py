@@ -147,3 +147,139 @@ async def test_a_request_cut_short_by_shutdown_gets_json_503(make_checkpoint_dir
     assert (b"content-type", b"application/json") in start["headers"]
     detail = json.loads(body["body"])
     assert "stopped before this request finished" in detail["detail"] and detail["request_id"]
+
+
+@ON_SESSION_LOOP
+async def test_head_of_the_page_answers_like_get(client: httpx.AsyncClient) -> None:
+    for path in ("/", "/page/app.js"):
+        get, head = await client.get(path), await client.head(path)
+        assert head.status_code == get.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+
+
+@ON_SESSION_LOOP
+async def test_every_json_answer_says_nosniff(client: httpx.AsyncClient) -> None:
+    answers = [
+        await client.get("/health"), await client.get("/models"),
+        await client.get("/models/nope"),  # 404
+        await client.get("/no-such-route"),  # 404 with no route
+        await client.post("/predict?top_k=0", files={"file": ("a.jpg", jpeg("red"))}),  # 422
+        await client.post("/predict", content=b"x", headers={"Content-Type": "text/plain"}),
+        await client.post("/predict", files={"file": ("a.jpg", jpeg("red"))}),  # 200
+        await client.request("DELETE", "/predict"),  # 405
+    ]
+    for r in answers:
+        assert r.headers["content-type"].startswith("application/json"), r.request.url
+        assert r.headers.get_list("x-content-type-options") == ["nosniff"], r.request.url
+    page = await client.get("/")  # sets its own: still one
+    assert page.headers.get_list("x-content-type-options") == ["nosniff"]
+
+
+@ON_SESSION_LOOP
+async def test_no_redirect_is_built_from_the_host_header(client: httpx.AsyncClient) -> None:
+    for path in ("/models/", "/predict/", "/health/"):
+        r = await client.get(path, headers={"Host": "evil.example"})
+        assert r.status_code in (404, 405), (path, r.status_code)
+        assert "location" not in r.headers and "evil.example" not in r.text
+
+
+def _encoded_name_part(disposition: str) -> bytes:
+    return (f"--b\r\nContent-Disposition: {disposition}\r\nContent-Type: image/jpeg\r\n\r\n"
+            .encode() + jpeg("red") + b"\r\n--b--\r\n")
+
+
+@ON_SESSION_LOOP
+@pytest.mark.parametrize(("disposition", "filename"), [
+    ("form-data; name=\"file\"; filename*=UTF-8''na%C3%AFve%20%E2%82%AC.jpg", "naïve €.jpg"),
+    ("form-data; name=\"file\"; filename=\"plain.jpg\"; filename*=utf-8''%C3%A9t%C3%A9.jpg",
+     "été.jpg"),  # RFC 6266: filename* wins
+    ("form-data; name=\"file\"; filename*=iso-8859-1'fr'%E9t%E9.jpg", "été.jpg"),
+    ("form-data; name=\"file\"; filename*=UTF-8''two%0D%0Alines.jpg", "two??lines.jpg"),
+])
+async def test_a_part_named_with_filename_star_is_a_file(
+        client: httpx.AsyncClient, disposition: str, filename: str) -> None:
+    r = await client.post("/predict", content=_encoded_name_part(disposition),
+                          headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 200, r.text
+    result, = r.json()["results"]
+    assert result["filename"] == filename
+    assert result["predictions"][0]["label"] == "red"
+
+
+@ON_SESSION_LOOP
+async def test_filename_star_parts_count_against_the_image_limit(
+        client: httpx.AsyncClient) -> None:
+    part = _encoded_name_part("form-data; name=\"file\"; filename*=UTF-8''x.jpg")
+    body = part.removesuffix(b"--b--\r\n") * 17 + b"--b--\r\n"
+    r = await client.post("/predict", content=body,
+                          headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and "more than 16 images" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize(("trusted", "seen"), [
+    ([], (("127.0.0.1", 40000), "http")),  # the default: no proxy is believed
+    (["10.0.0.0/8"], (("127.0.0.1", 40000), "http")),  # a proxy elsewhere
+    (["127.0.0.1"], (("7.7.7.7", 0), "https")),
+])
+async def test_forwarded_headers_are_believed_only_from_named_proxies(
+        checkpoint_root: Path, trusted: list[str], seen: tuple) -> None:
+    from app.server import server_config
+
+    settings = fast_settings(checkpoint_root, forwarded_allow_ips=trusted)
+    app = create_app(settings)
+    config = server_config(app, settings)
+    config.load()
+    scopes: list[dict] = []
+
+    async def inner(scope, receive, send) -> None:
+        scopes.append(scope)
+
+    outer = config.loaded_app  # whatever uvicorn wraps around the app; `inner` takes its place
+    holder = outer
+    while holder is not app and getattr(holder, "app", None) is not app:
+        holder = holder.app
+    if holder is app:
+        outer = inner
+    else:
+        holder.app = inner
+    await outer({"type": "http", "scheme": "http", "client": ("127.0.0.1", 40000),
+                 "headers": [(b"x-forwarded-for", b"7.7.7.7"),
+                             (b"x-forwarded-proto", b"https")]}, None, None)
+    assert (tuple(scopes[0]["client"]), scopes[0]["scheme"]) == seen
+
+
+def test_forwarded_allow_ips_takes_addresses_and_networks_only() -> None:
+    assert Settings(forwarded_allow_ips="10.0.0.1, fd00::/8,*").forwarded_allow_ips == [
+        "10.0.0.1", "fd00::/8", "*"]
+    assert parse_settings(["--forwarded-allow-ips", "192.168.1.0/24"]).forwarded_allow_ips \
+        == ["192.168.1.0/24"]
+    with pytest.raises(ValidationError, match="neither an IP address"):
+        Settings(forwarded_allow_ips="proxy.example")
+
+
+@ON_SESSION_LOOP
+async def test_keys_from_a_key_file_are_required_and_kept_out_of_argv(
+        checkpoint_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("# one key a line\n\nfile-key-1\n  file-key-2  \n")
+    from_flag = parse_settings(["--api-key-file", str(key_file), "--api-key", "flag-key"])
+    assert from_flag.api_key_values() == [b"flag-key", b"file-key-1", b"file-key-2"]
+    monkeypatch.setenv("RESNET_SERVE_API_KEY_FILE", str(key_file))
+    from_env = Settings()
+    assert from_env.api_key_values() == [b"file-key-1", b"file-key-2"]
+    assert "file-key" not in json.dumps(from_env.public_dict())
+    settings = fast_settings(checkpoint_root, api_key_file=key_file)
+    async with running_app(settings, wait_ready=False) as (http, _app):
+        assert (await http.get("/models")).status_code == 401
+        assert (await http.get("/models", headers={"X-API-Key": "file-key-2"})).status_code \
+            == 200
+    for text, problem in (("good-key\nwith space\n", "line 2 of the API key file"),
+                          ("# nothing but comments\n\n", "holds no key")):
+        key_file.write_text(text)
+        with pytest.raises(ValidationError, match=problem) as refused:
+            Settings(api_key_file=key_file)
+        assert "good-key" not in str(refused.value) and "with space" not in str(refused.value)
+    with pytest.raises(SystemExit):
+        parse_settings(["--api-key-file", str(tmp_path / "missing")])
+    assert "cannot read the API key file" in capsys.readouterr().err

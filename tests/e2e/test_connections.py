@@ -199,6 +199,19 @@ def test_ambiguous_framing_gets_400_and_the_connection_closes(
     assert "Traceback" not in log_path.read_text()
 
 
+def test_forwarded_headers_from_a_local_client_are_not_believed(quick_server) -> None:
+    url, _port, log_path = quick_server
+    r = httpx.get(f"{url}/health?forwarded-probe", timeout=10,
+                  headers={"X-Forwarded-For": "7.7.7.7", "X-Forwarded-Proto": "https"})
+    assert r.status_code == 200
+    give_up = time.monotonic() + GIVE_UP
+    while not (lines := [line for line in log_path.read_text().splitlines()
+                         if "forwarded-probe" in line]):
+        assert time.monotonic() < give_up, "no access log line"
+        time.sleep(0.1)
+    assert "127.0.0.1:" in lines[0] and "7.7.7.7" not in lines[0], lines
+
+
 def pipeline_unread(port: int, request: bytes, count: int) -> socket.socket:
     """A client that sends `count` copies of `request` at once and never reads: a small
     receive buffer and segment size, so the server's send buffers fill after a few answers
