@@ -30,6 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from models import decoding
+from models.process_limits import limit_address_space
 
 logger = logging.getLogger(__name__)
 
@@ -255,23 +256,6 @@ def _name_process(name: bytes) -> None:
         libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
-
-
-def limit_address_space(extra_bytes: int) -> None:
-    """Cap this process's address space at what it maps now plus `extra_bytes`."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = _mapped_bytes() + extra_bytes
-    if hard != resource.RLIM_INFINITY:
-        cap = min(cap, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-
-
-def _mapped_bytes() -> int:
-    with open("/proc/self/status", "rb") as status:
-        for line in status:
-            if line.startswith(b"VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("VmSize not found in /proc/self/status")
 
 
 def _limit_cpu(seconds: int) -> None:

@@ -13,6 +13,7 @@ from models.decoding import DEFAULT_MAX_PIXELS
 from models.device import DEVICE_CHOICES
 from training.exceptions import ConfigError
 from training.files import RESUME_FILE
+from training.images import DEFAULT_DECODE_MEMORY_MB, DEFAULT_DECODE_SECONDS
 from training.options import Range, flag_of, option, range_problems
 from training.presets import PRESETS
 from training.schedule import SCHEDULES
@@ -139,6 +140,13 @@ class TrainConfig:
     overwrite: bool = option(False,
                              help="replace the checkpoint already in --output (refused otherwise)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, within=Range(1, 2**40), help=MAX_PIXELS_HELP)
+    decode_seconds: float = option(
+        DEFAULT_DECODE_SECONDS, within=Range(0.01, 86_400.0),
+        help="time budget for decoding one image; an image over it is skipped and counted")
+    decode_memory_mb: int = option(
+        DEFAULT_DECODE_MEMORY_MB, within=Range(64, 1_048_576),
+        help="memory a DataLoader worker may use beyond its footprint at start, in MiB; an "
+             "image that needs more is skipped and counted (needs --workers >= 1)")
     progress: bool = option(True, help="a progress bar per epoch on stderr")
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -28,7 +29,13 @@ from training.exceptions import (
     EmptyClassError,
     MissingImageError,
 )
-from training.images import load_training_image, skip_reason
+from training.images import (
+    DEFAULT_DECODE_MEMORY_MB,
+    DEFAULT_DECODE_SECONDS,
+    limit_worker_memory,
+    load_training_image,
+    skip_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -360,13 +367,15 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], task: str,
                  transform: Callable[[Image.Image], torch.Tensor], *,
-                 decode_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 decode_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 decode_seconds: float = DEFAULT_DECODE_SECONDS) -> None:
         self.samples = list(samples)
         self.classes = list(classes)
         self.task = task
         self.transform = transform
         self.decode_size = decode_size
         self.max_pixels = max_pixels
+        self.decode_seconds = decode_seconds
         self.index = {c: i for i, c in enumerate(self.classes)}
         self._warned: set[int] = set()
 
@@ -391,21 +400,33 @@ class ImageDataset(Dataset):
         path = self.samples[i].path
         try:
             image = load_training_image(path, max_pixels=self.max_pixels,
-                                        target_size=self.decode_size)
+                                        target_size=self.decode_size,
+                                        seconds=self.decode_seconds)
+            pixels = self.transform(image)
+        except MemoryError:  # a worker's memory is capped (--decode-memory-mb)
+            return self._failed(i, path, "decoding it needs more memory than a DataLoader "
+                                "worker may use (--decode-memory-mb)")
         except (ImageDecodeError, ImageTooLargeError, OSError) as exc:
-            if i not in self._warned:
-                self._warned.add(i)
-                logger.warning("skipping image %s and its label: %s", path, exc)
-            return DecodeFailure(i)
-        return self.transform(image), self.target(i), i
+            return self._failed(i, path, str(exc))
+        return pixels, self.target(i), i
+
+    def _failed(self, i: int, path: Path, reason: str) -> DecodeFailure:
+        if i not in self._warned:
+            self._warned.add(i)
+            logger.warning("skipping image %s and its label: %s", path, reason)
+        return DecodeFailure(i)
 
 
 def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int, shuffle: bool,
                 pin_memory: bool, sampler: Sampler | None = None, seed: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """A DataLoader of `Batch`es, with persistent workers when there are any."""
+                drop_last: bool = False,
+                worker_memory_mb: int | None = DEFAULT_DECODE_MEMORY_MB) -> DataLoader:
+    """A DataLoader of `Batch`es, with persistent workers when there are any, each worker's
+    memory capped at `worker_memory_mb` over its footprint at start (None: no cap)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-        drop_last=drop_last, generator=generator, collate_fn=collate)
+        drop_last=drop_last, generator=generator, collate_fn=collate,
+        worker_init_fn=None if worker_memory_mb is None
+        else functools.partial(limit_worker_memory, memory_mb=worker_memory_mb))

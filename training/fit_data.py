@@ -61,7 +61,8 @@ class TrainingData:
         transform, no augmentation."""
         return ImageDataset(self.train.samples if samples is None else samples, self.classes,
                             self.task, self.val.transform, decode_size=self.val.decode_size,
-                            max_pixels=self.val.max_pixels)
+                            max_pixels=self.val.max_pixels,
+                            decode_seconds=self.val.decode_seconds)
 
 
 class Loaders(NamedTuple):
@@ -107,9 +108,11 @@ def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, in
                               augment_probability=recipe.trivial_augment,
                               pad_crop=recipe.pad_crop)
     train = ImageDataset(train_samples, found.classes, found.task, augment,
-                         decode_size=preprocessing.resize, max_pixels=cfg.max_pixels)
+                         decode_size=preprocessing.resize, max_pixels=cfg.max_pixels,
+                         decode_seconds=cfg.decode_seconds)
     val = ImageDataset(val_samples, found.classes, found.task, eval_transform(preprocessing),
-                       decode_size=preprocessing.resize, max_pixels=cfg.max_pixels)
+                       decode_size=preprocessing.resize, max_pixels=cfg.max_pixels,
+                       decode_seconds=cfg.decode_seconds)
     logger.info("data: %d training / %d validation images, %d classes, %s",
                 len(train), len(val), len(found.classes), found.task)
     counts = (class_counts(train.targets(), len(found.classes))
@@ -144,12 +147,13 @@ def make_loaders(data: TrainingData, cfg: TrainConfig, batch_size: int, info: Di
     drop_last = len(train_sampler) % batch_size == 1
     train = make_loader(data.train, batch_size=batch_size, workers=cfg.workers, shuffle=False,
                         pin_memory=pin_memory, sampler=train_sampler, seed=cfg.seed + info.rank,
-                        drop_last=drop_last)
+                        drop_last=drop_last, worker_memory_mb=cfg.decode_memory_mb)
     val_sampler = (DistributedSampler(data.val, num_replicas=info.world_size, rank=info.rank,
                                       shuffle=False)
                    if info.enabled else None)
     val = make_loader(data.val, batch_size=batch_size * 2, workers=cfg.workers, shuffle=False,
-                      pin_memory=pin_memory, sampler=val_sampler)
+                      pin_memory=pin_memory, sampler=val_sampler,
+                      worker_memory_mb=cfg.decode_memory_mb)
     return Loaders(train_sampler, train, val)
 
 

@@ -1,0 +1,60 @@
+"""Training decodes within the same bounds as serving: DataLoader workers under a memory cap,
+each image under a time budget; an image over either is skipped and counted, the run goes on."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from tests.imagegen import photo, rgba_png_within_budget
+from training.data import DecodeFailure, ImageDataset, Sample, make_loader
+from training.fit import fit
+
+
+def _dataset(tmp_path: Path, **kw: object) -> tuple[ImageDataset, Path]:
+    good = tmp_path / "a" / "good.png"
+    good.parent.mkdir(parents=True)
+    photo((40, 30)).save(good)
+    heavy = tmp_path / "a" / "heavy.png"  # 36 MP within the pixel budget, 540 MB to decode
+    heavy.write_bytes(rgba_png_within_budget(6000, 6000))
+    samples = [Sample(good, ("a",)), Sample(heavy, ("a",)), Sample(good, ("a",))]
+    return ImageDataset(samples, ["a"], "single_label",
+                        transform=lambda im: torch.zeros(3, 2, 2, dtype=torch.uint8),
+                        **kw), heavy
+
+
+def test_a_worker_over_its_memory_cap_skips_the_image_and_goes_on(tmp_path, caplog) -> None:
+    dataset, heavy = _dataset(tmp_path)
+    loader = make_loader(dataset, batch_size=3, workers=1, shuffle=False, pin_memory=False,
+                         worker_memory_mb=128)
+    with caplog.at_level(logging.WARNING):
+        [batch] = list(loader)
+    assert batch.failed.tolist() == [1] and batch.indices.tolist() == [0, 2]
+
+
+def test_an_image_over_its_time_budget_is_skipped(tmp_path, caplog) -> None:
+    dataset, heavy = _dataset(tmp_path, decode_seconds=0.05)
+    with caplog.at_level(logging.WARNING):
+        assert dataset[1] == DecodeFailure(1)
+        assert not isinstance(dataset[0], DecodeFailure)
+    assert "heavy.png" in caplog.text and "budget of 0.05 s" in caplog.text
+
+
+def test_fit_skips_and_counts_what_is_over_the_bounds(tmp_path, single_data, tiny_config
+                                                     ) -> None:
+    data = tmp_path / "data"
+    for folder in single_data.iterdir():
+        if folder.is_dir():
+            (data / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir()):
+                (data / folder.name / image.name).write_bytes(image.read_bytes())
+    first = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    (first / "zz-heavy.png").write_bytes(rgba_png_within_budget(6000, 6000))
+    out = tmp_path / "out"
+    fit(tiny_config(data, out, workers=1, decode_memory_mb=128, val_fraction=0.01))
+    card = json.loads((out / "card.json").read_text())
+    skipped = card["training"]["dataset"]["skipped"]
+    assert any("zz-heavy.png" in path for path in json.dumps(skipped).split('"')), skipped
