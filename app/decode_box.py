@@ -18,13 +18,15 @@ import math
 import mmap
 import multiprocessing
 import os
+import pickle
 import resource
 import select
 import signal
+import struct
 import time
 from dataclasses import dataclass
 from multiprocessing import reduction
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Protocol
 
 import numpy as np
@@ -34,6 +36,8 @@ from models.process_limits import limit_address_space
 
 logger = logging.getLogger(__name__)
 
+_REQUEST = struct.Struct("<QQQIQ")  # bytes, shared size, max pixels, CPU seconds, recipe size
+_SHAPE = struct.Struct("<III")  # height, width, channels of the crop
 BASE_CAPACITY = 1 << 20  # the shared file's size between large images
 PROCESS_NAME = b"resnet-decode"  # what `ps` and /proc/PID/comm show for a decode process
 _PRELOAD = ["app.decode_box", "models.preprocessing"]  # imported once, by the forkserver
@@ -78,6 +82,7 @@ class DecodeProcess:
         self._map = mmap.mmap(self._fd, BASE_CAPACITY)
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
+        self._recipe: DecodeRecipe | None = None  # the last one sent to the child
         self.started = 0  # processes started so far (the first and every replacement)
 
     @property
@@ -95,44 +100,51 @@ class DecodeProcess:
         child.close()
         reduction.send_handle(parent, self._fd, process.pid)
         self._conn, self._process = parent, process
+        self._recipe = None  # the new child has none yet
         self.started += 1
 
     def run(self, recipe: DecodeRecipe, data: bytes, max_pixels: int, *, deadline: float,
             cancel_fd: int) -> np.ndarray:
         """`recipe(data, max_pixels)` in the child, by `deadline` (time.monotonic()); a byte
         readable on `cancel_fd` stops it. The pixels are a copy the caller owns."""
-        if self._process is None or not self._process.is_alive():
-            self.restart()
-        assert self._conn is not None and self._process is not None
+        if self._process is None:
+            self.start()
+        assert self._conn is not None
         capacity = self._fit(max(len(data), recipe.output_bytes))
         self._map[:len(data)] = data
         cpu = max(1, math.ceil(min(self.limits.cpu_seconds, deadline - time.monotonic() + 1)))
-        self._conn.send((recipe, len(data), capacity, max_pixels, cpu))
+        sent = b"" if recipe == self._recipe else pickle.dumps(recipe)  # the child keeps it
+        self._recipe = recipe
+        self._conn.send_bytes(_REQUEST.pack(len(data), capacity, max_pixels, cpu, len(sent))
+                              + sent)
         try:
             answer = self._answer(deadline, cancel_fd)
         finally:
             if self._map.size() > BASE_CAPACITY:
                 self._map.resize(BASE_CAPACITY)  # give large images' pages back
-        kind, value = answer
-        if kind == "ok":
-            shape = tuple(value)
+        kind, rest = answer[:1], answer[1:]
+        if kind == b"o":
+            shape = _SHAPE.unpack(rest)
             return np.frombuffer(self._map, np.uint8, count=math.prod(shape)).reshape(
                 shape).copy()
-        if kind == "memory":
+        if kind == b"m":
             self.restart()  # a process that ran out of memory is not trusted further
             raise DecodeOverMemoryError(
                 f"decoding it needs more than the {self.limits.memory_bytes >> 20} MiB a "
                 "decode process may use")
-        raise (decoding.ImageTooLargeError if kind == "too_large"
-               else decoding.ImageDecodeError)(value)
+        raise (decoding.ImageTooLargeError if kind == b"t"
+               else decoding.ImageDecodeError)(rest.decode("utf-8", "replace"))
 
-    def _answer(self, deadline: float, cancel_fd: int) -> tuple[str, object]:
+    def _answer(self, deadline: float, cancel_fd: int) -> bytes:
         assert self._conn is not None and self._process is not None
-        timeout = max(0.0, deadline - time.monotonic())
-        ready = wait([self._conn, self._process.sentinel, cancel_fd], timeout)
-        if self._conn in ready:
+        watch = select.poll()
+        for fd in (self._conn.fileno(), self._process.sentinel, cancel_fd):
+            watch.register(fd, select.POLLIN)
+        timeout_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        ready = {fd for fd, _event in watch.poll(timeout_ms)}
+        if self._conn.fileno() in ready:
             try:
-                return self._conn.recv()
+                return self._conn.recv_bytes()
             except (EOFError, OSError):
                 pass  # it died while answering: a crash, below
         elif cancel_fd in ready or not ready:
@@ -216,35 +228,40 @@ def _child_main(conn: Connection, memory_bytes: int) -> None:
         return  # the parent closed before handing the memory over
     shared = mmap.mmap(fd, BASE_CAPACITY)
     limit_address_space(memory_bytes)
+    recipe: DecodeRecipe | None = None
     while True:
         try:
-            message = conn.recv()
+            message = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        recipe, length, capacity, max_pixels, cpu = message
+        length, capacity, max_pixels, cpu, recipe_length = _REQUEST.unpack_from(message)
+        if recipe_length:
+            recipe = pickle.loads(message[_REQUEST.size:])
         if shared.size() != capacity:
             shared.close()
             shared = mmap.mmap(fd, capacity)
         _limit_cpu(cpu)
-        conn.send(_decode(recipe, bytes(shared[:length]), max_pixels, shared))
+        assert recipe is not None
+        conn.send_bytes(_decode(recipe, bytes(shared[:length]), max_pixels, shared))
 
 
-def _decode(recipe: DecodeRecipe, data: bytes, max_pixels: int,
-            shared: mmap.mmap) -> tuple[str, object]:
+def _decode(recipe: DecodeRecipe, data: bytes, max_pixels: int, shared: mmap.mmap) -> bytes:
+    """The answer to one request: b"o" + the shape (pixels in `shared`), b"m" (memory), b"t"
+    + why (too large), b"i" + why (invalid)."""
     try:
         pixels = np.ascontiguousarray(recipe(data, max_pixels), dtype=np.uint8)
     except MemoryError:
-        return "memory", None
+        return b"m"
     except decoding.ImageTooLargeError as exc:
-        return "too_large", str(exc)
+        return b"t" + str(exc).encode()
     except decoding.ImageDecodeError as exc:
-        return "invalid", str(exc)
+        return b"i" + str(exc).encode()
     except (ValueError, RuntimeError, OSError, TypeError) as exc:
-        return "invalid", f"cannot be transformed: {exc}"
-    if pixels.nbytes > shared.size():
-        return "invalid", "the crop is larger than the shared buffer"
+        return b"i" + f"cannot be transformed: {exc}".encode()
+    if pixels.ndim != 3 or pixels.nbytes > shared.size():
+        return b"i" + b"the decoded crop does not fit the shared buffer"
     shared[:pixels.nbytes] = pixels.tobytes()
-    return "ok", pixels.shape
+    return b"o" + _SHAPE.pack(*pixels.shape)
 
 
 def _name_process(name: bytes) -> None:
