@@ -62,14 +62,14 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until told to stop; returns the exit status."""
-        # bound, never listening: it holds the port (and with port 0 picks it) for the
-        # workers, which each listen on it
-        port_holder = shared_port_socket(self.settings.host, self.settings.port)
-        port = port_holder.getsockname()[1]
         stale = remove_stale_folders()
         if stale:
             logger.info("removed %d metrics folders left by supervisors that were killed: %s",
                         len(stale), ", ".join(map(str, stale)))
+        # bound, never listening: it holds the port (and with port 0 picks it) for the
+        # workers, which each listen on it
+        port_holder = shared_port_socket(self.settings.host, self.settings.port)
+        port = port_holder.getsockname()[1]
         self.metrics_folder = MetricsFolder.claim()
         # read by each worker's prometheus_client
         os.environ[MULTIPROC_ENV] = str(self.metrics_folder.path)

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -312,8 +313,6 @@ def test_workers_that_cannot_start_stop_the_server(checkpoint_root, tmp_path) ->
 
 
 def test_a_port_in_use_is_reported(checkpoint_root, tmp_path) -> None:
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -331,11 +330,14 @@ def test_any_free_port_and_no_orphans_when_the_supervisor_is_killed(checkpoint_r
     folder = tmp_path / "ckpts"
     shutil.copytree(checkpoint_root / "colors", folder / "colors")
     log_path = tmp_path / "server.log"
+    temp = tmp_path / "tmp"  # where the supervisor makes its metrics folder
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "--workers", "2", "--checkpoint-dir", str(folder),
          "--port", "0", "--device", "cpu", "--torch-threads", "1", "--decode-workers", "1",
          "--shutdown-timeout", "5"],
-        cwd=ROOT, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+        cwd=ROOT, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
     try:
         give_up = time.monotonic() + 60
         while not (found := re.search(r"workers on http://127\.0\.0\.1:(\d+)",
@@ -352,5 +354,16 @@ def test_any_free_port_and_no_orphans_when_the_supervisor_is_killed(checkpoint_r
         while any(alive(pid) for pid in workers):
             assert time.monotonic() < give_up, "workers outlived their supervisor"
             time.sleep(0.2)
+        left = list(temp.glob("resnet-serve-metrics-*"))
+        assert len(left) == 1  # nobody was left to remove it
+        with socket.socket() as taken:  # the next supervisor cleans up, then finds no port
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            again = subprocess.run(
+                [sys.executable, "-m", "app", "--workers", "2", "--checkpoint-dir",
+                 str(folder), "--port", str(taken.getsockname()[1]), "--device", "cpu"],
+                cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+        assert again.returncode == 1, again.stderr
+        assert not left[0].exists(), again.stderr
     finally:
         stop(proc)
