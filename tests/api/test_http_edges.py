@@ -283,3 +283,27 @@ async def test_keys_from_a_key_file_are_required_and_kept_out_of_argv(
     with pytest.raises(SystemExit):
         parse_settings(["--api-key-file", str(tmp_path / "missing")])
     assert "cannot read the API key file" in capsys.readouterr().err
+
+
+@ON_SESSION_LOOP
+async def test_the_docs_page_is_open_offline_and_its_api_description_is_not(
+        checkpoint_root: Path) -> None:
+    settings = fast_settings(checkpoint_root, default_model="colors", api_keys=["docs-key"])
+    async with running_app(settings, wait_ready=False) as (http, _app):
+        page = await http.get("/docs")  # what a browser asks for first, with no way to add a key
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        links = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert "/docs/swagger-ui-bundle.js" in links and "/docs/docs.js" in links
+        assert all(link.startswith(("/", "data:")) for link in links), links  # no other host
+        for link in (x for x in links if x.startswith("/docs/")):
+            asset = await http.get(link)
+            assert asset.status_code == 200, link
+            assert asset.headers["content-type"].startswith(("text/javascript", "text/css"))
+        bundle = (await http.get("/docs/swagger-ui-bundle.js")).text
+        assert "SwaggerUIBundle" in bundle and len(bundle) > 500_000
+        script = (await http.get("/docs/docs.js")).text
+        assert '"/openapi.json"' in script and "X-API-Key" in script
+        assert (await http.get("/openapi.json")).status_code == 401
+        described = await http.get("/openapi.json", headers={"X-API-Key": "docs-key"})
+        assert described.status_code == 200 and "/predict" in described.json()["paths"]

@@ -109,7 +109,7 @@ async def test_api_keys(checkpoint_root: Path, caplog: pytest.LogCaptureFixture)
                         {"Authorization": "Basic s3cret-key"}):
             for method, path in (("POST", "/predict"), ("GET", "/models"),
                                  ("GET", "/models/colors"), ("POST", "/models/reload"),
-                                 ("GET", "/metrics"), ("GET", "/docs")):
+                                 ("GET", "/metrics"), ("GET", "/openapi.json")):
                 r = await http.request(method, path, headers=headers,
                                        files=files if path == "/predict" else None)
                 assert r.status_code == 401, (method, path, headers)
