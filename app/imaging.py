@@ -83,6 +83,7 @@ class _Slot:
     cancel_read: int
     cancel_write: int
     request: _Request | None = field(default=None)
+    job: _Job | None = field(default=None)
     started: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -244,6 +245,14 @@ class ImageDecoder:
                 if slot.request is request:
                     slot.stop()
 
+    def _drop_after(self, request: _Request, index: int) -> None:
+        """After upload `index` failed, nothing after it in upload order can be the answer:
+        start none of it, and stop what of it runs (call holding the lock)."""
+        request.jobs = deque(job for job in request.jobs if job.index < index)
+        for slot in self._slots:
+            if slot.request is request and slot.job is not None and slot.job.index > index:
+                slot.stop()
+
     def _next_job(self) -> tuple[_Request, _Job] | None:
         """The next image to decode (call holding the lock)."""
         now = time.monotonic()
@@ -275,8 +284,10 @@ class ImageDecoder:
                 except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
                     outcome = exc
                 with self._lock:
-                    slot.request = None
+                    slot.request = slot.job = None
                     request.running -= 1
+                    if isinstance(outcome, Exception):
+                        self._drop_after(request, job.index)
                     self._lock.notify_all()  # the request may be under its share again
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
                     request.loop.call_soon_threadsafe(_settle, job.future, outcome)
@@ -290,7 +301,7 @@ class ImageDecoder:
                 self._lock.wait()
             if self._closed:
                 return None
-            slot.request = taken[0]
+            slot.request, slot.job = taken
             drain(slot.cancel_read)  # a stop meant for its previous image
             return taken
 

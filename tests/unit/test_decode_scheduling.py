@@ -108,20 +108,44 @@ async def test_the_deadline_kills_the_running_decode_and_unstarted_images_never_
 
 
 async def test_after_a_bad_file_the_rest_is_not_decoded_and_running_decodes_stop(
-        decoder: ImageDecoder, gate: Gate) -> None:
-    await warm_up(decoder, gate)
-    before = set(decoder.process_ids())
-    uploads = [*heavy(1), Upload("broken.png", b"not an image"), *heavy(3)]
-    with pytest.raises(InvalidImageError, match="broken.png"):
-        await decoder.decode(uploads, gate.recipe, timeout=60)
-    await asyncio.sleep(0.3)
-    assert gate.heavy_started() <= 1  # at most the one already running when it failed
-    if gate.heavy_started() == 1:  # that one was stopped: its process killed, not left busy
-        await wait_for(lambda: not all(alive(pid) for pid in before))
-    idle = [pid for pid in decoder.process_ids() if alive(pid)]
-    spent = {pid: cpu_seconds(pid) for pid in idle}
-    await asyncio.sleep(0.5)
-    assert all(cpu_seconds(pid) - spent[pid] < 0.1 for pid in idle)
+        gate: Gate) -> None:
+    pool = ImageDecoder(workers=3, max_pixels=10**7)  # a share of two: heavy0 beside broken
+    try:
+        await warm_up(pool, gate)
+        before = set(pool.process_ids())
+        uploads = [Upload("broken.png", b"not an image"), *heavy(4)]
+        with pytest.raises(InvalidImageError, match="broken.png"):
+            await pool.decode(uploads, gate.recipe, timeout=60)
+        await asyncio.sleep(0.3)
+        assert gate.heavy_started() <= 1  # at most the one started beside the bad file
+        if gate.heavy_started() == 1:  # and that one was stopped: its process killed
+            await wait_for(lambda: not all(alive(pid) for pid in before))
+        await wait_for(lambda: len(pool.process_ids()) == pool.workers)
+        idle = pool.process_ids()
+        spent = {pid: cpu_seconds(pid) for pid in idle}
+        await asyncio.sleep(0.5)
+        assert all(cpu_seconds(pid) - spent[pid] < 0.1 for pid in idle)
+    finally:
+        pool.close()
+
+
+async def test_a_bad_file_stops_what_follows_it_while_earlier_ones_finish(gate: Gate) -> None:
+    """heavy0 is still decoding when broken.png fails: the answer waits for heavy0 (an
+    earlier bad file would be the one to report), but heavy1.. are stopped or never run."""
+    pool = ImageDecoder(workers=3, max_pixels=10**7)
+    try:
+        await warm_up(pool, gate)
+        uploads = [*heavy(1), Upload("broken.png", b"not an image"), *heavy(3)]
+        answer = asyncio.ensure_future(pool.decode(uploads, gate.recipe, timeout=60))
+        await wait_for(lambda: gate.heavy_started() >= 1)
+        await asyncio.sleep(0.5)  # broken.png has failed beside it by now
+        assert not answer.done() and gate.heavy_started() == 1
+        gate.release()
+        with pytest.raises(InvalidImageError, match="broken.png"):
+            await answer
+        assert gate.heavy_started() == 1
+    finally:
+        pool.close()
 
 
 async def test_first_bad_file_in_upload_order_is_the_one_reported(
