@@ -259,9 +259,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # over white: the same pixels as alpha_composite on a white RGBA background, in
+        # 11 bytes per pixel instead of 15 (no RGBA background, no RGBA result)
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return out
     return img.convert("RGB")
 
 

@@ -157,3 +157,9 @@ def rgba_png_within_budget(width: int = 6_000, height: int = 6_000) -> bytes:
     """A PNG of a few tens of kB that is within a 40 MP budget, yet decoding it and making
     it RGB (alpha composited over white) takes about 15 bytes per pixel."""
     return _save(Image.new("RGBA", (width, height), (200, 40, 40, 128)), "PNG", optimize=True)
+
+
+def gray_alpha_png(width: int = 6_300, height: int = 6_300) -> bytes:
+    """About 100 kB of gray + alpha PNG within a 40 MP budget whose decode, made RGB over
+    white, takes about 13 bytes per pixel (over 500 MB here): nothing in its header says so."""
+    return _save(Image.new("LA", (width, height), (128, 100)), "PNG", optimize=True)
