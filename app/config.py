@@ -166,8 +166,8 @@ class Settings(BaseSettings):
     parse_processes: int = Field(
         2, ge=1, le=64,
         description="processes per server process that parse large Open Inference Protocol "
-        "JSON bodies, so that parsing never stalls the other requests (each about 60 MB "
-        "while in use; started on the first such body)")
+        "JSON bodies, so that parsing never stalls the other requests (started on the first "
+        "such body; each about 50 MB idle, and up to about 30 times the body it parses)")
     max_pixels: int = Field(
         40_000_000, ge=1, description="most pixels in one decoded image (413 beyond)")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

@@ -7,6 +7,9 @@ class ServiceError(Exception):
     """Base class of the errors a request can meet in the serving layer."""
 
 
+SHOWN_NAME = 64  # characters of an unknown name that an error message repeats
+
+
 class UnknownModelError(ServiceError):
     """The requested model is not loaded."""
 
@@ -14,7 +17,15 @@ class UnknownModelError(ServiceError):
         self.name = name
         self.known = known
         listing = ", ".join(known) if known else "none"
-        super().__init__(f"unknown model {name!r}; loaded models: {listing}")
+        super().__init__(f"unknown model {shown_name(name)}; loaded models: {listing}")
+
+
+def shown_name(name: str) -> str:
+    """A name from a request as a message quotes it: escaped, and cut past SHOWN_NAME
+    characters so that a client cannot make the answer or the log line large."""
+    if len(name) <= SHOWN_NAME:
+        return repr(name)
+    return f"{name[:SHOWN_NAME]!r}... ({len(name)} characters)"
 
 
 class UnknownModelVersionError(UnknownModelError):
@@ -90,6 +101,10 @@ class InvalidRequestError(ServiceError):
 
 class AuthenticationError(ServiceError):
     """A required API key is missing or wrong."""
+
+
+class ParserUnavailableError(ServiceError):
+    """The process parsing a request body stopped (or the service is shutting down)."""
 
 
 class ClientDisconnectedError(ServiceError):

@@ -24,6 +24,7 @@ from app.config import Settings
 from app.exceptions import CheckpointFolderError, ShuttingDownError
 from app.imaging import ImageDecoder
 from app.metrics import Metrics
+from app.parser_pool import ParserPool
 from app.registry import ModelRegistry
 from models.backends import backend_device
 from models.device import Accelerator
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, *,
         registry = ModelRegistry(settings, accelerator=accelerator, decoder=decoder,
                                  metrics=metrics, cluster=cluster)
         app.state.registry = registry
+        app.state.parsers = parsers = ParserPool(settings.parse_processes)
         metrics.watch_workers(cluster.ready_count if cluster else lambda: int(registry.ready))
         logger.info("serving from %s on %s (%s)", settings.checkpoint_dir,
                     accelerator.describe(), accelerator.precision_name)
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None, *,
             # whatever they published by now is stopped by close(), none of it is left running
             await asyncio.gather(loading, *rescans, return_exceptions=True)
             await registry.close(settings.shutdown_timeout)
+            parsers.close()
             decoder.close()
             logger.info("stopped")
 

@@ -13,6 +13,7 @@ from fastapi import Depends, Query, Request
 from app.config import Settings
 from app.exceptions import NotReadyError
 from app.metrics import Metrics
+from app.parser_pool import ParserPool
 from app.registry import ModelRegistry
 
 
@@ -34,9 +35,18 @@ async def get_registry(request: Request) -> ModelRegistry:
     return registry
 
 
+async def get_parsers(request: Request) -> ParserPool:
+    """The processes that parse large request bodies (503 before the lifespan built them)."""
+    parsers = getattr(request.app.state, "parsers", None)
+    if parsers is None:
+        raise NotReadyError("the service is starting")
+    return parsers
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+ParsersDep = Annotated[ParserPool, Depends(get_parsers)]
 # ?model= of the routes that run a model: which checkpoint (None: the default one)
 ModelQuery = Annotated[str | None, Query(
     max_length=128, description="model name (default: the configured or only model)",

@@ -27,6 +27,7 @@ from app.exceptions import (
     ModelRequiredError,
     NotReadyError,
     OversizedImageError,
+    ParserUnavailableError,
     PayloadTooLargeError,
     ShuttingDownError,
     UnknownFileError,
@@ -58,6 +59,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     NotReadyError: 503,
     CheckpointFolderError: 503,
     InsufficientMemoryError: 503,
+    ParserUnavailableError: 503,
     ShuttingDownError: 503,
     BatcherClosedError: 503,
     DeadlineExceededError: 504,
@@ -100,7 +102,8 @@ def response_for(exc: Exception, *, oip: bool = False) -> JSONResponse:
     if isinstance(exc, QueueFullError):
         headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, (ShuttingDownError, BatcherClosedError, NotReadyError,
-                          CheckpointFolderError, InsufficientMemoryError, BatchOutOfMemoryError)):
+                          CheckpointFolderError, InsufficientMemoryError, BatchOutOfMemoryError,
+                          ParserUnavailableError)):
         headers["Retry-After"] = "1"
     elif isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.api import health, v2_codec, v2_model
 from app.api.auth import API_KEY_REQUIRED
-from app.api.deps import RegistryDep, SettingsDep
+from app.api.deps import ParsersDep, RegistryDep, SettingsDep
 from app.api.transport import read_body, unless_disconnected
 from app.exceptions import NotReadyError, ShuttingDownError
 from app.registry import ModelRegistry
@@ -75,13 +75,17 @@ async def model_ready(name: str, registry: RegistryDep,
 @router.post(MODEL + "/infer")
 @router.post(VERSION + "/infer")
 async def infer(request: Request, name: str, registry: RegistryDep, settings: SettingsDep,
-                version: str | None = None) -> Response:
-    """Run an inference request (JSON, or JSON then binary tensor data)."""
+                parsers: ParsersDep, version: str | None = None) -> Response:
+    """Run an inference request (JSON, or JSON then binary tensor data); a large JSON body
+    is parsed in a parser process, never on the event loop."""
     served = _serving(registry, name, version)
     with served.lease():
         body = await read_body(request, settings.max_upload_bytes)
-        parsed = v2_codec.parse_request(body, request.headers.get(v2_codec.HEADER_LENGTH),
-                                        max_batch=settings.max_images_per_request)
+        header_length = request.headers.get(v2_codec.HEADER_LENGTH)
+        parsed = await parsers.run(
+            v2_codec.parse_request, body, header_length, size=v2_codec.json_size(
+                body, header_length), contract=v2_model.contract(
+                served, max_batch=settings.max_images_per_request))
         outputs = await unless_disconnected(request, v2_model.infer(
             served, parsed, timeout=settings.request_timeout))
     payload, header_length = v2_codec.encode_response(

@@ -14,13 +14,15 @@ import base64
 import binascii
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
-from pydantic_core import to_json
+from pydantic_core import from_json, to_json
 
+from app.api import v2_json
 from app.exceptions import MalformedRequestError, PayloadTooLargeError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -30,8 +32,43 @@ NUMERIC: dict[str, np.dtype] = {name: np.dtype(kind).newbyteorder("<") for name,
     "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
     "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}.items()}
 _PREFIX = struct.Struct("<I")
+MAX_DIM = 2**31 - 1  # no dimension of a tensor this server takes comes near it
+MAX_LENGTH_DIGITS = 18  # a header length of more digits is past any body's size
 
-Dim = Annotated[int, Strict(), Field(ge=0)]
+Dim = Annotated[int, Strict(), Field(ge=0, le=MAX_DIM)]
+
+
+@dataclass(frozen=True)
+class InputRule:
+    """What one input may be: its datatype and the shapes it may have, where -1 stands for
+    the batch dimension (1 to the contract's `max_batch` items)."""
+
+    datatype: str
+    shapes: tuple[tuple[int, ...], ...]
+
+    def describe(self) -> str:
+        """The shapes as a reader would write them: "[N] or [N, 1]"."""
+        return " or ".join("[" + ", ".join("N" if d == -1 else str(d) for d in shape) + "]"
+                           for shape in self.shapes)
+
+    def batch_of(self, shape: list[int]) -> int | None:
+        """The batch size of a tensor of `shape`, or None when no allowed shape fits it."""
+        for allowed in self.shapes:
+            if len(shape) == len(allowed) and all(
+                    want in (-1, got) for want, got in zip(allowed, shape, strict=True)):
+                return shape[allowed.index(-1)]
+        return None
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a model takes: exactly one of `inputs` per request, at most `max_batch` items,
+    and any of `outputs` (each at most once). Checked on the request's header before any
+    tensor data is converted."""
+
+    inputs: Mapping[str, InputRule]
+    outputs: tuple[str, ...]
+    max_batch: int
 
 
 @dataclass(frozen=True)
@@ -99,18 +136,17 @@ class _Header(BaseModel):
     outputs: list[_Output] | None = Field(None, max_length=64)
 
 
-def parse_request(body: bytes, header_length: str | None, *, max_batch: int) -> InferRequest:
-    """Parse an inference request body. Raises MalformedRequestError (400) saying what is
-    wrong, PayloadTooLargeError (413) for an input of more than `max_batch` in its first
-    dimension."""
+def parse_request(body: bytes, header_length: str | None, *,
+                  contract: InputContract) -> InferRequest:
+    """Parse an inference request body for a model that takes `contract`. Raises
+    MalformedRequestError (400) saying what is wrong, PayloadTooLargeError (413) for more
+    than `contract.max_batch` items. The declared names, datatypes and shapes are checked
+    before any tensor data is converted."""
     header_bytes, binary = _split(body, header_length)
-    try:
-        header = _Header.model_validate_json(header_bytes)
-    except ValidationError as exc:
-        raise MalformedRequestError(f"invalid inference request: {_describe(exc)}") from None
+    header = _read_header(header_bytes)
+    _check_declared(header, contract)
     inputs, offset = [], 0
     for spec in header.inputs:
-        _check_size(spec, max_batch)
         tensor, offset = _input(spec, binary, offset)
         inputs.append(tensor)
     if offset != len(binary):
@@ -122,12 +158,20 @@ def parse_request(body: bytes, header_length: str | None, *, max_batch: int) -> 
                         _flag(header.parameters, "binary_data_output", "request") or False)
 
 
+def json_size(body: bytes, header_length: str | None) -> int:
+    """How many bytes of the body are JSON (what parsing it costs grows with)."""
+    try:
+        return len(_split(body, header_length)[0])
+    except MalformedRequestError:
+        return 0  # refused at once by parse_request
+
+
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary data after it."""
     if header_length is None:
         return body, b""
     text = header_length.strip()
-    if not text.isdigit() or not text.isascii():
+    if not text.isdigit() or not text.isascii() or len(text) > MAX_LENGTH_DIGITS:
         raise MalformedRequestError(f"{HEADER_LENGTH} must be a whole number of bytes, got "
                                     f"{header_length[:40]!r}")
     length = int(text)
@@ -135,6 +179,18 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
         raise MalformedRequestError(f"{HEADER_LENGTH} says the JSON header is {length} bytes, "
                                     f"but the body holds only {len(body)}")
     return body[:length], body[length:]
+
+
+def _read_header(header_bytes: bytes) -> _Header:
+    try:
+        document = from_json(header_bytes)
+    except ValueError as exc:  # the message says where, never echoes the body
+        raise MalformedRequestError(f"invalid inference request: not valid JSON ({exc})") \
+            from None
+    try:
+        return _Header.model_validate(document)
+    except ValidationError as exc:
+        raise MalformedRequestError(f"invalid inference request: {_describe(exc)}") from None
 
 
 def _describe(exc: ValidationError) -> str:
@@ -145,42 +201,69 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _check_size(spec: _Input, max_batch: int) -> None:
-    if spec.shape and spec.shape[0] > max_batch:
-        raise PayloadTooLargeError(f"input {spec.name}: {spec.shape[0]} items in its first "
-                                   f"dimension, more than the {max_batch} allowed per request")
-    if spec.datatype == BYTES and math.prod(spec.shape) > max_batch:
-        raise PayloadTooLargeError(f"input {spec.name}: {math.prod(spec.shape)} elements, "
-                                   f"more than the {max_batch} allowed per request")
+def _check_declared(header: _Header, contract: InputContract) -> None:
+    """The header's inputs and outputs against what the model takes, before any data."""
+    known = ", ".join(f"{name} ({rule.datatype})" for name, rule in contract.inputs.items())
+    if len(header.inputs) != 1:
+        raise MalformedRequestError(f"send exactly one input, one of {known}; got "
+                                    f"{len(header.inputs)}")
+    for spec in header.inputs:
+        if spec.datatype != BYTES and spec.datatype not in NUMERIC:
+            raise MalformedRequestError(f"input {spec.name}: unknown datatype "
+                                        f"{spec.datatype!r}")
+        rule = contract.inputs.get(spec.name)
+        if rule is None:
+            raise MalformedRequestError(f"unknown input {spec.name!r}; expected one of {known}")
+        if spec.datatype != rule.datatype:
+            raise MalformedRequestError(f"input {spec.name} must be {rule.datatype}, got "
+                                        f"{spec.datatype}")
+        batch = rule.batch_of(spec.shape)
+        if batch is None or batch < 1:
+            raise MalformedRequestError(f"input {spec.name}: shape {spec.shape}, expected "
+                                        f"{rule.describe()} with N >= 1")
+        if batch > contract.max_batch:
+            raise PayloadTooLargeError(f"input {spec.name}: {batch} items, more than the "
+                                       f"{contract.max_batch} allowed per request")
+    names = [out.name for out in header.outputs or ()]
+    for name in names:
+        if name not in contract.outputs:
+            raise MalformedRequestError(f"unknown output {name!r}; this model has "
+                                        f"{', '.join(contract.outputs)}")
+        if names.count(name) > 1:  # computed once, sent once: a second copy says nothing new
+            raise MalformedRequestError(f"output {name} is requested {names.count(name)} "
+                                        "times; name each output at most once")
 
 
 def _input(spec: _Input, binary: bytes, offset: int) -> tuple[InputTensor, int]:
     """One input's tensor, and the binary offset after its data."""
-    if spec.datatype != BYTES and spec.datatype not in NUMERIC:
-        raise MalformedRequestError(f"input {spec.name}: unknown datatype {spec.datatype!r}")
     size = spec.parameters.get("binary_data_size")
     count = math.prod(spec.shape)
     if size is None:
         if spec.data is None:
             raise MalformedRequestError(f"input {spec.name} has neither 'data' nor "
                                         "parameters.binary_data_size")
-        data = (_json_bytes(spec, count) if spec.datatype == BYTES
-                else _json_numbers(spec, count))
+        data = _json_bytes(spec) if spec.datatype == BYTES else _json_numbers(spec)
         return InputTensor(spec.name, spec.datatype, tuple(spec.shape), data), offset
     if spec.data is not None:
         raise MalformedRequestError(f"input {spec.name} has both 'data' and "
                                     "parameters.binary_data_size")
     if not _is_count(size):
         raise MalformedRequestError(f"input {spec.name}: parameters.binary_data_size must be "
-                                    f"a whole number of bytes, got {size!r}")
+                                    f"a whole number of bytes, got {_shown(size)}")
     if offset + size > len(binary):
         raise MalformedRequestError(
-            f"input {spec.name}: binary_data_size {size} goes past the end of the body "
+            f"input {spec.name}: binary_data_size {_shown(size)} goes past the end of the body "
             f"({len(binary) - offset} bytes of binary data left)")
     raw = binary[offset:offset + size]
     data = (_binary_bytes(spec.name, raw, count) if spec.datatype == BYTES
             else _binary_numbers(spec, raw, count))
     return InputTensor(spec.name, spec.datatype, tuple(spec.shape), data), offset + size
+
+
+def _shown(value: object) -> str:
+    """A client's value as an error message quotes it: cut to a few dozen characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def _is_count(value: object) -> bool:
@@ -220,33 +303,14 @@ def _binary_numbers(spec: _Input, raw: bytes, count: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(spec.shape)
 
 
-def _flatten(data: Any) -> list[Any]:
-    """A JSON tensor's elements in row-major order (it may be flat or nested)."""
-    if not isinstance(data, list):
-        return [data]
-    out: list[Any] = []
-    stack = [iter(data)]
-    while stack:
-        item = next(stack[-1], stack)
-        if item is stack:
-            stack.pop()
-        elif isinstance(item, list):
-            stack.append(iter(item))
-        else:
-            out.append(item)
-    return out
-
-
-def _json_bytes(spec: _Input, count: int) -> list[bytes]:
-    items = _flatten(spec.data)
-    if len(items) != count:
-        raise MalformedRequestError(f"input {spec.name}: {len(items)} elements in 'data', "
-                                    f"its shape {spec.shape} says {count}")
+def _json_bytes(spec: _Input) -> list[bytes]:
+    values, kinds = v2_json.elements(spec.name, tuple(spec.shape), spec.data)
+    if not kinds <= {str}:
+        found = ", ".join(sorted(kind.__name__ for kind in kinds - {str}))
+        raise MalformedRequestError(f"input {spec.name}: every element must be a base64 "
+                                    f"string, got {found}")
     out = []
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise MalformedRequestError(f"input {spec.name}: element {i} must be a base64 "
-                                        f"string, got {type(item).__name__}")
+    for i, item in enumerate(values.ravel().tolist()):
         try:
             out.append(base64.b64decode(item, validate=True))
         except (binascii.Error, ValueError):
@@ -256,30 +320,16 @@ def _json_bytes(spec: _Input, count: int) -> list[bytes]:
     return out
 
 
-def _json_numbers(spec: _Input, count: int) -> np.ndarray:
-    items = _flatten(spec.data)
-    if len(items) != count:
-        raise MalformedRequestError(f"input {spec.name}: {len(items)} elements in 'data', "
-                                    f"its shape {spec.shape} says {count}")
-    dtype = NUMERIC[spec.datatype]
-    if not all(isinstance(v, (int, float)) for v in items):
-        raise MalformedRequestError(f"input {spec.name}: {spec.datatype} data must be numbers")
-    if dtype.kind in "ui":
-        if not all(isinstance(v, int) for v in items):
-            raise MalformedRequestError(f"input {spec.name}: {spec.datatype} data must be "
-                                        "whole numbers")
-        info = np.iinfo(dtype)
-        if items and (min(items) < info.min or max(items) > info.max):
-            raise MalformedRequestError(f"input {spec.name}: {spec.datatype} data must lie in "
-                                        f"[{info.min}, {info.max}]")
-    return np.asarray(items, dtype=dtype).reshape(spec.shape)
+def _json_numbers(spec: _Input) -> np.ndarray:
+    return v2_json.numbers(spec.name, spec.datatype, NUMERIC[spec.datatype],
+                           tuple(spec.shape), spec.data)
 
 
 def _flag(parameters: dict[str, Any], key: str, where: str) -> bool | None:
     value = parameters.get(key)
     if value is not None and not isinstance(value, bool):
         raise MalformedRequestError(f"{where} parameters.{key} must be true or false, got "
-                                    f"{value!r}")
+                                    f"{_shown(value)}")
     return value
 
 
@@ -287,7 +337,7 @@ def _output(spec: _Output) -> RequestedOutput:
     classes = spec.parameters.get("classification")
     if classes is not None and (not _is_count(classes) or classes < 1):
         raise MalformedRequestError(f"output {spec.name}: parameters.classification must be "
-                                    f"a whole number >= 1, got {classes!r}")
+                                    f"a whole number >= 1, got {_shown(classes)}")
     return RequestedOutput(spec.name, _flag(spec.parameters, "binary_data", f"output "
                                             f"{spec.name}"), classes)
 

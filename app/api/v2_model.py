@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.api.v2_codec import BYTES, InferRequest, InputTensor, OutputTensor, RequestedOutput
+from app.api.v2_codec import (
+    BYTES,
+    InferRequest,
+    InputContract,
+    InputRule,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+)
 from app.exceptions import MalformedRequestError, UnknownModelVersionError
 from app.imaging import Upload
 from app.served_model import ServedModel
@@ -44,6 +52,17 @@ def check_version(served: ServedModel, version: str | None) -> None:
     """Pass when `version` is None (any) or the model's version; else 404."""
     if version is not None and version != version_of(served):
         raise UnknownModelVersionError(served.name, version, [version_of(served)])
+
+
+def contract(served: ServedModel, *, max_batch: int) -> InputContract:
+    """What the model takes: one of IMAGE, PIXELS or NORMALIZED at its crop size, and its
+    outputs; a request is checked against it before its tensor data is converted."""
+    crop = served.card.preprocessing.crop
+    return InputContract(
+        inputs={IMAGE: InputRule(INPUT_TYPES[IMAGE], ((-1,), (-1, 1))),
+                PIXELS: InputRule(INPUT_TYPES[PIXELS], ((-1, crop, crop, 3),)),
+                NORMALIZED: InputRule(INPUT_TYPES[NORMALIZED], ((-1, 3, crop, crop),))},
+        outputs=tuple(output_names(served)), max_batch=max_batch)
 
 
 def metadata(served: ServedModel, *, max_batch: int) -> dict[str, Any]:
@@ -84,15 +103,12 @@ def metadata(served: ServedModel, *, max_batch: int) -> dict[str, Any]:
 
 async def infer(served: ServedModel, request: InferRequest, *, timeout: float
                 ) -> list[OutputTensor]:
-    """Run one parsed request: its outputs are checked before any work is spent."""
-    tensor = _the_input(request.inputs)
-    names = output_names(served)
+    """Run one request parsed against the model's contract (one input of an allowed shape,
+    known outputs, each once): its outputs are checked before any work is spent."""
+    [tensor] = request.inputs
     wanted = (request.outputs if request.outputs is not None
-              else [RequestedOutput(name) for name in names])
+              else [RequestedOutput(name) for name in output_names(served)])
     for out in wanted:
-        if out.name not in names:
-            raise MalformedRequestError(f"unknown output {out.name!r}; this model has "
-                                        f"{', '.join(names)}")
         if out.name == UNKNOWN_SCORE and out.classification is not None:
             raise MalformedRequestError(f"classification applies to {PROBABILITIES} only")
     outputs = torch.from_numpy(await _score(served, tensor, timeout))
@@ -115,32 +131,9 @@ def output_names(served: ServedModel) -> list[str]:
     return [PROBABILITIES] + ([UNKNOWN_SCORE] if served.card.unknown is not None else [])
 
 
-def _the_input(inputs: list[InputTensor]) -> InputTensor:
-    known = ", ".join(f"{name} ({kind})" for name, kind in INPUT_TYPES.items())
-    if len(inputs) != 1:
-        raise MalformedRequestError(f"send exactly one input, one of {known}; got "
-                                    f"{len(inputs)}")
-    tensor = inputs[0]
-    if tensor.name not in INPUT_TYPES:
-        raise MalformedRequestError(f"unknown input {tensor.name!r}; expected one of {known}")
-    if tensor.datatype != INPUT_TYPES[tensor.name]:
-        raise MalformedRequestError(f"input {tensor.name} must be "
-                                    f"{INPUT_TYPES[tensor.name]}, got {tensor.datatype}")
-    return tensor
-
-
 async def _score(served: ServedModel, tensor: InputTensor, timeout: float) -> np.ndarray:
-    """The model's outputs for the input's images, through the model's batcher."""
-    crop = served.card.preprocessing.crop
-    expected = {IMAGE: "[N] or [N, 1]", PIXELS: f"[N, {crop}, {crop}, 3]",
-                NORMALIZED: f"[N, 3, {crop}, {crop}]"}[tensor.name]
-    shape = list(tensor.shape)
-    fits = {IMAGE: len(shape) == 1 or (len(shape) == 2 and shape[1] == 1),
-            PIXELS: shape[1:] == [crop, crop, 3] and len(shape) == 4,
-            NORMALIZED: shape[1:] == [3, crop, crop] and len(shape) == 4}[tensor.name]
-    if not fits or shape[0] < 1:
-        raise MalformedRequestError(f"input {tensor.name}: shape {shape}, expected "
-                                    f"{expected} with N >= 1")
+    """The model's outputs for the input's images (of a shape the contract allows),
+    through the model's batcher."""
     if tensor.name == IMAGE:
         assert isinstance(tensor.data, list)
         uploads = [Upload(f"{IMAGE}[{i}]", data) for i, data in enumerate(tensor.data)]

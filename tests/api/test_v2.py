@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -108,8 +109,8 @@ async def test_binary_output_follows_the_header(http: httpx.AsyncClient) -> None
                            "data": ["eA=="]}]}}, ["unknown input 'PHOTO'", "IMAGE (BYTES)"]),
     ({"json": {"inputs": [image_input(jpeg("red")), image_input(jpeg("red"))]}},
      ["exactly one input"]),
-    ({"json": {"inputs": [image_input(jpeg("red"), shape=[1, 2])]}},
-     ["input IMAGE: 1 elements in 'data', its shape [1, 2] says 2"]),
+    ({"json": {"inputs": [image_input(jpeg("red"), shape=[2])]}},
+     ["input IMAGE: 1 elements in 'data', its shape [2] says 2"]),
     ({"json": {"inputs": [image_input(jpeg("red"), jpeg("red"), shape=[1, 2])]}},
      ["shape [1, 2], expected [N] or [N, 1]"]),
     ({"json": {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1],
@@ -266,3 +267,145 @@ async def test_an_unexpected_failure_is_a_500_in_the_oip_shape(
         {"name": "PROBABILITIES", "parameters": {"classification": 1}}]})
     message = assert_oip_error(r, 500, "internal error", r.headers["x-request-id"])
     assert "labelling broke" not in message
+
+
+def pixels_request(**changes: object) -> dict:
+    """A valid PIXELS request (one black crop, flat data), with `changes` to its input."""
+    tensor = {"name": "PIXELS", "datatype": "UINT8", "shape": [1, CROP, CROP, 3],
+              "data": [0] * (CROP * CROP * 3)}
+    return {"inputs": [{**tensor, **changes}]}
+
+
+def normalized_request(first: str) -> bytes:
+    """A NORMALIZED request whose first number is written as `first` (raw JSON text)."""
+    rest = ", ".join(["0.0"] * (3 * CROP * CROP - 1))
+    return (f'{{"inputs": [{{"name": "NORMALIZED", "datatype": "FP32", "shape": [1, 3, {CROP}, '
+            f'{CROP}], "data": [{first}, {rest}]}}]}}').encode()
+
+
+def ragged_crops() -> list:
+    """One crop, nested as [1, H, W, 3], whose sixth row is a pixel short."""
+    crops = np.zeros((1, CROP, CROP, 3), dtype=int).tolist()
+    crops[0][5] = crops[0][5][:-1]
+    return crops
+
+
+def error_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(("request_kwargs", "words"), [
+    ({"content": normalized_request("1" + "0" * 400)}, ["outside FP32's range"]),
+    ({"content": normalized_request("1e400")}, ["NaN or infinite"]),
+    ({"content": normalized_request("NaN")}, ["NaN or infinite"]),
+    ({"content": normalized_request("-Infinity")}, ["NaN or infinite"]),
+    ({"content": normalized_request("1e300")}, ["outside FP32's range"]),
+    ({"content": b"{}", "headers": {HEADER: "1" * 5000}}, [f"{HEADER} must be a whole number"]),
+    ({"json": pixels_request(shape=[1, 2**62, 0, 3], data=[])}, ["shape", "less than"]),
+    ({"json": pixels_request(shape=[1, 10**400, 0, 3], data=[])}, ["shape", "less than"]),
+    ({"json": pixels_request(data=[10**400] + [0] * (CROP * CROP * 3 - 1))}, ["[0, 255]"]),
+    ({"json": pixels_request(data=[-1] + [0] * (CROP * CROP * 3 - 1))}, ["[0, 255]"]),
+    ({"content": b'{"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1'
+                 + b"0" * 5000 + b', 3, 3], "data": []}]}'}, ["not valid JSON", "out of range"]),
+])
+async def test_huge_numbers_answer_400_saying_why_without_an_error_log(
+        http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, request_kwargs: dict,
+        words: list[str]) -> None:
+    message = assert_oip_error(await http.post(INFER, **request_kwargs), 400, *words)
+    assert len(message) < 300, message
+    assert error_records(caplog) == []
+
+
+NASTY_VALUES: list[object] = [
+    10**400, -(10**400), 2**62, -1, 0, 1e308, -1e308, 1.5, True, None, "x" * 8000, "",
+    [], [[1, [2]]], {"a": 1}, [10**400] * 3]
+NASTY_TEXT = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1" + "0" * 4000]
+
+
+def mutations() -> list[tuple[str, dict]]:
+    """A valid IMAGE request with one value swapped for a nasty one, at every place; and a
+    body with each of a few nasty header lengths."""
+    paths: list[tuple[object, ...]] = [
+        ("id",), ("parameters", "binary_data_output"), ("inputs", 0, "name"),
+        ("inputs", 0, "datatype"), ("inputs", 0, "shape"), ("inputs", 0, "shape", 0),
+        ("inputs", 0, "data"), ("inputs", 0, "data", 0), ("inputs", 0, "parameters"),
+        ("inputs", 0, "parameters", "binary_data_size"), ("outputs", 0, "name"),
+        ("outputs", 0, "parameters", "classification"),
+        ("outputs", 0, "parameters", "binary_data")]
+    cases = []
+    for path in paths:
+        for index, value in enumerate([*NASTY_VALUES, *NASTY_TEXT]):
+            body = {"id": "r", "parameters": {}, "outputs": [
+                {"name": "PROBABILITIES", "parameters": {"classification": 1}}],
+                "inputs": [{**image_input(jpeg("red")), "parameters": {}}]}
+            place = body
+            for key in path[:-1]:
+                place = place[key]  # type: ignore[index]
+            raw = index >= len(NASTY_VALUES)  # written into the JSON text as it is
+            place[path[-1]] = f"@@{index}@@" if raw else value  # type: ignore[index]
+            text = json.dumps(body).replace(f'"@@{index}@@"', str(value))
+            cases.append((f"{'.'.join(map(str, path))}={str(value)[:20]}",
+                          {"content": text.encode()}))
+    for length in ["1" * 5000, "-1", "1e3", "0x10", "\u0663", "", " ", "99999999999999999999",
+                   "NaN", str(2**64)]:
+        cases.append((f"{HEADER}={length[:20]}", {"content": b"{}",
+                                                   "headers": {HEADER: length.encode()}}))
+    return cases
+
+
+async def test_malformed_variants_never_answer_5xx_nor_log_an_error(
+        http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    seen: dict[int, int] = {}
+    for label, kwargs in mutations():
+        r = await http.post(INFER, **kwargs)
+        assert r.status_code < 500, (label, r.text)
+        assert len(r.text) < 1000, (label, r.text[:200])
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+    assert error_records(caplog) == []
+    assert seen.get(400, 0) > 100 and seen.get(200, 0) >= 1, seen  # some stay valid
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    (pixels_request(data=ragged_crops()), ["ragged"]),
+    (pixels_request(shape=[2, CROP, CROP, 3], data=[np.zeros((CROP, CROP, 3), int).tolist(),
+                                                    np.zeros((CROP, CROP, 2), int).tolist()]),
+     ["ragged"]),
+    (pixels_request(data=np.zeros((1, CROP, CROP, 3), int).tolist()[0]),
+     [f"nested with {CROP} rows at its top", "says 1"]),
+    (pixels_request(data=[True] * (CROP * CROP * 3)), ["whole numbers", "true/false"]),
+    (pixels_request(data=[False] + [0] * (CROP * CROP * 3 - 1)), ["true/false"]),
+    (pixels_request(data=[None] + [0] * (CROP * CROP * 3 - 1)), ["null"]),
+    (pixels_request(data=[0.5] + [0] * (CROP * CROP * 3 - 1)), ["fraction"]),
+    (pixels_request(data="no list"), ["1 elements in 'data'", "says"]),
+    (pixels_request(shape=[1, 224, 224, 3], data="never read"),
+     [f"shape [1, 224, 224, 3], expected [N, {CROP}, {CROP}, 3]"]),
+    (pixels_request(name="NORMALIZED", datatype="FP32", shape=[1, 3, CROP, CROP],
+                    data=[[[[0.0] * CROP] * CROP] * 2 + [[[0.0] * CROP] * (CROP - 1)]]),
+     ["ragged"]),
+    ({"inputs": [image_input(jpeg("red"))],
+      "outputs": [{"name": "PROBABILITIES"}] * 64}, ["PROBABILITIES is requested 64 times"]),
+])
+async def test_ragged_data_booleans_and_repeated_outputs_answer_400(
+        http: httpx.AsyncClient, body: dict, words: list[str]) -> None:
+    assert_oip_error(await http.post(INFER, json=body), 400, *words)
+
+
+async def test_nested_data_as_the_shape_says_is_taken(http: httpx.AsyncClient) -> None:
+    pixels = np.zeros((2, CROP, CROP, 3), dtype=np.uint8)
+    pixels[0, ..., 0] = pixels[1, ..., 1] = 220
+    answers = [await http.post(INFER, json=pixels_request(shape=[2, CROP, CROP, 3], data=data))
+               for data in (pixels.tolist(), pixels.ravel().tolist())]
+    for r in answers:
+        assert r.status_code == 200, r.text
+        probs = np.array(r.json()["outputs"][0]["data"]).reshape(2, 3)
+        assert [CLASSES[i] for i in probs.argmax(1)] == ["red", "green"]
+
+
+async def test_an_unknown_model_name_is_cut_in_the_answer(http: httpx.AsyncClient) -> None:
+    name = "m" * 8000
+    for method, path in [("POST", f"/v2/models/{name}/infer"), ("GET", f"/v2/models/{name}"),
+                         ("GET", f"/v2/models/{name}/ready"),
+                         ("GET", f"/v2/models/{name}/versions/1/ready")]:
+        r = await http.request(method, path, json={})
+        message = assert_oip_error(r, 404, "unknown model", "8000 characters")
+        assert len(message) < 200, message

@@ -12,11 +12,26 @@ import torch
 import tritonclient.http as triton
 from tritonclient.utils import serialize_byte_tensor
 
-from app.api.v2_codec import OutputTensor, encode_response, parse_request
+from app.api.v2_codec import (
+    NUMERIC,
+    InputContract,
+    InputRule,
+    OutputTensor,
+    encode_response,
+    parse_request,
+)
 from app.exceptions import MalformedRequestError, PayloadTooLargeError
 from models.card import Preprocessing
 from models.pixels import crops_from_channels_last, crops_from_normalized
 from models.preprocessing import Normalize
+
+
+def contract(max_batch: int = 4, **rules: InputRule) -> InputContract:
+    """The serving models' inputs at a crop of 4 (or just `rules`), PROBABILITIES out."""
+    inputs = rules or {"IMAGE": InputRule("BYTES", ((-1,), (-1, 1))),
+                       "PIXELS": InputRule("UINT8", ((-1, 4, 4, 3),)),
+                       "NORMALIZED": InputRule("FP32", ((-1, 3, 4, 4),))}
+    return InputContract(inputs=inputs, outputs=("PROBABILITIES",), max_batch=max_batch)
 
 
 def client_body(*inputs: triton.InferInput, outputs: list | None = None
@@ -41,7 +56,7 @@ def test_numeric_tensors_from_the_client_parse_exactly(binary: bool) -> None:
     floats = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
     for name, data, datatype in (("PIXELS", pixels, "UINT8"), ("NORMALIZED", floats, "FP32")):
         body, length = client_body(triton_input(name, data, datatype, binary=binary))
-        request = parse_request(body, length, max_batch=4)
+        request = parse_request(body, length, contract=contract())
         [tensor] = request.inputs
         assert (tensor.name, tensor.datatype, tensor.shape) == (name, datatype, data.shape)
         assert isinstance(tensor.data, np.ndarray)
@@ -54,37 +69,65 @@ def test_bytes_elements_binary_and_base64() -> None:
     elements = [b"\xff\xd8first", b"", b"\x00third\x00"]
     data = np.array(elements, dtype=np.object_)
     body, length = client_body(triton_input("IMAGE", data, "BYTES", binary=True))
-    assert parse_request(body, length, max_batch=4).inputs[0].data == elements
+    assert parse_request(body, length, contract=contract()).inputs[0].data == elements
     header = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [3, 1],
                           "data": [[base64.b64encode(e).decode()] for e in elements]}]}
     assert parse_request(json.dumps(header).encode(), None,
-                         max_batch=4).inputs[0].data == elements
+                         contract=contract()).inputs[0].data == elements
 
 
 def test_requested_outputs_and_their_parameters() -> None:
     image = triton_input("IMAGE", np.array([b"x"], dtype=np.object_), "BYTES", binary=True)
     body, length = client_body(image, outputs=[
         triton.InferRequestedOutput("PROBABILITIES", binary_data=False, class_count=2)])
-    request = parse_request(body, length, max_batch=1)
+    request = parse_request(body, length, contract=contract(1))
     [out] = request.outputs or []
     assert (out.name, out.binary, out.classification) == ("PROBABILITIES", False, 2)
     assert not request.binary_output
 
 
-def test_first_dimension_and_bytes_count_are_bounded_before_the_data_is_read() -> None:
+def test_declared_shape_and_batch_are_checked_before_the_data_is_read() -> None:
     header = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [5],
                           "parameters": {"binary_data_size": 10 ** 9}}]}
     with pytest.raises(PayloadTooLargeError, match="more than the 4 allowed"):
-        parse_request(json.dumps(header).encode(), None, max_batch=4)
+        parse_request(json.dumps(header).encode(), None, contract=contract())
     header["inputs"][0]["shape"] = [1, 10 ** 6]
-    with pytest.raises(PayloadTooLargeError, match="elements"):
-        parse_request(json.dumps(header).encode(), None, max_batch=4)
+    with pytest.raises(MalformedRequestError, match=r"expected \[N\] or \[N, 1\]"):
+        parse_request(json.dumps(header).encode(), None, contract=contract())
+    never_read = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 9, 9, 3],
+                              "data": [[["ragged"], 1.5]] * 10**5}]}
+    with pytest.raises(MalformedRequestError, match=r"expected \[N, 4, 4, 3\]"):
+        parse_request(json.dumps(never_read).encode(), None, contract=contract())
+
+
+@pytest.mark.parametrize("datatype", sorted(NUMERIC))
+@pytest.mark.parametrize("nested", [True, False])
+def test_every_numeric_datatype_in_json_parses_as_the_client_wrote_it(
+        datatype: str, nested: bool) -> None:
+    dtype = NUMERIC[datatype]
+    if dtype.kind == "b":
+        data = np.array([[True, False, True], [False, False, True]])
+    elif dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        data = np.array([[info.min, 0, info.max], [1, info.max - 1, 7]], dtype=dtype)
+    else:
+        data = np.array([[-1.5, 0.0, 2.25], [np.finfo(dtype).max, -np.finfo(dtype).max, 3]],
+                        dtype=dtype)
+    body, length = client_body(triton_input("A", data.astype(dtype), datatype, binary=False))
+    if nested:  # tritonclient sends it flat; nested as its shape says is valid too
+        document = json.loads(body)
+        document["inputs"][0]["data"] = data.tolist()
+        body, length = json.dumps(document).encode(), None
+    rule = InputRule(datatype, ((-1, 3),))
+    [tensor] = parse_request(body, length, contract=contract(A=rule)).inputs
+    assert isinstance(tensor.data, np.ndarray) and tensor.data.dtype == dtype
+    np.testing.assert_array_equal(tensor.data, data.astype(dtype))
 
 
 @pytest.mark.parametrize(("body", "length", "words"), [
     (b"\x89PNG", None, "invalid inference request"),
     (b'{"inputs": [{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, "2"]}]}',
-     None, "must be numbers"),
+     None, "must be whole numbers, found a string"),
     (b'{"inputs": [{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, 2.5]}]}',
      None, "whole numbers"),
     (b'{"inputs": [{"name": "A", "datatype": "INT8", "shape": [1], "data": [128]}]}',
@@ -102,8 +145,9 @@ def test_first_dimension_and_bytes_count_are_bounded_before_the_data_is_read() -
 ])
 def test_malformed_requests_say_what_is_wrong(body: bytes, length: str | None,
                                               words: str) -> None:
+    datatype = json.loads(body)["inputs"][0]["datatype"] if body.startswith(b"{") else "FP32"
     with pytest.raises(MalformedRequestError) as failed:
-        parse_request(body, length, max_batch=4)
+        parse_request(body, length, contract=contract(A=InputRule(datatype, ((-1,),))))
     assert words in str(failed.value)
 
 
