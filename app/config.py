@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import ipaddress
 import math
 import os
 import re
@@ -64,29 +63,6 @@ def read_key_file(path: Path) -> list[SecretStr]:
     return keys
 
 
-def read_key_file(path: Path) -> list[SecretStr]:
-    """The API keys in `path`, one a line; a problem is named by its line, never shown."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
-        raise ValueError(f"cannot read the API key file {str(path)!r}: {reason}") from None
-    keys = []
-    for number, line in enumerate(lines, start=1):
-        key = line.strip()
-        if not key or key.startswith("#"):
-            continue
-        if not API_KEY_PATTERN.fullmatch(key):
-            raise ValueError(f"line {number} of the API key file {str(path)!r} holds a space "
-                             "or a character outside visible ASCII; HTTP headers cannot carry "
-                             "it reliably")
-        keys.append(SecretStr(key))
-    if not keys:
-        raise ValueError(f"the API key file {str(path)!r} holds no key; leave it out to "
-                         "serve without keys")
-    return keys
-
-
 class Settings(BaseSettings):
     """Everything the service can be told; validated together when created."""
 
@@ -105,11 +81,6 @@ class Settings(BaseSettings):
         "then names in order loading first (0: no limit)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
-    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="proxies whose X-Forwarded-For and X-Forwarded-Proto headers are "
-        "believed: IP addresses or networks such as 10.0.0.0/8, comma-separated, or * for "
-        "any peer (empty: none; the headers are ignored and logs show the peer's address)")
     forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="proxies whose X-Forwarded-For and X-Forwarded-Proto headers are "
@@ -177,10 +148,6 @@ class Settings(BaseSettings):
         None, description="a file of accepted API keys, one a line (blank lines and lines "
         "starting with # are skipped), added to api_keys; unlike --api-key, the keys do not "
         "show in the process list")
-    api_key_file: Path | None = Field(
-        None, description="a file of accepted API keys, one a line (blank lines and lines "
-        "starting with # are skipped), added to api_keys; unlike --api-key, the keys do not "
-        "show in the process list")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="lowest level logged")
@@ -230,25 +197,6 @@ class Settings(BaseSettings):
                     "ASCII (letters, digits, punctuation); HTTP headers cannot carry it "
                     "reliably, so no request could ever match it")
         return value
-
-    @field_validator("forwarded_allow_ips")
-    @classmethod
-    def _addresses(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            if entry == "*":
-                continue
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError:
-                raise ValueError(f"{entry[:64]!r} in forwarded_allow_ips is neither an IP "
-                                 "address, a network (such as 10.0.0.0/8) nor *") from None
-        return value
-
-    @model_validator(mode="after")
-    def _keys_from_file(self) -> Settings:
-        if self.api_key_file is not None:
-            self.api_keys = [*self.api_keys, *read_key_file(self.api_key_file)]
-        return self
 
     @field_validator("forwarded_allow_ips")
     @classmethod

@@ -48,7 +48,8 @@ def create_app(settings: Settings | None = None, *,
                                          settings.precision)
         torch.set_num_threads(host_threads(settings.torch_threads, accelerator,
                                            processes=max(1, settings.workers)))
-        decoder = ImageDecoder(workers=settings.decode_workers, max_pixels=settings.max_pixels)
+        decoder = ImageDecoder(workers=settings.decode_workers, max_pixels=settings.max_pixels,
+                               limits=settings.decode_limits())
         registry = ModelRegistry(settings, accelerator=accelerator, decoder=decoder,
                                  metrics=metrics, cluster=cluster)
         app.state.registry = registry
