@@ -31,15 +31,16 @@ _FAST_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 
 
 class FixedProbabilities:
-    """A runner that answers one fixed, well-formed probability row per image."""
+    """A runner that answers the same logits for every image: `row` is what they score."""
 
     def __init__(self, card: ModelCard) -> None:
-        logits = torch.randn(card.num_classes, generator=torch.Generator().manual_seed(0))
-        self.row = probabilities(logits.unsqueeze(0), card.task)
+        self.logits = torch.randn(card.num_classes, generator=torch.Generator().manual_seed(0))
+        self.row = probabilities(self.logits.unsqueeze(0), card.task)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [N,3,H,W] -> float32 [N,C]: the same row N times."""
-        return self.row.expand(batch.shape[0], -1).clone()
+        """uint8 [N,3,H,W] -> float32 [N,C]: the same logits N times (the Predictor makes
+        them scores, as it does a real model's)."""
+        return self.logits.expand(batch.shape[0], -1).clone()
 
 
 def standin_runner(backend: str, model: nn.Module, card: ModelCard, accelerator: Accelerator,
