@@ -38,6 +38,9 @@ from models.checkpoint import save
 logger = logging.getLogger(__name__)
 
 
+CLIENT_CONNECTIONS = 1000  # the load client's pool
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process in MiB (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -106,6 +109,8 @@ async def one(client: RawHttpClient, request: bytes, counts: Counts) -> None:
         counts.refused += 1
     elif r.status >= 500:
         counts.failed += 1
+        if counts.failed <= 3:  # say what they were
+            logger.warning("%d: %s", r.status, r.body[:200])
     else:
         counts.other += 1
 
@@ -145,7 +150,8 @@ async def soak(args: argparse.Namespace, url: str, pid: int, ckpt: Path) -> dict
     port = int(url.rsplit(":", 1)[1])
     requests = [build_request("POST", "/predict", f"127.0.0.1:{port}", body=image,
                               headers={"Content-Type": "image/jpeg"}) for image in jpegs()]
-    load = RawHttpClient("127.0.0.1", port, max_connections=1000, timeout=args.timeout + 30)
+    load = RawHttpClient("127.0.0.1", port, max_connections=CLIENT_CONNECTIONS,
+                         timeout=args.timeout + 30)
     try:
         await closed_loop(load, requests, 4, 200, 30)  # warm
         before = (await closed_loop(load, requests, 1, 100, 30)).summary()
@@ -223,6 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
         [sys.executable, "-m", "app", "--checkpoint-dir", str(root), "--host", "127.0.0.1",
          "--port", str(port), "--device", "cpu",
          "--request-timeout", str(args.timeout), "--max-queue", str(args.max_queue),
+         # above the client's pool: connections left from the flood are the client's own,
+         # and its next requests must not meet the cap meant for strangers
+         "--max-connections", str(CLIENT_CONNECTIONS + 200),
          "--log-level", "warning"])
     url = f"http://127.0.0.1:{port}"
     try:
