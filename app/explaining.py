@@ -1,4 +1,5 @@
-"""Explaining uploads: decode, batch through the CAM explainer, draw each heatmap.
+"""Explaining crops: batch them through the CAM explainer, draw each heatmap (the crops come
+from ServedModel.crops, the same step /predict takes).
 
 Explain work has a DynamicBatcher of its own, on the same compute thread as the model's
 prediction batches. A separate batcher because its batch function answers maps, not the
@@ -18,10 +19,9 @@ from dataclasses import dataclass
 from app.batching import DynamicBatcher, EventHook
 from app.compute import ComputeThread
 from app.config import Settings
-from app.imaging import DecodedImage, ImageDecoder, Upload
+from app.imaging import DecodedImage
 from models.cam import Explainer, Explanation
 from models.heatmap import heatmap_png
-from models.preprocessing import EvalCrop
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +39,11 @@ class ExplainedImage:
 class ExplainQueue:
     """One model's explain batcher and the steps around it."""
 
-    def __init__(self, explainer: Explainer, *, name: str, decoder: ImageDecoder,
-                 crop: EvalCrop, settings: Settings,
+    def __init__(self, explainer: Explainer, *, name: str, settings: Settings,
                  compute: ComputeThread | None = None,
                  on_event: EventHook | None = None) -> None:
         self.explainer = explainer
         self.classes = explainer.card.classes
-        self._decoder = decoder
-        self._crop = crop
         self.batcher = DynamicBatcher(
             explainer.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
@@ -60,15 +57,11 @@ class ExplainQueue:
         """Finish what is queued (bounded), then stop."""
         await self.batcher.stop(timeout)
 
-    async def explain(self, uploads: list[Upload], *, timeout: float,
+    async def explain(self, images: list[DecodedImage], *, timeout: float,
                       class_index: int | None = None) -> list[ExplainedImage]:
-        """Each upload's map for `class_index` (None: its top class), within `timeout` s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        with self.batcher.reserve(len(uploads)):
-            images = await self._decoder.decode(uploads, self._crop, timeout=timeout)
+        """Each crop's map for `class_index` (None: its top class), within `timeout` s."""
         found = await self.batcher.submit([(image.pixels, class_index) for image in images],
-                                          timeout=max(1e-3, deadline - loop.time()))
+                                          timeout=timeout)
         # PNG encoding takes milliseconds per image: off the event loop
         return await asyncio.to_thread(self._draw, images, found)
 

@@ -1,11 +1,14 @@
-"""ServedModel: one loaded checkpoint serving requests, its stages named in the order they run.
+"""ServedModel: one loaded checkpoint serving requests, its stages written once for every
+protocol (POST /predict, the Open Inference Protocol, POST /explain).
 
-    read_uploads (app.api.transport)       HTTP body -> list[Upload]
-    decode       (app.imaging)             Upload -> DecodedImage (filename + uint8 crop)
-    batch        (app.batching)            images of many requests -> one batch
-    predict      (Predictor.run_batch)     uint8 batch -> logits, on the compute thread
-    label        (Predictor.answer)        one image's logits -> its scores, labels, unknown
-    respond      (app.api.predict)         ClassifiedImage -> JSON
+    read the body  (the route: app.api.transport, app.api.v2_codec)   -> uploads or pixels
+    crops          (here, app.imaging)     uploads -> uint8 crops within the request's deadline,
+                                           admitted before any decoding is spent
+    outputs        (here, app.batching)    crops of many requests -> one batch -> Predictor
+                                           outputs ([N, C] logits, then the unknown score)
+    answers        (here, Predictor)       outputs -> probabilities, unknown verdicts, ranked
+                                           (index, label, score) per image
+    encode         (the route)             -> its protocol's answer
 
 The batcher is given the predictor's batch function and holds nothing of this object, so a
 retired version is freed as soon as its requests have finished.
@@ -17,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -27,28 +29,20 @@ from app.batching import DynamicBatcher
 from app.cluster import SharedQueueBound
 from app.compute import ComputeThread
 from app.config import Settings
-from app.explaining import ExplainQueue
-from app.imaging import ImageDecoder, Upload
+from app.explaining import ExplainedImage, ExplainQueue
+from app.imaging import DecodedImage, ImageDecoder, Upload
 from models.cam import Explainer
 from models.card import ModelCard
 from models.device_decode import DeviceJpegDecoder
 from models.pixels import crops_from_channels_last, crops_from_normalized
-from models.predict import ImageResult, Predictor
+from models.predict import ImageResult, Prediction, Predictor
 from models.preprocessing import EvalCrop
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ClassifiedImage:
-    """One uploaded image's answer, under the filename it was sent with."""
-
-    filename: str
-    result: ImageResult
-
-
 class ServedModel:
-    """A loaded checkpoint with its transform, predictor and batcher."""
+    """A loaded checkpoint with its crop recipe, predictor and batchers."""
 
     def __init__(self, *, name: str, card: ModelCard, predictor: Predictor,
                  decoder: ImageDecoder, settings: Settings,
@@ -64,7 +58,7 @@ class ServedModel:
         self.crop = EvalCrop(card.preprocessing)  # what the decode processes run
         self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._decoder = decoder
-        self.device_decoder = device_decoder  # None: every image on the decode threads
+        self.device_decoder = device_decoder  # None: every image in the decode processes
         self._leases = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -74,8 +68,8 @@ class ServedModel:
             on_event=on_event, compute=compute, bound=queue_bound)
         # POST /explain: a batcher of its own on the same compute thread (app.explaining)
         self.explaining = None if explainer is None else ExplainQueue(
-            explainer, name=name, decoder=decoder, crop=self.crop,
-            settings=settings, compute=compute, on_event=on_explain_event)
+            explainer, name=name, settings=settings, compute=compute,
+            on_event=on_explain_event)
 
     def start(self) -> None:
         """Start the batchers' workers (on the event loop)."""
@@ -95,58 +89,77 @@ class ServedModel:
             if self._leases == 0:
                 self._idle.set()
 
-    async def classify(self, uploads: list[Upload], *, timeout: float, top_k: int = 5,
-                       threshold: float | None = None, all_scores: bool = False,
-                       reject_unknown: bool = False) -> list[ClassifiedImage]:
-        """Decode, batch, predict and label one request's images within `timeout` s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        with self.batcher.reserve(len(uploads)):  # admission before any decoding is spent
-            images = await self._decoder.decode(
-                uploads, self.crop, timeout=timeout,  # the deadline covers decoding too
-                on_device=self.device_decoder)
-        rows = await self.batcher.submit([image.pixels for image in images],
-                                         timeout=max(1e-3, deadline - loop.time()))
-        # one image at a time: torch parallelises ops on larger tensors, and the event loop
-        # must not start an OpenMP team of its own (see app.compute)
-        return [ClassifiedImage(image.filename, self.predictor.answer(
-                    row.unsqueeze(0), top_k=top_k, threshold=threshold,
-                    all_scores=all_scores, reject_unknown=reject_unknown)[0])
-                for image, row in zip(images, rows, strict=True)]
+    # ---- crops -------------------------------------------------------------------------
 
-    async def score_uploads(self, uploads: list[Upload], *, timeout: float) -> np.ndarray:
-        """Decode and batch uploads as `classify` does; the model's float32 outputs
-        (Predictor.outputs: [N, C] logits, then the unknown score where the card has one)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        with self.batcher.reserve(len(uploads)):
-            images = await self._decoder.decode(
-                uploads, self.crop, timeout=timeout, on_device=self.device_decoder)
-        return await self._score_crops([image.pixels for image in images],
-                                       timeout=max(1e-3, deadline - loop.time()))
+    async def crops(self, uploads: list[Upload], *, deadline: float,
+                    queue: DynamicBatcher | None = None) -> list[DecodedImage]:
+        """The uploads decoded to the model's crops by `deadline` (the loop's clock), on the
+        device where it decodes JPEGs, else in the decode processes; admitted to `queue`
+        (default: the prediction batcher) before any decoding is spent (429 when full)."""
+        queue = self.batcher if queue is None else queue
+        with queue.reserve(len(uploads)):
+            return await self._decoder.decode(uploads, self.crop, timeout=_left(deadline),
+                                              on_device=self.device_decoder)
 
-    async def score_pixels(self, pixels: np.ndarray, *, timeout: float) -> np.ndarray:
-        """uint8 [N, H, W, 3] crops (already resized and cropped) -> the model's outputs."""
-        return await self._score_crops(list(crops_from_channels_last(pixels)), timeout=timeout)
+    def crops_from_pixels(self, pixels: np.ndarray) -> list[torch.Tensor]:
+        """uint8 [N, H, W, 3] crops (already resized and cropped) as the model's crops."""
+        return list(crops_from_channels_last(pixels))
 
-    async def score_normalized(self, values: np.ndarray, *, timeout: float) -> np.ndarray:
-        """float [N, 3, H, W] normalised with the card's mean/std -> the model's outputs
+    async def crops_from_normalized(self, values: np.ndarray) -> list[torch.Tensor]:
+        """float [N, 3, H, W] normalised with the card's mean/std, back to the uint8 crops
         (ValueError for values no 8-bit image normalises to)."""
         # off the event loop: a full batch of large crops takes tens of milliseconds
-        crops = await asyncio.to_thread(crops_from_normalized, values, self.card.preprocessing)
-        return await self._score_crops(list(crops), timeout=timeout)
+        return list(await asyncio.to_thread(crops_from_normalized, values,
+                                            self.card.preprocessing))
 
-    async def _score_crops(self, crops: list[torch.Tensor], *, timeout: float) -> np.ndarray:
-        rows = await self.batcher.submit(crops, timeout=timeout)  # the batch function's outputs
-        return torch.stack(rows).numpy()
+    # ---- outputs and answers -----------------------------------------------------------
 
-    def ranked_labels(self, probs: np.ndarray, top_k: int) -> list[list[tuple[float, int, str]]]:
-        """Per row of probabilities, (score, class index, label) best first: single-label
-        the top `top_k`; multi-label those passing the card's thresholds, at most `top_k`."""
-        index = {label: i for i, label in enumerate(self.card.classes)}
-        results = self.predictor.postprocess(torch.from_numpy(probs), top_k=top_k)
-        return [[(p.score, index[p.label], p.label) for p in result.predictions
-                 if p.label in index][:top_k] for result in results]
+    async def outputs(self, images: list[Upload] | list[torch.Tensor], *,
+                      timeout: float) -> torch.Tensor:
+        """The model's float32 outputs for uploads (decoded first) or crops, within `timeout`
+        s: [N, C] logits, then each image's unknown score where the card has the rule."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        if images and isinstance(images[0], Upload):
+            crops = [image.pixels for image in await self.crops(images, deadline=deadline)]
+        else:
+            crops = images  # type: ignore[assignment]
+        rows = await self.batcher.submit(crops, timeout=_left(deadline))
+        return torch.stack(rows)
+
+    def answers(self, outputs: torch.Tensor, *, top_k: int = 5, threshold: float | None = None,
+                all_scores: bool = False, reject_unknown: bool = False) -> list[ImageResult]:
+        """One ImageResult per row of outputs: calibrated scores, the labels passing (top-k
+        or the thresholds, each with its class index) and the unknown verdict."""
+        # one image at a time: torch parallelises ops on larger tensors, and the event loop
+        # must not start an OpenMP team of its own (see app.compute)
+        return [self.predictor.answer(row.unsqueeze(0), top_k=top_k, threshold=threshold,
+                                      all_scores=all_scores, reject_unknown=reject_unknown)[0]
+                for row in outputs]
+
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        """[N, C] calibrated scores (softmax or sigmoid of logits / temperature)."""
+        return self.predictor.scores(outputs)
+
+    def unknown_scores(self, outputs: torch.Tensor) -> torch.Tensor | None:
+        """[N] unknown scores, None for a card without the rule."""
+        return self.predictor.unknown_scores(outputs)
+
+    def ranked(self, probabilities: torch.Tensor, top_k: int) -> list[list[Prediction]]:
+        """Per row, the best labels first: single-label the top `top_k`; multi-label those
+        passing the card's thresholds, at most `top_k`."""
+        return [result.predictions[:top_k]
+                for result in self.predictor.postprocess(probabilities, top_k=top_k)]
+
+    async def explain(self, uploads: list[Upload], *, timeout: float,
+                      class_index: int | None = None) -> list[ExplainedImage]:
+        """Each upload's class activation map for `class_index` (None: its top class), from
+        the same crops /predict would classify, within `timeout` s."""
+        if self.explaining is None:
+            raise RuntimeError(f"model {self.name} cannot be explained")
+        deadline = asyncio.get_running_loop().time() + timeout
+        images = await self.crops(uploads, deadline=deadline, queue=self.explaining.batcher)
+        return await self.explaining.explain(images, timeout=_left(deadline),
+                                             class_index=class_index)
 
     async def retire(self, timeout: float) -> None:
         """Wait (bounded) for requests holding this model, then drain and stop the batcher."""
@@ -158,3 +171,8 @@ class ServedModel:
         await self.batcher.stop(timeout)
         if self.explaining is not None:
             await self.explaining.stop(timeout)
+
+
+def _left(deadline: float) -> float:
+    """Seconds until `deadline` on the running loop's clock (never quite zero)."""
+    return max(1e-3, deadline - asyncio.get_running_loop().time())

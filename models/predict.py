@@ -29,10 +29,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prediction:
-    """One label and its probability."""
+    """One label, its index among the card's classes, and its probability."""
 
     label: str
     score: float
+    index: int
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ class Predictor:
         out = []
         for row_scores, row_idx, row in zip(scores.tolist(), indices.tolist(), probs,
                                             strict=True):
-            preds = [Prediction(classes[i], s) for s, i in zip(row_scores, row_idx, strict=True)]
+            preds = [Prediction(classes[i], s, i)
+                     for s, i in zip(row_scores, row_idx, strict=True)]
             out.append(ImageResult(preds, self._all(row) if all_scores else None))
         return out
 
@@ -184,7 +186,7 @@ class Predictor:
         out = []
         for row in probs:
             hits = (row >= cut).nonzero().flatten().tolist()
-            preds = sorted((Prediction(classes[i], float(row[i])) for i in hits),
+            preds = sorted((Prediction(classes[i], float(row[i]), i) for i in hits),
                            key=lambda p: p.score, reverse=True)
             out.append(ImageResult(preds, self._all(row) if all_scores else None))
         return out

@@ -54,7 +54,7 @@ async def explain_images(
         if as_png and len(uploads) != 1:
             raise InvalidRequestError(f"a PNG answer holds one image; got {len(uploads)} "
                                       "(ask for JSON to explain several)")
-        explained = await unless_disconnected(request, served.explaining.explain(
+        explained = await unless_disconnected(request, served.explain(
             uploads, timeout=settings.request_timeout, class_index=class_index))
     if as_png:
         image = explained[0]

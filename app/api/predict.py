@@ -12,7 +12,7 @@ from app.api.deps import ModelQuery, RegistryDep, SettingsDep
 from app.api.schemas import PredictResponse, error_responses
 from app.api.transport import UPLOAD_BODY, read_uploads, unless_disconnected
 from app.exceptions import InvalidRequestError
-from app.served_model import ClassifiedImage
+from models.predict import ImageResult
 
 router = APIRouter(tags=["predict"], dependencies=[API_KEY_REQUIRED])
 
@@ -50,25 +50,27 @@ async def predict_images(
             "without one); retrain it to use reject_unknown")
     with served.lease():
         uploads = await read_uploads(request, settings)
-        classified = await unless_disconnected(request, served.classify(
-            uploads, timeout=settings.request_timeout, top_k=top_k, threshold=threshold,
-            all_scores=all_scores, reject_unknown=reject_unknown))
+        outputs = await unless_disconnected(request, served.outputs(
+            uploads, timeout=settings.request_timeout))
+    answers = served.answers(outputs, top_k=top_k, threshold=threshold, all_scores=all_scores,
+                             reject_unknown=reject_unknown)
     # the answer has PredictResponse's shape; written here in one pass, as validating it
     # again would cost every request as much as its HTTP parsing
     return Response(to_json({"model": served.name, "task": served.card.task,
-                             "results": [_result(image) for image in classified]}),
+                             "results": [_result(upload.filename, answer)
+                                         for upload, answer in zip(uploads, answers,
+                                                                   strict=True)]}),
                     media_type="application/json")
 
 
-def _result(image: ClassifiedImage) -> dict[str, Any]:
+def _result(filename: str, answer: ImageResult) -> dict[str, Any]:
     """One image's entry of PredictResponse.results."""
     result: dict[str, Any] = {
-        "filename": image.filename,
-        "predictions": [{"label": p.label, "score": p.score}
-                        for p in image.result.predictions]}
-    if image.result.scores is not None:
-        result["scores"] = image.result.scores
-    if image.result.unknown is not None:
-        result["unknown"] = image.result.unknown
-        result["unknown_score"] = image.result.unknown_score
+        "filename": filename,
+        "predictions": [{"label": p.label, "score": p.score} for p in answer.predictions]}
+    if answer.scores is not None:
+        result["scores"] = answer.scores
+    if answer.unknown is not None:
+        result["unknown"] = answer.unknown
+        result["unknown_score"] = answer.unknown_score
     return result

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from app.api.v2_codec import (
     BYTES,
@@ -111,19 +110,19 @@ async def infer(served: ServedModel, request: InferRequest, *, timeout: float
     for out in wanted:
         if out.name == UNKNOWN_SCORE and out.classification is not None:
             raise MalformedRequestError(f"classification applies to {PROBABILITIES} only")
-    outputs = torch.from_numpy(await _score(served, tensor, timeout))
-    probs = served.predictor.scores(outputs).numpy()
-    unknown = served.predictor.unknown_scores(outputs)
-    return [_unknown_output(out, unknown, request.binary_output)
+    outputs = await served.outputs(await _images(served, tensor), timeout=timeout)
+    probs = served.probabilities(outputs)
+    unknown = served.unknown_scores(outputs)
+    return [_unknown_output(out, unknown.numpy(), request.binary_output)
             if out.name == UNKNOWN_SCORE and unknown is not None
             else _output(served, out, probs, request.binary_output) for out in wanted]
 
 
-def _unknown_output(out: RequestedOutput, unknown: torch.Tensor,
+def _unknown_output(out: RequestedOutput, unknown: np.ndarray,
                     binary_default: bool) -> OutputTensor:
     binary = binary_default if out.binary is None else out.binary
-    return OutputTensor(UNKNOWN_SCORE, "FP32", unknown.numpy().astype(np.float32),
-                        (len(unknown),), binary)
+    return OutputTensor(UNKNOWN_SCORE, "FP32", unknown.astype(np.float32), (len(unknown),),
+                        binary)
 
 
 def output_names(served: ServedModel) -> list[str]:
@@ -131,29 +130,28 @@ def output_names(served: ServedModel) -> list[str]:
     return [PROBABILITIES] + ([UNKNOWN_SCORE] if served.card.unknown is not None else [])
 
 
-async def _score(served: ServedModel, tensor: InputTensor, timeout: float) -> np.ndarray:
-    """The model's outputs for the input's images (of a shape the contract allows),
-    through the model's batcher."""
+async def _images(served: ServedModel, tensor: InputTensor) -> list[Upload] | list[Any]:
+    """The input's images, as the served model takes them: uploads (IMAGE) or crops."""
     if tensor.name == IMAGE:
         assert isinstance(tensor.data, list)
-        uploads = [Upload(f"{IMAGE}[{i}]", data) for i, data in enumerate(tensor.data)]
-        return await served.score_uploads(uploads, timeout=timeout)
+        return [Upload(f"{IMAGE}[{i}]", data) for i, data in enumerate(tensor.data)]
     assert isinstance(tensor.data, np.ndarray)
     if tensor.name == PIXELS:
-        return await served.score_pixels(tensor.data, timeout=timeout)
+        return served.crops_from_pixels(tensor.data)
     try:
-        return await served.score_normalized(tensor.data, timeout=timeout)
+        return await served.crops_from_normalized(tensor.data)
     except ValueError as exc:
         raise MalformedRequestError(f"input {NORMALIZED}: {exc}") from None
 
 
-def _output(served: ServedModel, out: RequestedOutput, probs: np.ndarray,
+def _output(served: ServedModel, out: RequestedOutput, probs: Any,
             binary_default: bool) -> OutputTensor:
     binary = binary_default if out.binary is None else out.binary
     if out.classification is None:
-        return OutputTensor(out.name, "FP32", probs, tuple(probs.shape), binary)
-    ranked = served.ranked_labels(probs, out.classification)
+        values = probs.numpy()
+        return OutputTensor(out.name, "FP32", values, tuple(values.shape), binary)
+    ranked = served.ranked(probs, out.classification)
     width = max(len(row) for row in ranked)  # multi-label rows pass different counts
-    rows = [[f"{score!r}:{index}:{label}".encode() for score, index, label in row]
+    rows = [[f"{p.score!r}:{p.index}:{p.label}".encode() for p in row]
             + [b""] * (width - len(row)) for row in ranked]
     return OutputTensor(out.name, BYTES, rows, (len(rows), width), binary)

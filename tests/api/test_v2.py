@@ -262,7 +262,7 @@ async def test_an_unexpected_failure_is_a_500_in_the_oip_shape(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("labelling broke")
 
-    monkeypatch.setattr(app.state.registry.get("colors"), "ranked_labels", broken)
+    monkeypatch.setattr(app.state.registry.get("colors"), "ranked", broken)
     r = await http.post(INFER, json={"inputs": [image_input(jpeg("red"))], "outputs": [
         {"name": "PROBABILITIES", "parameters": {"classification": 1}}]})
     message = assert_oip_error(r, 500, "internal error", r.headers["x-request-id"])
