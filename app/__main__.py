@@ -17,6 +17,7 @@ from app.cluster import workers_for
 from app.config import ENV_PREFIX, Settings
 from app.logs import configure_logging
 from app.server import WorkerEntry, serve
+from models.backend_specs import backend_device
 
 logger = logging.getLogger("app")
 
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None, worker_entry: WorkerEntry | None = N
 
 def _models_on_cuda(settings: Settings) -> bool:
     """Whether the models will run on CUDA (without starting CUDA in this process)."""
-    if settings.workers or settings.device == "cpu" or settings.backend == "onnxruntime":
+    if settings.workers or backend_device(settings.backend, settings.device) == "cpu":
         return False
     if settings.device == "cuda":
         return True

@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.decode_box import BoxLimits
-from models.backend_names import Backend
+from models.backend_specs import BACKEND_SPECS, Backend
 
 ENV_PREFIX = "RESNET_SERVE_"
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -100,8 +100,8 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="autocast dtype; auto = fp32 on CPU, bf16 (else fp16) on CUDA")
     backend: Backend = Field(
-        "torch", description="what runs the models: torch, or onnxruntime (CPU, fp32; "
-        "exported at load and checked against torch; needs the onnx extra)")
+        "torch", description="what runs the models: " + "; ".join(
+            f"{spec.name} ({spec.summary})" for spec in BACKEND_SPECS.values()))
     max_batch_size: int = Field(32, ge=1, le=4096, description="most images run in one batch")
     max_wait_ms: float = Field(
         5.0, ge=0.0, le=10_000.0,
@@ -240,11 +240,9 @@ class Settings(BaseSettings):
             problems.append(
                 f"max_wait_ms ({self.max_wait_ms} ms) must be well below request_timeout "
                 f"({self.request_timeout} s)")
-        if self.backend == "onnxruntime" and (self.device == "cuda"
-                                              or self.precision in ("fp16", "bf16")):
-            problems.append(
-                f"backend onnxruntime runs fp32 on the CPU; it cannot use device "
-                f"{self.device!r} with precision {self.precision!r}")
+        conflict = BACKEND_SPECS[self.backend].conflicts(self.device, self.precision)
+        if conflict is not None:
+            problems.append(conflict)
         if problems:
             raise ValueError("; ".join(problems))
         return self

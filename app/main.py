@@ -26,7 +26,7 @@ from app.imaging import ImageDecoder
 from app.metrics import Metrics
 from app.parser_pool import ParserPool
 from app.registry import ModelRegistry
-from models.backends import backend_device
+from models.backend_specs import backend_device
 from models.device import Accelerator
 
 logger = logging.getLogger(__name__)

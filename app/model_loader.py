@@ -13,6 +13,7 @@ from app.metrics import Metrics
 from app.served_model import ServedModel
 from models import checkpoint
 from models.architectures import arch_spec
+from models.backend_specs import backend_spec
 from models.cam import CamUnsupportedError, Explainer
 from models.card import ModelCard
 from models.device import Accelerator
@@ -53,8 +54,8 @@ class ModelLoader:
         """Load, warm up and check one checkpoint (call on a thread that exits afterwards,
         see app.compute); raises CheckpointError or BackendError naming what failed."""
         model, card = checkpoint.load(path)
-        if self.settings.backend == "onnxruntime":
-            # ONNX Runtime starts its worker pool on this thread and keeps it for the batches:
+        if backend_spec(self.settings.backend).own_thread_pool:
+            # the runtime starts its worker pool on this thread and keeps it for the batches:
             # the pool inherits this name, so its CPU time shows as compute, not as loading
             name_native_thread(self.compute.name)
         predictor = Predictor(model, card, self.accelerator, backend=self.settings.backend,

@@ -16,7 +16,7 @@ import time
 import torch
 
 from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
-from models.backends import BACKENDS, backend_device
+from models.backend_specs import BACKENDS, backend_device
 from models.card import Preprocessing
 from models.checkpoint import load
 from models.decoding import decode

@@ -3,8 +3,8 @@
 A runner takes a uint8 [N, 3, H, W] batch on the host and answers float32 [N, C] raw
 logits on the host, then the unknown score where the model computes one (models.unknown);
 the Predictor makes the served scores from them.
-A new serving backend is one runner here (its own module for the heavy part, as
-models.onnx_backend is) plus its name in models.backend_names.Backend.
+A new serving backend is one runner in `RUNNERS` (its own module for the heavy part, as
+models.onnx_backend is) plus its entry in models.backend_specs.
 """
 
 from __future__ import annotations
@@ -14,18 +14,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.backend_names import BACKENDS
+from models.backend_specs import BACKEND_SPECS, backend_spec
 from models.card import ModelCard
 from models.device import Accelerator
 from models.onnx_backend import BackendError, OnnxRuntimeModel
 from models.preprocessing import Normalize
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
-
-
-def backend_device(backend: str, device: str) -> str:
-    """The device to run `backend` on: ONNX Runtime always runs on the CPU."""
-    return "cpu" if backend == "onnxruntime" else device
 
 
 class TorchRunner:
@@ -46,19 +41,34 @@ class TorchRunner:
         return logits.float().cpu()
 
 
+def _torch_runner(model: nn.Module, card: ModelCard, accelerator: Accelerator,
+                  threads: int) -> Runner:
+    return TorchRunner(model, card, accelerator)
+
+
+def _onnxruntime_runner(model: nn.Module, card: ModelCard, accelerator: Accelerator,
+                        threads: int) -> Runner:
+    return OnnxRuntimeModel(model.cpu().eval(), Normalize(card.preprocessing),
+                            task=card.task, classes=card.num_classes,
+                            input_shape=(3, card.preprocessing.crop, card.preprocessing.crop),
+                            threads=threads or torch.get_num_threads())
+
+
+RUNNERS: dict[str, Callable[[nn.Module, ModelCard, Accelerator, int], Runner]] = {
+    "torch": _torch_runner,
+    "onnxruntime": _onnxruntime_runner,
+}
+assert RUNNERS.keys() == BACKEND_SPECS.keys(), "one runner per backend entry"
+
+
 def make_runner(backend: str, model: nn.Module, card: ModelCard, accelerator: Accelerator, *,
                 threads: int = 0) -> Runner:
-    """The runner for `backend` ("torch" or "onnxruntime"; the latter CPU/fp32 only, on
-    `threads` threads, 0 meaning torch's thread count)."""
-    if backend == "torch":
-        return TorchRunner(model, card, accelerator)
-    if backend == "onnxruntime":
-        if accelerator.is_cuda or accelerator.amp_dtype is not None:
-            raise BackendError("the onnxruntime backend runs fp32 on the CPU; use "
-                               f"device cpu and precision fp32 (got {accelerator.describe()}, "
-                               f"{accelerator.precision_name})")
-        return OnnxRuntimeModel(model.cpu().eval(), Normalize(card.preprocessing),
-                                task=card.task, classes=card.num_classes,
-                                input_shape=(3, card.preprocessing.crop, card.preprocessing.crop),
-                                threads=threads or torch.get_num_threads())
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    """The runner for `backend` (models.backend_specs), on `threads` threads where the
+    runtime has a pool of its own (0: torch's thread count)."""
+    spec = backend_spec(backend)
+    conflict = spec.conflicts("cuda" if accelerator.is_cuda else "cpu",
+                              "fp32" if accelerator.amp_dtype is None else "fp16")
+    if conflict is not None:
+        raise BackendError(f"{conflict} (got {accelerator.describe()}, "
+                           f"{accelerator.precision_name})")
+    return RUNNERS[backend](model, card, accelerator, threads)

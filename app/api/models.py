@@ -29,7 +29,7 @@ def _info(entry: ModelEntry) -> ModelInfo:
         name=sendable_text(entry.name), status=entry.status,  # type: ignore[arg-type]
         error=sendable_text(entry.error) if entry.error else None,
         loaded_at=entry.served.loaded_at if entry.served else None,
-        backend=entry.served.predictor.backend if entry.served else None,  # type: ignore[arg-type]
+        backend=entry.served.predictor.backend if entry.served else None,
         card=public_card(entry.card) if entry.card else None)
     try:  # what the JSON response will do with it
         json.dumps(info.model_dump(mode="json"), ensure_ascii=False, allow_nan=False

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.backend_specs import Backend
+
 
 class PredictionOut(BaseModel):
     """One label and its probability."""
@@ -62,7 +64,7 @@ class ModelInfo(BaseModel):
     status: Literal["loaded", "loading", "failed"]
     error: str | None = None
     loaded_at: str | None = None
-    backend: Literal["torch", "onnxruntime"] | None = None
+    backend: Backend | None = None
     card: dict[str, Any] | None = None
 
 

@@ -31,6 +31,7 @@ from app.api.v2_codec import (
 from app.exceptions import MalformedRequestError, UnknownModelVersionError
 from app.imaging import Upload
 from app.served_model import ServedModel
+from models.backend_specs import backend_spec
 
 IMAGE, PIXELS, NORMALIZED = "IMAGE", "PIXELS", "NORMALIZED"
 PROBABILITIES = "PROBABILITIES"
@@ -71,7 +72,7 @@ def metadata(served: ServedModel, *, max_batch: int) -> dict[str, Any]:
     scores = "softmax" if card.task == "single_label" else "sigmoid"
     return {
         "name": served.name, "versions": [version_of(served)],
-        "platform": "pytorch" if served.predictor.backend == "torch" else "onnxruntime",
+        "platform": backend_spec(served.predictor.backend).platform,
         "inputs": [
             {"name": IMAGE, "datatype": BYTES, "shape": [-1], "parameters": {
                 "content": "encoded image files, one per element (JPEG, PNG, GIF, WEBP, BMP, "
