@@ -39,8 +39,9 @@ from models.architectures import build
 from models.card import Preprocessing
 from models.preprocessing import Normalize
 from training.config import TrainConfig
-from training.data import Sample, discover, stratified_split
-from training.metrics import multi_label_metrics, tune_thresholds
+from training.data.discovery import Sample, discover
+from training.data.split import stratified_split
+from training.loop.metrics import multi_label_metrics, tune_thresholds
 from training.recipe import default_stem
 
 logger = logging.getLogger(__name__)

@@ -39,31 +39,31 @@ def _fit(cfg: TrainConfig) -> None:
 
 
 def _evaluate(cfg: EvaluateConfig) -> None:
-    from training.evaluation import evaluate_checkpoint
+    from training.commands.evaluate import evaluate_checkpoint
 
     sys.stdout.write(json.dumps(evaluate_checkpoint(cfg), indent=2) + "\n")
 
 
 def _synth(cfg: SynthConfig) -> None:
-    from training.synthetic import generate
+    from training.commands.synth import generate
 
     logger.info("dataset ready: %s", generate(cfg))
 
 
 def _import_torchvision(cfg: ImportConfig) -> None:
-    from training.torchvision_import import import_torchvision
+    from training.commands.import_torchvision import import_torchvision
 
     import_torchvision(cfg)
 
 
 def _import_cifar(cfg: CifarImportConfig) -> None:
-    from training.cifar_import import import_cifar
+    from training.commands.import_cifar import import_cifar
 
     logger.info("dataset ready: %s", import_cifar(cfg))
 
 
 def _compare(cfg: CompareConfig) -> None:
-    from training.compare import compare
+    from training.commands.compare import compare
 
     compare(cfg)
 

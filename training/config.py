@@ -11,12 +11,16 @@ from typing import Any
 from models.architectures import ARCHITECTURES, STEMS
 from models.decoding import DEFAULT_MAX_PIXELS
 from models.device import DEVICE_CHOICES
+from training.data.images import DEFAULT_DECODE_MEMORY_MB, DEFAULT_DECODE_SECONDS
 from training.exceptions import ConfigError
-from training.files import RESUME_FILE
-from training.images import DEFAULT_DECODE_MEMORY_MB, DEFAULT_DECODE_SECONDS
+from training.loop.schedule import SCHEDULES
 from training.options import Range, flag_of, option, range_problems
-from training.presets import PRESETS
-from training.schedule import SCHEDULES
+from training.recipe import PRESETS
+
+# The files a run keeps in its output folder that only training reads (the checkpoint's own
+# files and reports are named in models.checkpoint, which the server reads too).
+RESUME_FILE = "last.pt"  # the resume state, rewritten after every epoch
+SPLIT_FILE = "split.json"  # the train/validation split, re-used by --resume
 
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 4096
@@ -28,7 +32,7 @@ POS_WEIGHT_CHOICES = ("none", "balanced")
 OPTIMIZER_CHOICES = ("adamw", "sgd")
 SCHEDULE_CHOICES = SCHEDULES
 NORMALIZE_CHOICES = ("imagenet", "dataset")
-RECIPE_CHOICES = tuple(PRESETS)  # named recipes (training.presets)
+RECIPE_CHOICES = tuple(PRESETS)  # named recipes (training.recipe)
 AUTO_RESUME = "auto"  # --resume without a file: the state in --output
 ARCH_CHOICES = tuple(ARCHITECTURES)
 IMAGENET_ARCH_CHOICES = tuple(a for a, spec in ARCHITECTURES.items() if spec.imagenet is not None)

@@ -20,40 +20,37 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from models import checkpoint
 from models.architectures import build
 from models.card import ModelCard, Preprocessing
 from models.checkpoint import HISTORY_FILE
 from models.device import Accelerator
 from models.preprocessing import Normalize
-from training import distributed, report
-from training.balance import class_counts, class_weights
-from training.calibrate import CalibratedOutput, calibrate, card_calibration
-from training.config import TrainConfig
+from training import distributed
+from training.config import RESUME_FILE, TrainConfig
+from training.data.balance import class_counts, class_weights
+from training.data.load import DecodeFailures, load_data, make_loaders, measure_mean_std
 from training.distributed import DistInfo, gather_objects
-from training.epoch_report import history_row, monitor_name, recall_summary, validation_metrics
-from training.exceptions import DataError, NonFiniteError
-from training.export import (
+from training.exceptions import ConfigError, DataError, NonFiniteError
+from training.export import report
+from training.export.checkpoint import (
     PER_EXPORT_REPORTS,
     card_metrics,
     finish_checkpoint,
     validation_reports,
     write_checkpoint,
 )
-from training.files import RESUME_FILE
-from training.fit_data import DecodeFailures, load_data, make_loaders
-from training.loop import (
-    EpochStats,
-    build_criterion,
-    build_optimizer,
-    build_scheduler,
+from training.export.report import history_row
+from training.loop.evaluate import (
+    CalibratedOutput,
+    calibrate,
+    card_calibration,
     evaluate,
-    optimizer_steps,
-    train_one_epoch,
+    validation_metrics,
 )
-from training.normalization import measure_mean_std
-from training.pretrained import check_weights_option
-from training.recipe import Recipe, resolve
-from training.state import (
+from training.loop.metrics import monitor_name, recall_summary
+from training.loop.schedule import build_scheduler, optimizer_steps
+from training.loop.state import (
     Progress,
     capture_rng,
     check_fits_run,
@@ -64,6 +61,8 @@ from training.state import (
     run_identity,
     save_state,
 )
+from training.loop.train import EpochStats, build_criterion, build_optimizer, train_one_epoch
+from training.recipe import Recipe, resolve
 from training.storage import check_output, prepare_output, write_atomically, write_errors
 from training.unknown_rule import UnknownRule, fit_unknown_rule
 
@@ -82,6 +81,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_weights_option(cfg: TrainConfig) -> None:
+    """A --weights path must name a file (a folder gets a hint at the file inside)."""
+    if cfg.weights in ("imagenet", "none"):
+        return
+    path = Path(cfg.weights)
+    if path.is_dir():
+        inside = path / checkpoint.WEIGHTS_FILE
+        hint = f"; did you mean {inside}?" if inside.is_file() else ""
+        raise ConfigError(f"--weights {path} is a folder, not a .pth/.safetensors file{hint}")
 
 
 def _training_device(cfg: TrainConfig, info: DistInfo) -> str:

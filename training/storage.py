@@ -12,9 +12,8 @@ from typing import BinaryIO
 
 from models.atomic import TEMP_PREFIX, write_file
 from models.checkpoint import CARD_FILE, WEIGHTS_FILE
-from training.config import TrainConfig
+from training.config import RESUME_FILE, TrainConfig
 from training.exceptions import DiskFullError, OutputError
-from training.files import RESUME_FILE
 
 logger = logging.getLogger(__name__)
 

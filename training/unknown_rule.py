@@ -14,8 +14,8 @@ from torch import nn
 from models.architectures import arch_spec
 from models.device import Accelerator
 from models.unknown import WithFeatures, class_means, cosine_distance, unknown_record
-from training.data import ImageDataset, make_loader
-from training.fit_data import TrainingData
+from training.data.datasets import ImageDataset, make_loader
+from training.data.load import TrainingData
 
 logger = logging.getLogger(__name__)
 

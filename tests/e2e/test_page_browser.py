@@ -31,7 +31,7 @@ sync_api = pytest.importorskip("playwright.sync_api",
 
 
 def _write_reports(folder: Path) -> None:
-    from training.report import plot_confusion, plot_curves
+    from training.export.report import plot_confusion, plot_curves
 
     history = [{"epoch": e, "train_loss": 1.2 / e, "val_loss": 1.3 / e, "val_accuracy": 1 - 0.4 / e}
                for e in range(1, 6)]

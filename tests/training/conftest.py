@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.commands.synth import generate
 from training.config import SynthConfig, TrainConfig
-from training.synthetic import generate
 
 
 def tiny_config(data: Path, output: Path, **overrides: object) -> TrainConfig:

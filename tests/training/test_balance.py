@@ -13,20 +13,20 @@ import torch
 
 from models import checkpoint
 from tests.torchrun_helpers import torchrun_fit
-from training.balance import (
+from training.cli import main
+from training.commands.synth import generate
+from training.config import SynthConfig, TrainConfig
+from training.data.balance import (
     BalancedSampler,
     class_counts,
     class_weights,
     resolve_balance,
     warn_if_imbalanced,
 )
-from training.cli import main
-from training.config import SynthConfig, TrainConfig
 from training.distributed import DistInfo
 from training.exceptions import ConfigError
 from training.fit import FitRun
-from training.metrics import single_label_metrics
-from training.synthetic import generate
+from training.loop.metrics import single_label_metrics
 
 WARNING = "imbalanced classes"
 
@@ -152,7 +152,7 @@ def test_tiny_fit_with_each_balance_writes_the_new_metrics(balance, skewed_data,
 
 
 def test_the_closing_line_lists_the_lowest_recalls_of_many_classes():
-    from training.epoch_report import recall_summary
+    from training.loop.metrics import recall_summary
 
     recall = {f"c{i:02d}": i / 30 for i in range(30)}
     line = recall_summary({"per_class_recall": recall, "balanced_accuracy": 0.48}, shown=5)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from tests.imagegen import photo, rgba_png_within_budget
-from training.data import DecodeFailure, ImageDataset, Sample, make_loader
+from training.data.datasets import DecodeFailure, ImageDataset, make_loader
+from training.data.discovery import Sample
 from training.fit import fit
 
 

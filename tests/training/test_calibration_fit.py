@@ -14,7 +14,7 @@ from models.calibration import TEMPERATURE_RANGE, expected_calibration_error
 from models.outputs import probabilities
 from training.distributed import DistInfo
 from training.fit import FitRun
-from training.metrics import tune_thresholds
+from training.loop.metrics import tune_thresholds
 
 
 def test_single_label_fit_writes_the_calibration(trained) -> None:

@@ -15,7 +15,7 @@ from models.device import Accelerator
 from models.predict import Predictor
 from tests.cards import copy_checkpoint
 from tests.serving_helpers import fast_settings, running_app
-from training.evaluation import build_eval_dataset, score_dataset
+from training.commands.evaluate import build_eval_dataset, score_dataset
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 TEMPERATURE = 3.0

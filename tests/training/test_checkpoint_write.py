@@ -22,10 +22,10 @@ from models import checkpoint
 from models.architectures import build
 from models.card import ModelCard, Preprocessing
 from models.checkpoint import CheckpointError
+from training.commands.evaluate import evaluate_checkpoint
 from training.config import EvaluateConfig
-from training.evaluation import evaluate_checkpoint
 from training.exceptions import DiskFullError
-from training.state import load_state, save_state
+from training.loop.state import load_state, save_state
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.cifar_import import import_cifar
 from training.cli import main
+from training.commands.import_cifar import import_cifar
 from training.config import CifarImportConfig
 from training.exceptions import DataError
 
@@ -177,7 +177,7 @@ def test_names_are_written_as_fit_reads_them(tmp_path: Path) -> None:
 KILLED_IMPORT = """
 import os, signal, sys
 from pathlib import Path
-import training.cifar_import as ci
+import training.commands.import_cifar as ci
 from training.config import CifarImportConfig
 
 real_write = ci._write_file

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from training.cli import main
-from training.data import discover
+from training.data.discovery import discover
 from training.exceptions import DataError
 
 LATIN1_NAME = os.fsdecode(b"caf\xe9")  # "café" as an old zip file names it: not UTF-8
@@ -72,7 +72,7 @@ def test_a_linked_class_folder_from_elsewhere_is_followed_once(
 
 
 def test_class_names_that_look_like_tex_are_drawn_as_text(tmp_path: Path) -> None:
-    from training.report import plot_confusion, plot_pr_curves
+    from training.export.report import plot_confusion, plot_pr_curves
 
     classes = ["price $_{$ tag", "tea"]  # mathtext would refuse it, after the whole run
     plot_confusion(tmp_path / "confusion_matrix.png", [[3, 1], [0, 4]], classes)

@@ -20,11 +20,11 @@ from PIL import Image
 from models.checkpoint import CARD_FILE, HISTORY_FILE, METRICS_FILE
 from tests.training.conftest import tiny_config
 from training.cli import main
-from training.compare import read_runs, run_labels
+from training.commands.compare import read_runs, run_labels
+from training.commands.synth import generate
 from training.config import SynthConfig
 from training.distributed import DistInfo
 from training.fit import FitRun
-from training.synthetic import generate
 
 RUN_FILES = (CARD_FILE, HISTORY_FILE, METRICS_FILE)
 

@@ -15,18 +15,11 @@ import torch
 from PIL import Image
 
 from tests.imagegen import photo, png_bomb
-from training.data import (
-    DecodeFailure,
-    ImageDataset,
-    Sample,
-    collate,
-    discover,
-    read_split,
-    split_payload,
-    stratified_split,
-)
+from training.data.datasets import DecodeFailure, ImageDataset, collate
+from training.data.discovery import Sample, discover
+from training.data.images import load_training_image
+from training.data.split import read_split, split_payload, stratified_split
 from training.exceptions import CsvFormatError, DataError, EmptyClassError, MissingImageError
-from training.images import load_training_image
 
 
 def _image(path: Path, colour: tuple[int, int, int] = (200, 10, 10)) -> Path:
@@ -235,8 +228,8 @@ def test_one_class_folder_is_refused_with_a_hint(tmp_path):
 
 def test_class_without_validation_support_is_warned(tmp_path, caplog, tiny_config):
     from models.card import Preprocessing
+    from training.data.load import load_data
     from training.distributed import DistInfo
-    from training.fit_data import load_data
     from training.recipe import resolve
 
     for i in range(5):
@@ -253,7 +246,7 @@ def test_discovery_measures_what_an_icon_holds_before_decoding_it(tmp_path, monk
     from PIL import Image
 
     from tests.imagegen import ico_embedding, png_bomb
-    from training.images import skip_reason
+    from training.data.images import skip_reason
 
     disguised = tmp_path / "favicon.png"  # an ICO under an accepted suffix
     disguised.write_bytes(ico_embedding(png_bomb(13000, 13000)))

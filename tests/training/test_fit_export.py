@@ -15,8 +15,8 @@ from models import checkpoint
 from models.calibration import expected_calibration_error
 from models.outputs import probabilities
 from models.preprocessing import Normalize, eval_transform
+from training.commands.evaluate import build_eval_dataset, evaluate_checkpoint
 from training.config import EvaluateConfig
-from training.evaluation import build_eval_dataset, evaluate_checkpoint
 
 
 def test_export_loads_back_with_identical_outputs(trained):

@@ -14,12 +14,13 @@ from safetensors.torch import save_file
 from models import checkpoint
 from models.architectures import build
 from training.cli import main
+from training.commands.synth import generate
 from training.config import SynthConfig
-from training.data import discover, split_payload, stratified_split
+from training.data.discovery import discover
+from training.data.split import split_payload, stratified_split
 from training.exceptions import DataError, NonFiniteError, OutputError, ResumeError
 from training.fit import fit
-from training.state import rank_rng
-from training.synthetic import generate
+from training.loop.state import rank_rng
 
 
 def _truncated(path: Path, colour: tuple[int, int, int] = (90, 90, 90)) -> Path:

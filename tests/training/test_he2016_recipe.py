@@ -18,12 +18,8 @@ from models.preprocessing import train_transform
 from training.config import TrainConfig
 from training.distributed import DistInfo
 from training.exceptions import ConfigError
+from training.loop.schedule import ERROR_WARMUP_MAX_SHARE, ERROR_WINDOW, schedule_multiplier
 from training.recipe import resolve
-from training.schedule import (
-    ERROR_WARMUP_MAX_SHARE,
-    ERROR_WINDOW,
-    schedule_multiplier,
-)
 
 
 def _cfg(**kw: object) -> TrainConfig:
@@ -160,7 +156,7 @@ def test_the_error_driven_warm_up_ends_when_the_training_error_drops(
 def test_every_named_recipe_sets_options_that_exist():
     import dataclasses
 
-    from training.presets import PRESETS
+    from training.recipe import PRESETS
 
     options = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, values in PRESETS.items():

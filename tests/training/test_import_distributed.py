@@ -63,8 +63,8 @@ def test_torchrun_two_cpu_processes(single_data, tmp_path):
 
 @pytest.mark.slow
 def test_from_scratch_on_synthetic_shapes_reaches_high_accuracy(tmp_path):
+    from training.commands.synth import generate
     from training.config import SynthConfig
-    from training.synthetic import generate
 
     data = generate(SynthConfig(out=tmp_path / "shapes", task="single", size=32, per_class=300,
                                 classes=4, seed=11))
@@ -80,8 +80,8 @@ def test_from_scratch_on_synthetic_shapes_reaches_high_accuracy(tmp_path):
 def test_torchrun_with_an_undecodable_image_on_one_rank(tmp_path):
     from PIL import Image
 
+    from training.commands.synth import generate
     from training.config import SynthConfig
-    from training.synthetic import generate
 
     data = generate(SynthConfig(out=tmp_path / "train", size=32, per_class=4, classes=2, seed=5))
     val = generate(SynthConfig(out=tmp_path / "val", size=32, per_class=2, classes=2, seed=6))

@@ -18,8 +18,8 @@ from models.device import Accelerator
 from models.predict import Predictor
 from tests.serving_helpers import fast_settings, running_app
 from tests.training.conftest import tiny_config
+from training.commands.evaluate import build_eval_dataset, score_dataset
 from training.distributed import DistInfo
-from training.evaluation import build_eval_dataset, score_dataset
 from training.fit import FitRun, make_preprocessing
 from training.recipe import resolve
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from training.config import TrainConfig
-from training.loop import build_optimizer, build_scheduler
-from training.metrics import (
+from training.loop.metrics import (
     average_precision,
     cross_fitted_thresholds,
     held_out_multi_label_metrics,
@@ -19,6 +18,8 @@ from training.metrics import (
     single_label_metrics,
     tune_thresholds,
 )
+from training.loop.schedule import build_scheduler
+from training.loop.train import build_optimizer
 from training.recipe import resolve
 
 

@@ -14,11 +14,11 @@ from models import checkpoint
 from models.card import Preprocessing
 from training.cli import build_parser
 from training.config import TrainConfig
+from training.data.load import load_data
 from training.distributed import DistInfo
 from training.exceptions import ConfigError
 from training.fit import FitRun
-from training.fit_data import load_data
-from training.loop import build_criterion
+from training.loop.train import build_criterion
 from training.options import from_args
 from training.recipe import resolve
 

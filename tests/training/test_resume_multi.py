@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from models import checkpoint
+from training.commands.evaluate import evaluate_checkpoint
 from training.config import EvaluateConfig
 from training.distributed import DistInfo
-from training.evaluation import evaluate_checkpoint
 from training.fit import FitRun, fit
 
 

@@ -14,15 +14,17 @@ from torch import nn
 from models.card import Preprocessing
 from models.device import Accelerator
 from models.preprocessing import Normalize, eval_transform
-from training.data import ImageDataset, Sample, make_loader
+from training.data.datasets import ImageDataset, make_loader
+from training.data.discovery import Sample
 from training.distributed import DistInfo
-from training.loop import optimizer_steps, train_one_epoch
-from training.schedule import (
+from training.loop.schedule import (
     ERROR_WINDOW,
     FINAL_COSINE,
     LRSchedule,
+    optimizer_steps,
     schedule_multiplier,
 )
+from training.loop.train import train_one_epoch
 
 
 def _optimizer(lr: float = 0.1) -> torch.optim.Optimizer:

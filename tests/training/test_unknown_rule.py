@@ -20,10 +20,11 @@ from models.unknown import ACCEPTANCE
 from tests.cards import copy_checkpoint
 from tests.serving_helpers import fast_settings, running_app
 from tests.training.conftest import tiny_config
+from training.commands.evaluate import evaluate_checkpoint, score_dataset
+from training.commands.synth import generate
 from training.config import EvaluateConfig, SynthConfig
-from training.data import ImageDataset, unlabelled_samples
-from training.evaluation import evaluate_checkpoint, score_dataset
-from training.synthetic import generate
+from training.data.datasets import ImageDataset
+from training.data.discovery import unlabelled_samples
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,16 @@ from models.checkpoint import (
     printable,
     read_card,
 )
-from training.compare_markdown import markdown
-from training.compare_plots import (
+from training.commands.compare_markdown import markdown
+from training.commands.compare_plots import (
     TRAIN_ACCURACY,
     plot_confusion_matrices,
     plot_curves,
     save_figure,
 )
 from training.config import CompareConfig, TrainConfig
-from training.epoch_report import monitor_name
 from training.exceptions import TrainingError
+from training.loop.metrics import monitor_name
 from training.options import flag_of
 from training.storage import write_atomically, write_errors
 

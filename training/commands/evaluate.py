@@ -17,9 +17,10 @@ from models.predict import Predictor
 from models.preprocessing import eval_transform
 from models.unknown import auroc
 from training.config import EvaluateConfig
-from training.data import ImageDataset, discover, make_loader, unlabelled_samples
+from training.data.datasets import ImageDataset, make_loader
+from training.data.discovery import discover, unlabelled_samples
 from training.exceptions import DataError
-from training.metrics import multi_label_metrics, single_label_metrics
+from training.loop.metrics import multi_label_metrics, single_label_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.class_names import is_ignored_name, nfc
 from training.config import CifarImportConfig
+from training.data.discovery import is_ignored_name, nfc
 from training.exceptions import DataError, OutputError
 
 logger = logging.getLogger(__name__)

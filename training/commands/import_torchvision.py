@@ -7,7 +7,7 @@ from pathlib import Path
 from models.architectures import build, imagenet_categories, imagenet_weights
 from models.card import weights_preprocessing
 from training.config import ImportConfig
-from training.export import write_checkpoint
+from training.export.checkpoint import write_checkpoint
 
 
 def import_torchvision(cfg: ImportConfig) -> Path:

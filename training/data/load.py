@@ -1,4 +1,5 @@
-"""The data of one `fit`: the split, the datasets and loaders, and the images that failed."""
+"""The data of one `fit`: discovered, split, wrapped in datasets and loaders, its class balance
+and (with --normalize dataset) its mean and std measured, and the images that failed."""
 
 from __future__ import annotations
 
@@ -8,40 +9,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from models.card import Preprocessing
 from models.preprocessing import eval_transform, train_transform
-from training.balance import (
+from training.config import TrainConfig
+from training.data.balance import (
     BalancedSampler,
     check_balance,
     class_counts,
     resolve_balance,
     warn_if_imbalanced,
 )
-from training.config import TrainConfig
-from training.data import (
-    ImageDataset,
-    Sample,
-    SampleSet,
-    classes_without,
-    discover,
-    make_loader,
-    read_split,
-    sample_key,
-    split_digest,
-    split_payload,
-    stratified_split,
-)
+from training.data.datasets import ImageDataset, make_loader
+from training.data.discovery import Sample, discover, sample_key
+from training.data.split import classes_without, split_digest, split_samples
 from training.distributed import DistInfo, gather_objects
 from training.exceptions import DataError
-from training.files import SPLIT_FILE
 from training.recipe import Recipe
-from training.storage import write_atomically
 
 logger = logging.getLogger(__name__)
 
 SKIPPED_EXAMPLES = 20  # how many skipped images the card names
+MIN_STD = 1.0 / 255.0  # --normalize dataset: a constant channel is divided by this, not 0
 
 
 @dataclass
@@ -72,24 +63,6 @@ class Loaders(NamedTuple):
     train: DataLoader
     val: DataLoader
 
-
-def split_samples(cfg: TrainConfig, found: SampleSet, info: DistInfo
-                  ) -> tuple[list[Sample], list[Sample], Path, str]:
-    """Train and validation samples, the validation root, and where the split came from."""
-    split_path = cfg.output / SPLIT_FILE
-    if cfg.val is not None:
-        val_set = discover(cfg.val, task=found.task, classes=found.classes,
-                           max_pixels=cfg.max_pixels)
-        found.skipped.extend(val_set.skipped)
-        return found.samples, val_set.samples, val_set.root, f"--val {cfg.val}"
-    if cfg.resume is not None and split_path.is_file():
-        train, val = read_split(split_path, found.samples, found.root)
-        return train, val, found.root, str(split_path)
-    train, val = stratified_split(found.samples, fraction=cfg.val_fraction, seed=cfg.seed)
-    if info.is_main:
-        write_atomically(split_path, split_payload(found.root, train, val, seed=cfg.seed,
-                                                   fraction=cfg.val_fraction))
-    return train, val, found.root, f"a new split (seed {cfg.seed})"
 
 
 def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, info: DistInfo
@@ -204,3 +177,40 @@ class DecodeFailures:
         return {"unusable": len(data.unusable), "train_undecodable": len(train),
                 "val_undecodable": len(val),
                 "examples": [sample_key(p, base) for p in named[:SKIPPED_EXAMPLES]]}
+
+
+
+def channel_sums(dataset: ImageDataset, *, batch_size: int, workers: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel sum and sum of squares of the pixels (scaled to 0..1), and the pixel count."""
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, shuffle=False,
+                         pin_memory=False)
+    total, squares, count = torch.zeros(3, dtype=torch.float64), torch.zeros(
+        3, dtype=torch.float64), 0
+    for batch in loader:
+        if not batch.images.shape[0]:
+            continue
+        x = batch.images.to(torch.float64) / 255.0
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    return total, squares, count
+
+
+def measure_mean_std(data: TrainingData, info: DistInfo, *, batch_size: int, workers: int
+                     ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The training images' per-channel mean and std, as the eval transform shows them."""
+    share = data.train_as_validated(data.train.samples[info.rank::info.world_size])
+    parts = gather_objects(info, channel_sums(share, batch_size=batch_size, workers=workers))
+    total = sum(p[0] for p in parts)
+    squares = sum(p[1] for p in parts)
+    count = sum(p[2] for p in parts)
+    if count == 0:
+        raise DataError("--normalize dataset: none of the training images could be decoded")
+    mean = total / count
+    std = (squares / count - mean * mean).clamp(min=0).sqrt().clamp(min=MIN_STD)
+    mean_t = tuple(round(float(v), 6) for v in mean)
+    std_t = tuple(round(float(v), 6) for v in std)
+    logger.info("normalisation measured on %d training images: mean %s, std %s",
+                len(data.train), mean_t, std_t)
+    return mean_t, std_t  # type: ignore[return-value]

@@ -21,8 +21,8 @@ from models.checkpoint import (
     METRICS_FILE,
     PR_CURVES_FILE,
 )
-from training import report
-from training.metrics import summary
+from training.export import report
+from training.loop.metrics import summary
 from training.storage import write_errors
 
 if TYPE_CHECKING:

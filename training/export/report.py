@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -17,7 +17,11 @@ matplotlib.rcParams["text.parse_math"] = False  # class names and labels are tex
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 
-from training.metrics import precision_recall_curve  # noqa: E402
+from training.loop.metrics import precision_recall_curve, summary  # noqa: E402
+
+if TYPE_CHECKING:
+    from training.loop.evaluate import EvalOutput
+    from training.loop.train import EpochStats
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,20 @@ def history_csv(history: Sequence[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(history)
     return out.getvalue()
+
+
+
+def history_row(epoch: int, lr: float, stats: EpochStats, validation: EvalOutput,
+                metrics: dict[str, Any]) -> dict[str, Any]:
+    """One epoch's line of history.csv."""
+    return {"epoch": epoch + 1, "lr": lr,
+            "train_loss": round(stats.loss, 5),
+            **({} if stats.accuracy is None else {"train_accuracy": round(stats.accuracy, 5)}),
+            "val_loss": round(validation.loss, 5),
+            **{f"val_{k}": round(v, 5) for k, v in summary(metrics).items()
+               if k != "num_samples"},
+            "images_per_second": round(stats.images_per_second, 1),
+            "seconds": round(stats.seconds, 2)}
 
 
 def plot_curves(path: Path, history: Sequence[dict[str, Any]], monitor: str) -> None:

@@ -157,3 +157,21 @@ def held_out_multi_label_metrics(scores: np.ndarray, target: np.ndarray,
 def summary(metrics: dict[str, Any]) -> dict[str, float]:
     """The scalar figures of a metrics dict (for logs, history and the card)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def monitor_name(task: str) -> str:
+    """The validation figure that picks the best epoch."""
+    return "accuracy" if task == "single_label" else "mAP"
+
+
+def recall_summary(metrics: dict[str, Any], shown: int = 20) -> str:
+    """Single-label: balanced accuracy and each class's recall (the lowest `shown` when there
+    are more classes), for the run's closing line; empty for multi-label metrics."""
+    recall = metrics.get("per_class_recall")
+    if not recall:
+        return ""
+    ordered = sorted(recall.items(), key=lambda item: item[1])
+    part = "" if len(ordered) <= shown else f" (lowest {shown} of {len(ordered)})"
+    listed = ", ".join(f"{name} {value:.3f}" for name, value in ordered[:shown])
+    return (f", balanced accuracy {metrics['balanced_accuracy']:.4f}, recall by class"
+            f"{part}: {listed}")

@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from training.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +125,19 @@ class LRSchedule:
         self.error_warmup_ended_at = state.get("error_warmup_ended_at")
         self._errors = deque((float(e) for e in state.get("errors", [])), maxlen=ERROR_WINDOW)
         self._apply()
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, *, steps_per_epoch: int,
+                    epochs: int, freeze_epochs: int = 0) -> LRSchedule:
+    """The recipe's schedule over `epochs` of `steps_per_epoch` optimizer steps."""
+    return LRSchedule(optimizer, kind=recipe.schedule, total_steps=steps_per_epoch * epochs,
+                      warmup_steps=max(1, round(recipe.warmup_epochs * steps_per_epoch))
+                      if recipe.warmup_epochs > 0 else 0,
+                      freeze_steps=freeze_epochs * steps_per_epoch,
+                      warmup_until_error=recipe.warmup_until_error)
+
+
+def optimizer_steps(micro_batches: int, accumulate: int) -> int:
+    """Optimizer steps in an epoch of `micro_batches` loader batches (the last group may be
+    short)."""
+    return math.ceil(micro_batches / accumulate)

@@ -1,4 +1,4 @@
-"""The training step machinery: optimizer, schedule, loss, one epoch, and evaluation."""
+"""Training: the optimizer, the loss, and one epoch over the training data."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -19,12 +17,11 @@ from tqdm import tqdm
 
 from models.architectures import classifier_parameters
 from models.device import Accelerator
-from models.outputs import probabilities
-from training.data import Batch
-from training.distributed import DistInfo, all_reduce_mean, gather_objects
-from training.exceptions import DataError, NonFiniteError
+from training.data.datasets import Batch
+from training.distributed import DistInfo, all_reduce_mean
+from training.exceptions import NonFiniteError
+from training.loop.schedule import LRSchedule
 from training.recipe import Recipe
-from training.schedule import LRSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +42,6 @@ class EpochStats:
         """Training throughput over all ranks."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
-
-@dataclass
-class EvalOutput:
-    """Validation scores and targets of every sample once, in dataset order, plus the loss."""
-
-    scores: np.ndarray
-    targets: np.ndarray
-    loss: float
-    failed: list[int] = field(default_factory=list)  # dataset indices excluded (not decodable)
-    logits: np.ndarray | None = None  # the raw outputs the scores came from, same order
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, *, arch: str) -> torch.optim.Optimizer:
@@ -77,21 +64,6 @@ def build_optimizer(model: nn.Module, recipe: Recipe, *, arch: str) -> torch.opt
     return torch.optim.AdamW(param_groups, lr=recipe.lr, betas=(0.9, 0.999))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, *, steps_per_epoch: int,
-                    epochs: int, freeze_epochs: int = 0) -> LRSchedule:
-    """The recipe's schedule over `epochs` of `steps_per_epoch` optimizer steps."""
-    return LRSchedule(optimizer, kind=recipe.schedule, total_steps=steps_per_epoch * epochs,
-                      warmup_steps=max(1, round(recipe.warmup_epochs * steps_per_epoch))
-                      if recipe.warmup_epochs > 0 else 0,
-                      freeze_steps=freeze_epochs * steps_per_epoch,
-                      warmup_until_error=recipe.warmup_until_error)
-
-
-def optimizer_steps(micro_batches: int, accumulate: int) -> int:
-    """Optimizer steps in an epoch of `micro_batches` loader batches (the last group may be
-    short)."""
-    return math.ceil(micro_batches / accumulate)
-
 
 def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.Tensor,
                     class_weight: torch.Tensor | None = None,
@@ -107,6 +79,7 @@ def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.T
     pos_weight = torch.where(positives > 0, negatives / positives.clamp(min=1),
                              torch.ones_like(positives)).clamp(1.0, 100.0)
     return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Module,
@@ -246,62 +219,3 @@ def _batch_loss(model: nn.Module, batch: Batch, criterion: nn.Module, accelerato
         return model(blank).float().sum() * 0.0, None, None
     finally:
         model.train()
-
-
-@torch.inference_mode()
-def predict_scores(model: nn.Module, loader: DataLoader, *, accelerator: Accelerator,
-                   normalize: nn.Module, task: str,
-                   on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, list[int]]:
-    """Scores, targets, dataset indices and raw logits for this rank's share of `loader`,
-    and the indices of the images that could not be decoded (left out of the rest)."""
-    model.eval()
-    scores, targets, indices, logits_all, failed = [], [], [], [], []
-    for batch in loader:
-        failed.extend(batch.failed.tolist())
-        if batch.images.shape[0] == 0:
-            continue
-        x = normalize(accelerator.to_device(batch.images))
-        with accelerator.autocast():
-            logits = model(x).float().cpu()
-        scores.append(probabilities(logits, task).numpy())
-        targets.append(batch.targets.numpy())
-        indices.append(batch.indices.numpy())
-        logits_all.append(logits)
-        if on_batch is not None:
-            on_batch(batch.images, logits)
-    if not scores:
-        return np.empty((0,)), np.empty((0,)), np.empty((0,), int), torch.empty(0), failed
-    return (np.concatenate(scores), np.concatenate(targets), np.concatenate(indices),
-            torch.cat(logits_all), failed)
-
-
-def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module,
-             accelerator: Accelerator, normalize: nn.Module, task: str, info: DistInfo
-             ) -> EvalOutput:
-    """Validation over all ranks: gathered, de-duplicated (sampler padding dropped), ordered.
-
-    Images that fail to decode are excluded and listed in `failed`; none decoding is an error.
-    """
-    scores, targets, indices, logits, failed = predict_scores(
-        model, loader, accelerator=accelerator, normalize=normalize, task=task)
-    parts = gather_objects(info, (scores, targets, indices, logits, failed))
-    merged: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor]] = {}
-    all_failed: set[int] = set()
-    for rank_scores, rank_targets, rank_indices, rank_logits, rank_failed in parts:
-        all_failed.update(rank_failed)
-        for row, i in enumerate(rank_indices.tolist()):  # padding repeats an index: keep one
-            merged.setdefault(i, (rank_scores[row], rank_targets[row], rank_logits[row]))
-    if not merged:
-        raise DataError(f"none of the {len(all_failed)} validation images could be decoded "
-                        "(see the warnings above)")
-    order = sorted(merged)
-    all_scores = np.stack([merged[i][0] for i in order])
-    all_targets = np.stack([merged[i][1] for i in order])
-    all_logits = torch.stack([merged[i][2] for i in order])
-    target_t = torch.as_tensor(all_targets)
-    with torch.no_grad():
-        loss = float(criterion.cpu()(all_logits, target_t))
-    criterion.to(accelerator.device)
-    return EvalOutput(scores=all_scores, targets=all_targets, loss=loss,
-                      failed=sorted(all_failed), logits=all_logits.numpy())
