@@ -22,37 +22,19 @@ from typing import Any
 
 from app.cluster import LocalQueueBound, SharedQueueBound
 from app.compute import ComputeThread
+from app.exceptions import (
+    BatcherClosedError,
+    BatchFailedError,
+    BatchOutOfMemoryError,
+    DeadlineExceededError,
+    QueueFullError,
+)
 from models.device import is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
 BatchFn = Callable[[list[Any]], Sequence[Any]]
 EventHook = Callable[[str, int], None]
-
-
-class QueueFullError(RuntimeError):
-    """The queue cannot take the request's items now; retry after `retry_after` seconds."""
-
-    def __init__(self, *, requested: int, queued: int, capacity: int, retry_after: int) -> None:
-        self.retry_after = retry_after
-        super().__init__(f"server overloaded: {queued} of {capacity} queue slots taken, "
-                         f"{requested} more requested; retry after {retry_after} s")
-
-
-class DeadlineExceededError(RuntimeError):
-    """The request's deadline passed before its items were run."""
-
-
-class BatcherClosedError(RuntimeError):
-    """The batcher is stopping or stopped and takes no new work."""
-
-
-class BatchFailedError(RuntimeError):
-    """The batch function raised; every caller in that batch gets this error."""
-
-
-class BatchOutOfMemoryError(BatchFailedError):
-    """The batch ran out of memory (after any retries): a passing condition, not a bug."""
 
 
 @dataclass(eq=False)

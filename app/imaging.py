@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.batching import DeadlineExceededError
 from app.compute import name_native_thread
 from app.decode_box import (
     BoxLimits,
@@ -32,7 +31,12 @@ from app.decode_box import (
     DecodeStoppedError,
     drain,
 )
-from app.exceptions import InsufficientMemoryError, InvalidImageError, OversizedImageError
+from app.exceptions import (
+    DeadlineExceededError,
+    InsufficientMemoryError,
+    InvalidImageError,
+    OversizedImageError,
+)
 from models import decoding
 from models.device_decode import CpuFallback, DeviceJpegDecoder, DeviceResult, is_jpeg
 

@@ -9,62 +9,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.batching import (
-    BatcherClosedError,
-    BatchFailedError,
-    BatchOutOfMemoryError,
-    DeadlineExceededError,
-    QueueFullError,
-)
-from app.exceptions import (
-    AuthenticationError,
-    CheckpointFolderError,
-    ClientDisconnectedError,
-    InsufficientMemoryError,
-    InvalidImageError,
-    InvalidRequestError,
-    MalformedRequestError,
-    ModelRequiredError,
-    NotReadyError,
-    OversizedImageError,
-    ParserUnavailableError,
-    PayloadTooLargeError,
-    ShuttingDownError,
-    UnknownFileError,
-    UnknownModelError,
-    UnsupportedMediaTypeError,
-)
+from app.exceptions import BatchFailedError, ServiceError
 from app.logs import request_id_var
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 OIP_PREFIX = "/v2"
-
-STATUS_BY_ERROR: dict[type[Exception], int] = {
-    InvalidImageError: 400,
-    MalformedRequestError: 400,
-    AuthenticationError: 401,
-    UnknownModelError: 404,
-    UnknownFileError: 404,
-    PayloadTooLargeError: 413,
-    OversizedImageError: 413,
-    UnsupportedMediaTypeError: 415,
-    InvalidRequestError: 422,
-    ModelRequiredError: 422,
-    QueueFullError: 429,
-    ClientDisconnectedError: 499,
-    BatchOutOfMemoryError: 503,  # before BatchFailedError: the first match wins
-    BatchFailedError: 500,
-    NotReadyError: 503,
-    CheckpointFolderError: 503,
-    InsufficientMemoryError: 503,
-    ParserUnavailableError: 503,
-    ShuttingDownError: 503,
-    BatcherClosedError: 503,
-    DeadlineExceededError: 504,
-}
-
 
 def error_response(status: int, detail: str, *, request_id: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
@@ -93,30 +44,21 @@ def speaks_oip(request: Request) -> bool:
 
 
 def response_for(exc: Exception, *, oip: bool = False) -> JSONResponse:
-    """Map a known error to its response (in the OIP shape with `oip`); anything else is a
-    bare 500."""
-    status = next((code for kind, code in STATUS_BY_ERROR.items() if isinstance(exc, kind)),
-                  500)
-    headers: dict[str, str] = {}
+    """A known error's answer (in the OIP shape with `oip`), from what its class says
+    (app.exceptions); anything else is a bare 500 logged with its traceback."""
+    if not isinstance(exc, ServiceError):
+        logger.error("request failed: %s", exc, exc_info=exc)
+        return internal_error_response(oip=oip)
     detail = str(exc)
-    if isinstance(exc, QueueFullError):
-        headers["Retry-After"] = str(exc.retry_after)
-    elif isinstance(exc, (ShuttingDownError, BatcherClosedError, NotReadyError,
-                          CheckpointFolderError, InsufficientMemoryError, BatchOutOfMemoryError,
-                          ParserUnavailableError)):
-        headers["Retry-After"] = "1"
-    elif isinstance(exc, AuthenticationError):
-        headers["WWW-Authenticate"] = "Bearer"
-    if status == 500:
+    if exc.status == 500:  # a failed batch: logged where it failed, the caller sees an id
         detail = f"internal error while serving the request (request id {request_id_var.get()})"
-        logger.error("request failed: %s", exc, exc_info=not isinstance(exc, BatchFailedError))
-    elif status >= 500 and not isinstance(exc, (NotReadyError, ShuttingDownError)):
-        logger.warning("%d %s", status, exc)
+        logger.log(exc.log_level, "request failed: %s", exc,
+                   exc_info=None if isinstance(exc, BatchFailedError) else exc)
     else:
-        logger.info("%d %s", status, exc)
+        logger.log(exc.log_level, "%d %s", exc.status, exc)
     if oip:
-        return oip_error_response(status, detail, headers=headers)
-    return error_response(status, detail, headers=headers)
+        return oip_error_response(exc.status, detail, headers=exc.response_headers())
+    return error_response(exc.status, detail, headers=exc.response_headers())
 
 
 def internal_error_response(*, oip: bool = False) -> JSONResponse:
@@ -157,7 +99,6 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     """Register the error handlers on an app."""
-    for kind in STATUS_BY_ERROR:
-        app.add_exception_handler(kind, _known_error)
+    app.add_exception_handler(ServiceError, _known_error)  # every subclass, by its MRO
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.exceptions import error_classes
 from models.backend_specs import Backend
 
 
@@ -110,17 +111,11 @@ class ErrorOut(BaseModel):
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries for the given error statuses."""
-    meaning = {
-        400: "an image cannot be decoded (the message names the file)",
-        401: "missing or wrong API key",
-        404: "unknown model (the message lists the loaded ones)",
-        413: "body, image count or image pixels over the limit",
-        415: "neither multipart/form-data nor an image/* body",
-        422: "bad parameters",
-        429: "queue full; retry after the Retry-After header's seconds",
-        500: "inference failed (the message carries the request id)",
-        503: "not ready yet, or shutting down",
-        504: "no answer within the request timeout",
-    }
-    return {s: {"model": ErrorOut, "description": meaning[s]} for s in statuses}
+    """OpenAPI `responses` entries for the given error statuses, each described by what the
+    error classes of that status say they mean (app.exceptions)."""
+    meanings: dict[int, list[str]] = {}
+    for kind in error_classes():
+        if kind.meaning and kind.meaning not in meanings.setdefault(kind.status, []):
+            meanings[kind.status].append(kind.meaning)
+    return {status: {"model": ErrorOut, "description": "; ".join(meanings[status])}
+            for status in statuses}

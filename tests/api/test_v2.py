@@ -18,8 +18,7 @@ import pytest
 import pytest_asyncio
 
 from app.api import errors
-from app.batching import DeadlineExceededError, QueueFullError
-from app.exceptions import NotReadyError
+from app.exceptions import DeadlineExceededError, NotReadyError, QueueFullError
 from tests.serving_helpers import CLASSES, CROP, fast_settings, jpeg, png, running_app, slow_down
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

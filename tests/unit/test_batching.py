@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from app.batching import (
+from app.batching import DynamicBatcher
+from app.exceptions import (
     BatcherClosedError,
     BatchFailedError,
     DeadlineExceededError,
-    DynamicBatcher,
     QueueFullError,
 )
 from models.card import ModelCard

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.batching import DynamicBatcher, QueueFullError
+from app.batching import DynamicBatcher
 from app.cluster import (
     HEARTBEAT_NS,
     PID,
@@ -23,6 +23,7 @@ from app.cluster import (
     ready_heartbeat_limit,
     workers_for,
 )
+from app.exceptions import QueueFullError
 
 SPAWN = multiprocessing.get_context("spawn")
 

@@ -10,8 +10,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
-from app.batching import DeadlineExceededError
-from app.exceptions import InvalidImageError, OversizedImageError
+from app.exceptions import DeadlineExceededError, InvalidImageError, OversizedImageError
 from app.imaging import ImageDecoder, Upload
 from models.card import Preprocessing
 from models.device_decode import DeviceJpegDecoder, DeviceResult

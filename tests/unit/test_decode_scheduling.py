@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.batching import DeadlineExceededError
-from app.exceptions import InvalidImageError
+from app.exceptions import DeadlineExceededError, InvalidImageError
 from app.imaging import ImageDecoder, Upload
 from tests.decode_gate import HEAVY, Gate
 from tests.serving_helpers import png
