@@ -19,6 +19,13 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.image_formats import (
+    OPENERS,
+    PILLOW_FORMATS,
+    REDUCED_SCALE_FORMATS,
+    accepted_text,
+)
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: larger than any phone photo, far from a bomb
@@ -32,11 +39,11 @@ class ImageTooLargeError(ValueError):
     """The image has more pixels than allowed (a decompression bomb or simply too big)."""
 
 
-# What uploads may be: the formats whose real frame size is known before any pixel is decoded
-# (ICO through `_ico_frame_size`; JPEG includes the MPO files of phone cameras). Pillow's other
-# formats are refused rather than trusted.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
-_DRAFT_FORMATS = ("JPEG", "MPO")  # may be decoded at a reduced scale
+# What may be read: the formats whose real frame size is known before any pixel is decoded
+# (models.image_formats; ICO through `_ico_frame_size`). Pillow's others are refused.
+ACCEPTED_FORMATS = PILLOW_FORMATS
+_OPENERS = OPENERS  # what Image.open is allowed to try (MPO is opened by JPEG's)
+_DRAFT_FORMATS = REDUCED_SCALE_FORMATS  # may be decoded at a reduced scale
 _REDUCED_SCALES = (2, 4, 8)  # the scales libjpeg decodes at
 # libjpeg decodes a progressive JPEG scan by scan over a full-size coefficient buffer, each
 # scan a pass over the whole frame; encoders write about 10 (libjpeg's script) to 20. A file of
@@ -93,7 +100,7 @@ def _open_within(source: BinaryIO, head: bytes, whole: Callable[[], bytes], *,
         _check_pixels(_ico_frame_size(whole()), max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(source, formats=ACCEPTED_FORMATS)
+        img = Image.open(source, formats=_OPENERS)
     width, height = img.size
     if img.format in _DRAFT_FORMATS and img.info.get("progressive"):
         _check_progressive(img.size, whole(), max_pixels)
@@ -213,7 +220,7 @@ def _decode_errors() -> Iterator[None]:
         raise ImageTooLargeError(f"image is too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not a recognised image format (accepted: "
-                               f"{', '.join(ACCEPTED_FORMATS)})") from exc
+                               f"{accepted_text()})") from exc
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError,
             KeyError, struct.error) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc

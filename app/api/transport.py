@@ -24,6 +24,7 @@ from app.exceptions import (
     UnsupportedMediaTypeError,
 )
 from app.imaging import Upload
+from models.image_formats import MEDIA_TYPES
 
 T = TypeVar("T")
 
@@ -42,8 +43,8 @@ UPLOAD_BODY: dict[str, Any] = {
                 "properties": {FILE_FIELD: {
                     "type": "array", "items": {"type": "string", "format": "binary"}}},
             }},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            **{media: {"schema": {"type": "string", "format": "binary"}}
+               for media in MEDIA_TYPES},
         },
     },
 }

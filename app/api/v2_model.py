@@ -32,6 +32,7 @@ from app.exceptions import MalformedRequestError, UnknownModelVersionError
 from app.imaging import Upload
 from app.served_model import ServedModel
 from models.backend_specs import backend_spec
+from models.image_formats import accepted_text
 
 IMAGE, PIXELS, NORMALIZED = "IMAGE", "PIXELS", "NORMALIZED"
 PROBABILITIES = "PROBABILITIES"
@@ -75,8 +76,8 @@ def metadata(served: ServedModel, *, max_batch: int) -> dict[str, Any]:
         "platform": backend_spec(served.predictor.backend).platform,
         "inputs": [
             {"name": IMAGE, "datatype": BYTES, "shape": [-1], "parameters": {
-                "content": "encoded image files, one per element (JPEG, PNG, GIF, WEBP, BMP, "
-                           "TIFF, ICO); shape [N] or [N, 1]; base64 strings in JSON"}},
+                "content": f"encoded image files, one per element ({accepted_text()}); "
+                           "shape [N] or [N, 1]; base64 strings in JSON"}},
             {"name": PIXELS, "datatype": INPUT_TYPES[PIXELS], "shape": [-1, crop, crop, 3],
              "parameters": {"layout": "NHWC", "content": "RGB pixels, already resized and "
                             "center-cropped; the server normalises them"}},

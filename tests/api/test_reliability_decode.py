@@ -53,7 +53,7 @@ async def test_formats_outside_the_accepted_list_are_400_naming_them(served) -> 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buf, "ICNS")
     assert_error(await http.post("/predict", files={"file": ("app.icns", buf.getvalue())}),
-                 400, "app.icns", "accepted: JPEG, PNG")
+                 400, "app.icns", "accepted: JPEG, MPO, PNG")
 
 
 async def test_slow_decodes_get_504_at_the_deadline_and_do_not_starve_others(

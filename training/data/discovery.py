@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.decoding import DEFAULT_MAX_PIXELS
+from models.image_formats import IMAGE_SUFFIXES
 from training.data.images import skip_reason
 from training.exceptions import (
     ClassMismatchError,
@@ -24,7 +25,6 @@ from training.exceptions import (
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 TASK_NAMES = {"single": "single_label", "multi": "multi_label",
               "single_label": "single_label", "multi_label": "multi_label"}
 IGNORED_FOLDERS = frozenset({"__MACOSX"})  # resource forks of zip files made on macOS
