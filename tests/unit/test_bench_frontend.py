@@ -24,7 +24,7 @@ from bench.wrk import (
     write_script,
 )
 from models.card import ModelCard
-from models.outputs import check_probabilities
+from models.outputs import check_probabilities, probabilities
 
 
 def _parse_form(body: bytes) -> list[tuple[str | None, bytes]]:
@@ -103,12 +103,15 @@ def test_cpu_by_role_splits_supervisor_and_workers() -> None:
 
 
 @pytest.mark.parametrize("task", ["single_label", "multi_label"])
-def test_stand_in_answers_valid_fixed_probabilities(task: str) -> None:
+def test_stand_in_answers_fixed_logits_that_score_as_its_row(task: str) -> None:
+    """A runner answers logits (the Predictor makes the scores, as for a real model)."""
     card = ModelCard(name="m", arch="resnet34", task=task, classes=["a", "b", "c"])
     runner = standin_runner("torch", torch.nn.Identity(), card, None)  # type: ignore[arg-type]
     out = runner(torch.zeros((4, 3, 8, 8), dtype=torch.uint8))
-    check_probabilities(out, rows=4, classes=3, task=task)
-    assert torch.equal(out[0], out[3]) and torch.equal(out[:1], FixedProbabilities(card).row)
+    scores = probabilities(out, task)
+    check_probabilities(scores, rows=4, classes=3, task=task)
+    assert torch.equal(out[0], out[3])
+    assert torch.allclose(scores[:1], FixedProbabilities(card).row)
 
 
 def test_install_standin_replaces_the_predictors_runner(monkeypatch: pytest.MonkeyPatch) -> None:
