@@ -25,6 +25,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from app.drift import DriftMetrics
 from app.metrics_files import hold_folder, scrape_lock
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -95,6 +96,7 @@ class Metrics:
             "connections refused over max_connections (refused: answered 503, dropped: "
             "closed at once) or closed by a deadline (header_timeout, body_timeout, write_timeout)",
             ["event"], registry=self.registry)
+        self.drift = DriftMetrics(self.registry)  # per-model quality and drift (app.drift)
 
     def batcher_hook(self, model: str, *, explain: bool = False) -> Callable[[str, int], None]:
         """An event hook for one model's DynamicBatcher (its /explain one with `explain`:
@@ -137,6 +139,7 @@ class Metrics:
         """Stop reporting the queue depth of a model that is gone."""
         gauge = self.queue_depth.labels(model)
         self._unwatch(gauge)
+        self.drift.forget(model)
         gauge.set(0)  # a worker's file keeps the last value written
         with contextlib.suppress(KeyError):
             self.queue_depth.remove(model)

@@ -81,7 +81,9 @@ class ModelLoader:
                            if self.cluster else None,
                            device_decoder=self._device_decoder(name, card),
                            explainer=self._explainer(name, predictor),
-                           on_explain_event=self.metrics.batcher_hook(name, explain=True))
+                           on_explain_event=self.metrics.batcher_hook(name, explain=True),
+                           run_batch=self.metrics.drift.watch(name, card).around(
+                               predictor.run_batch))
 
     def _explainer(self, name: str, predictor: Predictor) -> Explainer | None:
         """The class activation maps of POST /explain, on the predictor's own network;

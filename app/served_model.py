@@ -51,7 +51,8 @@ class ServedModel:
                  queue_bound: SharedQueueBound | None = None,
                  device_decoder: DeviceJpegDecoder | None = None,
                  explainer: Explainer | None = None,
-                 on_explain_event: Callable[[str, int], None] | None = None) -> None:
+                 on_explain_event: Callable[[str, int], None] | None = None,
+                 run_batch: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> None:
         self.name = name
         self.card = card
         self.predictor = predictor
@@ -62,8 +63,8 @@ class ServedModel:
         self._leases = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.batcher = DynamicBatcher(
-            predictor.run_batch, max_batch_size=settings.max_batch_size,
+        self.batcher = DynamicBatcher(  # `run_batch`: the predictor's, observed for drift
+            run_batch or predictor.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, name=name,
             on_event=on_event, compute=compute, bound=queue_bound)
         # POST /explain: a batcher of its own on the same compute thread (app.explaining)

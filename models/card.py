@@ -15,6 +15,7 @@ from typing import Any
 
 from models.architectures import ARCHITECTURES, DEFAULT_EVAL_RESIZE_RATIO, STEMS, arch_spec
 from models.calibration import TEMPERATURE_RANGE
+from models.drift import reference_problems as drift_reference_problems
 
 FORMAT_VERSION = 1
 TASKS = ("single_label", "multi_label")
@@ -173,6 +174,8 @@ class ModelCard:
     calibration: dict[str, Any] | None = None
     # the "unknown input" rule fitted on validation: method, threshold, acceptance (+ figures)
     unknown: dict[str, Any] | None = None
+    # what the validation images looked like, for drift figures (models.drift)
+    drift: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -216,6 +219,8 @@ class ModelCard:
             out += _calibration_problems(self.calibration, self.task, len(self.classes))
         if self.unknown is not None:
             out += _unknown_problems(self.unknown)
+        if not classes_problem and self.drift is not None:
+            out += drift_reference_problems(self.drift, len(self.classes))
         return out
 
     @property

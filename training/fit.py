@@ -40,6 +40,7 @@ from training.export.checkpoint import (
     validation_reports,
     write_checkpoint,
 )
+from training.export.drift import write_drift_reference
 from training.export.report import history_row
 from training.loop.evaluate import (
     CalibratedOutput,
@@ -338,6 +339,8 @@ class FitRun:
                           history=self.progress.history, monitor=monitor,
                           unknown_rule=self._unknown_rule,
                           best_metrics=self.progress.best_metrics)
+        write_drift_reference(self.cfg.output, self.data.val, accelerator=self.accelerator,
+                              batch_size=2 * self.recipe.batch_size, workers=self.cfg.workers)
         logger.info("best val_%s %.4f at epoch %d%s; checkpoint in %s (%.1fs)", monitor,
                     self.progress.best_value, self.progress.best_epoch + 1,
                     recall_summary(self.progress.best_metrics), self.cfg.output, seconds)
