@@ -135,8 +135,8 @@ async def _worker(client: httpx.AsyncClient, url: str, bodies: list[list[tuple]]
 
 async def run_level(base: str, *, concurrency: int, images: int, seconds: float,
                     max_requests: int, jpegs: list[bytes], params: str = "",
-                    server_pid: int | None = None) -> dict:
-    """Drive one (concurrency, images per request) level and summarise it."""
+                    server_pid: int | None = None, path: str = "/predict") -> dict:
+    """Drive one (concurrency, images per request) level of POSTs to `path` and summarise it."""
     bodies = [[("file", (f"img{j}.jpg", jpegs[(i + j) % len(jpegs)], "image/jpeg"))
                for j in range(images)] for i in range(len(jpegs))]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -147,7 +147,7 @@ async def run_level(base: str, *, concurrency: int, images: int, seconds: float,
         cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         deadline = t0 + seconds
         await asyncio.gather(*(
-            _worker(client, f"/predict{params}", bodies, deadline, budget, tally, images)
+            _worker(client, f"{path}{params}", bodies, deadline, budget, tally, images)
             for _ in range(concurrency)))
         wall = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
