@@ -1,4 +1,5 @@
-"""Command line: `python -m training fit|evaluate|synth|import-torchvision|import-cifar|compare`."""
+"""Command line: `python -m training fit|evaluate|predict|synth|import-torchvision|import-cifar|
+compare`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 from models.architectures import UnknownArchitectureError, WeightsUnavailableError
 from models.checkpoint import CheckpointError
 from models.device import DeviceUnavailableError
+from training.commands.predict.options import PredictConfig
 from training.config import (
     CifarImportConfig,
     CompareConfig,
@@ -62,6 +64,13 @@ def _import_cifar(cfg: CifarImportConfig) -> None:
     logger.info("dataset ready: %s", import_cifar(cfg))
 
 
+def _predict(cfg: PredictConfig) -> None:
+    from training.commands.predict.run import predict
+    from training.distributed import dist_info_from_env
+
+    predict(cfg, dist_info_from_env(dict(os.environ)))
+
+
 def _compare(cfg: CompareConfig) -> None:
     from training.commands.compare import compare
 
@@ -90,6 +99,10 @@ COMMANDS = {
                             "convert the binary CIFAR-10/100 files into PNG class folders",
                             "Read cifar-10-batches-bin or cifar-100-binary (never the pickled "
                             "version) into OUT/train/<class>/*.png and OUT/test/<class>/*.png."),
+    "predict": Command(PredictConfig, _predict, "classify every image of folders or lists into "
+                       "a JSON Lines or CSV file, resumably", "Run CHECKPOINT on every image "
+                       "of the SOURCEs (as the server's /predict would) and write one row per "
+                       "image into --output; run it again to continue an interrupted run."),
     "compare": Command(CompareConfig, _compare, "compare fit runs: curves, a table, confusion "
                        "matrices", "Read RUN_DIRs written by fit (same task, same classes) and "
                        "write curves.png, compare.json, compare.md and confusion_matrices.png "

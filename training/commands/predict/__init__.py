@@ -1,0 +1,1 @@
+"""`python -m training predict`: a checkpoint over many images, one result row per image."""
