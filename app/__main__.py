@@ -7,54 +7,41 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from app.allocator import reexec_with_fast_allocator
-from app.cluster import workers_for
 from app.config import ENV_PREFIX, Settings
 from app.logs import configure_logging
-from app.server import WorkerEntry, serve
+from app.process.allocator import reexec_with_fast_allocator
+from app.process.server import WorkerEntry, serve
+from app.process.sizing import workers_for
 from models.backend_specs import backend_device
+from models.flags import REQUIRED, Declaration, FlagSpec, add_flags
 
 logger = logging.getLogger("app")
 
-_FLAG_NAMES = {"api_keys": "--api-key"}
-
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per Settings field; unset flags fall back to the environment, then defaults."""
+    """One flag per Settings field, by the conventions `python -m training` follows too
+    (models.flags); unset flags fall back to the environment, then the defaults."""
     parser = argparse.ArgumentParser(
         prog="python -m app",
         description="Serve image-classification checkpoints over HTTP with dynamic batching. "
                     f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>.")
-    for name, field in Settings.model_fields.items():
-        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        env = ENV_PREFIX + name.upper()
-        default = "" if field.is_required() else f"; default {_show_default(name, field)}"
-        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS,
-                        "help": f"{field.description} [env {env}{default}]"}
-        annotation = field.annotation
-        if name == "api_keys":
-            kwargs.update(action="append", metavar="KEY",
-                          help=f"{field.description}; repeat for several [env {env}]")
-        elif annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif get_origin(annotation) is Literal:
-            kwargs["choices"] = get_args(annotation)
-        elif annotation in (int, float):
-            kwargs["type"] = annotation
-        parser.add_argument(flag, **kwargs)
+    add_flags(parser, [_declaration(name, field) for name, field in Settings.model_fields.items()],
+              env_prefix=ENV_PREFIX)
     return parser
 
 
-def _show_default(name: str, field: FieldInfo) -> str:
-    if name == "decode_workers":
-        return "min(4, CPUs)"
-    value = field.get_default(call_default_factory=True)
-    return "none" if value is None or value == [] else str(value)
+def _declaration(name: str, field: FieldInfo) -> Declaration:
+    """A Settings field as models.flags reads it; a FlagSpec among its Annotated metadata
+    says what the conventions do not (the api_keys flag is --api-key, given once per key)."""
+    spec = next((m for m in field.metadata if isinstance(m, FlagSpec)), FlagSpec())
+    computed = field.default_factory is not None
+    default = REQUIRED if field.is_required() else None if computed else field.default
+    return Declaration(name, field.annotation, field.description or "", default=default,
+                       computed=computed, spec=spec)
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
@@ -86,7 +73,7 @@ def main(argv: Sequence[str] | None = None, worker_entry: WorkerEntry | None = N
                                sys.argv[1:] if argv is None else list(argv), os.environ)
     workers = workers_for(settings.workers, on_cuda=_models_on_cuda(settings))
     if workers > 1:
-        from app.supervisor import supervise
+        from app.process.supervisor import supervise
 
         return supervise(settings, workers, worker_entry)
     if worker_entry is not None:

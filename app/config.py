@@ -12,8 +12,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.decode_box import BoxLimits
+from app.serving.decode_box import BoxLimits
 from models.backend_specs import BACKEND_SPECS, Backend
+from models.flags import FlagSpec
 
 ENV_PREFIX = "RESNET_SERVE_"
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -141,7 +142,8 @@ class Settings(BaseSettings):
         "such body; each about 50 MB idle, and up to about 30 times the body it parses)")
     max_pixels: int = Field(
         40_000_000, ge=1, description="most pixels in one decoded image (413 beyond)")
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+    api_keys: Annotated[list[SecretStr], NoDecode,
+                        FlagSpec(flag="--api-key", repeat=True, metavar="KEY")] = Field(
         default_factory=list,
         description="accepted API keys (comma-separated in the environment); empty: no auth")
     api_key_file: Path | None = Field(
@@ -177,6 +179,26 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30.0, gt=0.0, le=3600.0,
         description="seconds to finish in-flight requests on shutdown before giving up")
+    feedback_dir: Path | None = Field(
+        None, description="folder where POST /feedback writes labelled images, a dataset "
+        "folder per model in the layout fit reads (<dir>/<model>/data); unset: /feedback "
+        "answers 404")
+    feedback_quota_bytes: int = Field(
+        1 << 30, ge=1, description="most bytes one model's feedback dataset may take; a "
+        "write past it answers 507 and leaves nothing")
+    feedback_new_classes: bool = Field(
+        False, description="let /feedback add classes the model does not know (else 422)")
+    review_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of the least-sure /predict images kept in "
+        "<feedback_dir>/<model>/review for a person to label (0: none kept; needs "
+        "feedback_dir)")
+    review_confidence: float = Field(
+        0.5, gt=0.0, le=1.0, description="an image is least-sure when flagged unknown or its "
+        "calibrated confidence is under this (single-label: the top score; multi-label: the "
+        "least sure label's max(p, 1 - p))")
+    review_quota_bytes: int = Field(
+        256 << 20, ge=1, description="most bytes one model's review folder may take; past it "
+        "no more images are kept")
 
     @field_validator("api_keys", "forwarded_allow_ips", mode="before")
     @classmethod
@@ -243,6 +265,8 @@ class Settings(BaseSettings):
         conflict = BACKEND_SPECS[self.backend].conflicts(self.device, self.precision)
         if conflict is not None:
             problems.append(conflict)
+        if self.review_rate > 0 and self.feedback_dir is None:
+            problems.append("review_rate keeps images under feedback_dir: set feedback_dir")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -233,3 +233,17 @@ class BatchOutOfMemoryError(BatchFailedError):
 
     status, retry_after, log_level = 503, 1, logging.WARNING
     meaning = "out of memory running the batch; retry"
+
+
+class FeedbackDisabledError(ServiceError):
+    """POST /feedback was called on a server started without a feedback folder."""
+
+    status = 404
+    meaning = "feedback is off (the server has no --feedback-dir)"
+
+
+class StorageFullError(ServiceError):
+    """A feedback write would pass its quota, or the disk refused it; nothing was written."""
+
+    status, log_level = 507, logging.WARNING
+    meaning = "the model's feedback quota or the disk is full; nothing was written"

@@ -11,21 +11,22 @@ from collections.abc import AsyncIterator
 import torch
 from fastapi import FastAPI
 
-from app.api import docs, errors, explain, health, page, predict, reports, v2
-from app.api import models as model_routes
+from app.api import errors
 from app.api.middleware import (
     ErrorBoundaryMiddleware,
     NoSniffMiddleware,
     RequestIdMiddleware,
     RequestMetricsMiddleware,
 )
-from app.cluster import WorkerLink, reload_logged
+from app.api.routes import docs, explain, health, page, predict, reports, v2
+from app.api.routes import model_info as model_routes
 from app.config import Settings
 from app.exceptions import CheckpointFolderError, ShuttingDownError
-from app.imaging import ImageDecoder
 from app.metrics import Metrics
-from app.parser_pool import ParserPool
-from app.registry import ModelRegistry
+from app.process.worker_link import WorkerLink
+from app.serving.imaging import ImageDecoder
+from app.serving.parser_pool import ParserPool
+from app.serving.registry import ModelRegistry, reload_logged
 from models.backend_specs import backend_device
 from models.device import Accelerator
 
@@ -36,7 +37,7 @@ def create_app(settings: Settings | None = None, *,
                cluster: WorkerLink | None = None) -> FastAPI:
     """Build the FastAPI app; models load in its lifespan, never at import time.
 
-    `cluster`: this process is one of several workers (app.supervisor) and shares
+    `cluster`: this process is one of several workers (app.process.supervisor) and shares
     readiness, reloads, queue room and metrics with the others through it.
     """
     settings = settings if settings is not None else Settings()
@@ -51,7 +52,8 @@ def create_app(settings: Settings | None = None, *,
         decoder = ImageDecoder(workers=settings.decode_workers, max_pixels=settings.max_pixels,
                                limits=settings.decode_limits())
         registry = ModelRegistry(settings, accelerator=accelerator, decoder=decoder,
-                                 metrics=metrics, cluster=cluster)
+                                 metrics=metrics,
+                                 queue_bounds=cluster.queue_bound if cluster else None)
         app.state.registry = registry
         app.state.parsers = parsers = ParserPool(settings.parse_processes)
         metrics.watch_workers(cluster.ready_count if cluster else lambda: int(registry.ready))
@@ -84,7 +86,7 @@ def create_app(settings: Settings | None = None, *,
         description="Image classification with fine-tuned ResNets, dynamically batched.",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url=None, redoc_url=None, openapi_url=None,  # served by app.api.docs
+        docs_url=None, redoc_url=None, openapi_url=None,  # served by app.api.routes.docs
         redirect_slashes=False,  # a redirect would be built from the request's Host header
     )
     app.state.settings = settings

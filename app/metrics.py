@@ -1,11 +1,11 @@
 """Prometheus metrics: a per-app CollectorRegistry, or one view over every worker process.
 
 With `--workers N` each worker writes its metrics to files in PROMETHEUS_MULTIPROC_DIR
-(prometheus_client's multiprocess mode, set up by app.supervisor) and any worker's /metrics
+(prometheus_client's multiprocess mode, set up by app.process.supervisor) and any worker's /metrics
 adds them up: counters and histograms over every worker that ever ran, gauges over the live
 ones. Values read on demand (queue depth, open connections) are written at each worker tick.
 The folder's life (claimed, dead workers' files folded into archives, removed) is
-app.metrics_files.
+app.process.metrics_files.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from prometheus_client import (
     multiprocess,
 )
 
-from app.drift import DriftMetrics
-from app.metrics_files import hold_folder, scrape_lock
+from app.process.metrics_files import hold_folder, scrape_lock
+from app.serving.drift import DriftMetrics
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -96,7 +96,7 @@ class Metrics:
             "connections refused over max_connections (refused: answered 503, dropped: "
             "closed at once) or closed by a deadline (header_timeout, body_timeout, write_timeout)",
             ["event"], registry=self.registry)
-        self.drift = DriftMetrics(self.registry)  # per-model quality and drift (app.drift)
+        self.drift = DriftMetrics(self.registry)  # per-model quality and drift (app.serving.drift)
 
     def batcher_hook(self, model: str, *, explain: bool = False) -> Callable[[str, int], None]:
         """An event hook for one model's DynamicBatcher (its /explain one with `explain`:

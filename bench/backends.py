@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.allocator import loaded_allocator
+from app.process.allocator import loaded_allocator
 from bench.common import benchmark_checkpoint, emit, environment, images_per_s, web_jpegs
 from models.checkpoint import load
 from models.decoding import decode

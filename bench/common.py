@@ -18,7 +18,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from app.allocator import loaded_allocator
+from app.process.allocator import loaded_allocator
 from models.architectures import build
 from models.card import ModelCard, Preprocessing
 from models.checkpoint import save

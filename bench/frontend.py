@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from app.allocator import find_tcmalloc
+from app.process.allocator import find_tcmalloc
 from bench.common import benchmark_checkpoint, emit, environment, web_jpegs
 from bench.frontend_report import summarise, table
 from bench.load import batch_stats, cpu_by_name, thread_cpu

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from app.allocator import find_tcmalloc, loaded_allocator
+from app.process.allocator import find_tcmalloc, loaded_allocator
 from models.card import ModelCard
 from models.device import Accelerator
 from models.outputs import probabilities

@@ -1,4 +1,4 @@
-"""Which thread loads a model and which one runs it: the OpenMP effect behind app.compute.
+"""Which thread loads a model and which one runs it: the OpenMP effect behind app.serving.compute.
 
     python -m bench.threads --arch resnet34 --repeats 3
 

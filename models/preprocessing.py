@@ -109,7 +109,7 @@ def eval_transform(pre: Preprocessing) -> Transform:
 class EvalCrop:
     """Image bytes -> the eval crop a model sees, as uint8 HWC pixels: decoding within a pixel
     budget, then `eval_transform`'s resize and centre crop. Plain values, so it can be sent to
-    the process that runs it (app.decode_box)."""
+    the process that runs it (app.serving.decode_box)."""
 
     preprocessing: Preprocessing
 

@@ -1,6 +1,6 @@
 """Bounds the operating system puts on a process that decodes untrusted images.
 
-Shared by the server's decode processes (app.decode_box) and training's DataLoader workers:
+Shared by the server's decode processes (app.serving.decode_box) and training's DataLoader workers:
 an address-space cap over what the process maps when it starts, and a per-image time budget
 for code that runs in a process's main thread.
 """

@@ -13,8 +13,8 @@ from fastapi import Depends, Query, Request
 from app.config import Settings
 from app.exceptions import NotReadyError
 from app.metrics import Metrics
-from app.parser_pool import ParserPool
-from app.registry import ModelRegistry
+from app.serving.parser_pool import ParserPool
+from app.serving.registry import ModelRegistry
 
 
 async def get_settings(request: Request) -> Settings:

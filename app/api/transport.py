@@ -23,7 +23,7 @@ from app.exceptions import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from app.imaging import Upload
+from app.serving.imaging import Upload
 from models.image_formats import MEDIA_TYPES
 
 T = TypeVar("T")

@@ -29,8 +29,8 @@ from app.api.v2_codec import (
     RequestedOutput,
 )
 from app.exceptions import MalformedRequestError, UnknownModelVersionError
-from app.imaging import Upload
-from app.served_model import ServedModel
+from app.serving.imaging import Upload
+from app.serving.served_model import ServedModel
 from models.backend_specs import backend_spec
 from models.image_formats import accepted_text
 

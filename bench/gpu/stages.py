@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.decode_box import PROCESS_NAME
+from app.serving.decode_box import PROCESS_NAME
 
 Snapshot = dict[str, tuple[str, float]]
 DECODE_PROCESS = PROCESS_NAME.decode()

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from app.api.page import CONTENT_SECURITY_POLICY
+from app.api.routes.page import CONTENT_SECURITY_POLICY
 from tests.serving_helpers import (
     CROP,
     color_image,

@@ -223,7 +223,7 @@ async def test_filename_star_parts_count_against_the_image_limit(
 ])
 async def test_forwarded_headers_are_believed_only_from_named_proxies(
         checkpoint_root: Path, trusted: list[str], seen: tuple) -> None:
-    from app.server import server_config
+    from app.process.server import server_config
 
     settings = fast_settings(checkpoint_root, forwarded_allow_ips=trusted)
     app = create_app(settings)

@@ -14,10 +14,11 @@ import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from app.cluster import ClusterTables, WorkerLink
 from app.main import create_app
 from app.metrics import MULTIPROC_ENV
-from app.metrics_files import MERGE_LOCK, MetricsFolder
+from app.process.metrics_files import MERGE_LOCK, MetricsFolder
+from app.process.shared_tables import ClusterTables
+from app.process.worker_link import WorkerLink
 from tests.serving_helpers import fast_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.connections import connection_cap
+from app.process.connections import connection_cap
 from tests.server_process import ROOT, free_port
 from tests.serving_helpers import metric
 

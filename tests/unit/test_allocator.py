@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from app.allocator import find_tcmalloc, loaded_allocator, reexec_with_fast_allocator
+from app.process.allocator import find_tcmalloc, loaded_allocator, reexec_with_fast_allocator
 
-PROBE = "from app.allocator import loaded_allocator; print(loaded_allocator())"
+PROBE = "from app.process.allocator import loaded_allocator; print(loaded_allocator())"
 
 
 def _probe(env: dict[str, str]) -> str:

@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
-from app.batching import DynamicBatcher
 from app.exceptions import (
     BatcherClosedError,
     BatchFailedError,
     DeadlineExceededError,
     QueueFullError,
 )
+from app.serving.batching import DynamicBatcher
 from models.card import ModelCard
 from models.device import Accelerator
 from models.predict import Predictor

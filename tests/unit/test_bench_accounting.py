@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from app.compute import name_native_thread
+from app.serving.compute import name_native_thread
 from bench.load import batch_stats, cpu_by_name, percentile, thread_cpu
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.card_view import local_path_name, public_card
+from app.api.card_view import local_path_name, public_card
 from models import checkpoint
 
 
@@ -43,8 +43,8 @@ def test_the_public_card_hides_paths_and_escapes_what_utf8_cannot_carry(
 
 def test_an_entry_whose_card_cannot_be_sent_is_listed_without_it(
         checkpoint_root: Path) -> None:
-    from app.api.models import _info
-    from app.registry import ModelEntry
+    from app.api.routes.model_info import _info
+    from app.serving.registry import ModelEntry
 
     card = checkpoint.read_card(checkpoint_root / "colors")
     card.metrics = {"blob": b"\xff\xfe"}  # only code can put this there: no JSON holds bytes

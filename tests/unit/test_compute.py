@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.batching import DynamicBatcher
-from app.compute import ComputeThread, run_in_fresh_thread
-from app.imaging import ImageDecoder, Upload
+from app.serving.batching import DynamicBatcher
+from app.serving.compute import ComputeThread, run_in_fresh_thread
+from app.serving.imaging import ImageDecoder, Upload
 from models.card import Preprocessing
 from models.preprocessing import EvalCrop
 from tests.serving_helpers import png

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.connections import (
+from app.process.connections import (
     FD_RESERVE,
     REFUSAL_SLOTS,
     ConnectionGuard,
@@ -28,7 +28,7 @@ def test_the_cap_stays_below_the_open_file_limit() -> None:
 
 def test_guard_serves_then_refuses_then_drops_and_logs_once(
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="app.connections")
+    caplog.set_level(logging.INFO, logger="app.process.connections")
     events: list[str] = []
     guard = ConnectionGuard(ConnectionLimits(3, 5.0, 10.0, 30.0), on_event=events.append)
     admissions = [guard.admit() for _ in range(3 + REFUSAL_SLOTS + 5)]
@@ -56,7 +56,7 @@ def test_accept_failures_for_want_of_descriptors_are_reported_once(
                                      "exception": RuntimeError("other")})
     finally:
         loop.close()
-    ours = [r for r in caplog.records if r.name == "app.connections"]
+    ours = [r for r in caplog.records if r.name == "app.process.connections"]
     assert len(ours) == 1 and "out of file descriptors" in ours[0].getMessage()
     others = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
     assert len(others) == 1 and "something else" in others[0].getMessage()
@@ -126,7 +126,7 @@ async def test_an_unread_answer_holds_pipelined_requests_back_until_the_write_de
     import uvicorn
     from uvicorn.server import ServerState
 
-    from app.connections import protocol_for
+    from app.process.connections import protocol_for
 
     answered: list[str] = []
 

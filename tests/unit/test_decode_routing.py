@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.exceptions import DeadlineExceededError, InvalidImageError, OversizedImageError
-from app.imaging import ImageDecoder, Upload
+from app.serving.imaging import ImageDecoder, Upload
 from models.card import Preprocessing
 from models.device_decode import DeviceJpegDecoder, DeviceResult
 from models.preprocessing import EvalCrop

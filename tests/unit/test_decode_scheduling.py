@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.exceptions import DeadlineExceededError, InvalidImageError
-from app.imaging import ImageDecoder, Upload
+from app.serving.imaging import ImageDecoder, Upload
 from tests.decode_gate import HEAVY, Gate
 from tests.serving_helpers import png
 

@@ -14,7 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.drift import MAX_CLASS_SERIES, OTHER_CLASS, DriftMetrics
+from app.serving.drift import MAX_CLASS_SERIES, OTHER_CLASS, DriftMetrics
 from models.card import ModelCard
 from models.drift import (
     CONFIDENCE_EDGES,

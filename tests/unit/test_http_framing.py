@@ -5,7 +5,7 @@ from __future__ import annotations
 import h11
 import pytest
 
-from app.http_framing import StrictFraming
+from app.process.http_framing import StrictFraming
 
 
 def _events(data: bytes) -> list[object]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.metrics import MULTIPROC_ENV, Metrics
-from app.metrics_files import FOLDER_PREFIX, MetricsFolder, remove_stale_folders
+from app.process.metrics_files import FOLDER_PREFIX, MetricsFolder, remove_stale_folders
 
 ROOT = Path(__file__).resolve().parents[2]
 # gauges summed over the live workers only: a dead worker's values leave with it
@@ -68,7 +68,7 @@ def test_a_killed_supervisors_folder_is_removed_and_folders_in_use_are_kept(
         tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from app.metrics_files import MetricsFolder; "
+         "from app.process.metrics_files import MetricsFolder; "
          "print(MetricsFolder.claim(Path(sys.argv[1])).path, flush=True); time.sleep(60)",
          str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.registry import model_name
+from app.serving.registry import model_name
 
 
 @pytest.mark.parametrize("folder", ["colors", "resnet50-v2.1", "A_b-c.d", "x" * 128])

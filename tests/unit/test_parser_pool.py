@@ -17,7 +17,7 @@ import pytest
 
 from app.api.v2_codec import InputContract, InputRule, parse_request
 from app.exceptions import MalformedRequestError, ParserUnavailableError
-from app.parser_pool import ParserPool
+from app.serving.parser_pool import ParserPool
 from tests.server_process import ROOT
 
 BIG = 1 << 20
@@ -78,7 +78,7 @@ async def test_a_parser_that_dies_costs_its_request_and_is_replaced() -> None:
 def test_parsers_leave_when_the_server_process_is_killed() -> None:
     script = textwrap.dedent("""
         import asyncio, os, time
-        from app.parser_pool import ParserPool
+        from app.serving.parser_pool import ParserPool
 
         async def main():
             pool = ParserPool(2, inline_below=0)

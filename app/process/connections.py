@@ -26,7 +26,7 @@ from typing import Any, Literal
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from app.http_framing import StrictFraming
+from app.process.http_framing import StrictFraming
 
 logger = logging.getLogger(__name__)
 

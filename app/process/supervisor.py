@@ -1,7 +1,7 @@
 """`--workers N`: N server processes on one port, kept running by this one.
 
-The supervisor reserves the port, creates the shared tables (app.cluster) and the metrics
-folder, spawns the workers and then only watches: a worker that exits or stops ticking for
+The supervisor reserves the port, creates the shared tables
+(app.process.shared_tables) and the metrics folder, spawns the workers and then only watches: a worker that exits or stops ticking for
 `worker_timeout` seconds is replaced; SIGHUP asks every worker to rescan; SIGTERM/SIGINT
 reach every worker, which drains its requests, and the supervisor exits 0 once all are gone.
 It never imports torch nor serves a request itself.
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from app.cluster import READY, STATE, ClusterTables, SharedState
 from app.config import Settings
 from app.metrics import MULTIPROC_ENV
-from app.metrics_files import MetricsFolder, remove_stale_folders
-from app.server import EXIT_CANNOT_LISTEN, WorkerEntry, serve_worker, shared_port_socket
+from app.process.metrics_files import MetricsFolder, remove_stale_folders
+from app.process.server import EXIT_CANNOT_LISTEN, WorkerEntry, serve_worker, shared_port_socket
+from app.process.shared_tables import READY, STATE, ClusterTables, SharedState
 
-logger = logging.getLogger("app.supervisor")
+logger = logging.getLogger("app.process.supervisor")
 
 POLL_SECONDS = 0.2
 START_GRACE_SECONDS = 300.0  # a worker's first tick (imports, CUDA start) may take this long

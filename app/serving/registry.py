@@ -7,8 +7,6 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from app.cluster import WorkerLink
-from app.compute import ComputeThread, run_in_fresh_thread
 from app.config import MODEL_NAME_PATTERN, Settings
 from app.exceptions import (
     CheckpointFolderError,
@@ -17,11 +15,12 @@ from app.exceptions import (
     ShuttingDownError,
     UnknownModelError,
 )
-from app.imaging import ImageDecoder
-from app.memory import release_memory
 from app.metrics import Metrics
-from app.model_loader import ModelLoader
-from app.served_model import ServedModel
+from app.serving.compute import ComputeThread, run_in_fresh_thread
+from app.serving.imaging import ImageDecoder
+from app.serving.memory import release_memory
+from app.serving.model_loader import ModelLoader, QueueBounds
+from app.serving.served_model import ServedModel
 from models import checkpoint
 from models.card import ModelCard
 from models.device import Accelerator
@@ -76,7 +75,7 @@ class ModelRegistry:
     """Every checkpoint found under the checkpoint folder, by folder name."""
 
     def __init__(self, settings: Settings, *, accelerator: Accelerator, decoder: ImageDecoder,
-                 metrics: Metrics, cluster: WorkerLink | None = None) -> None:
+                 metrics: Metrics, queue_bounds: QueueBounds | None = None) -> None:
         self.settings = settings
         self.accelerator = accelerator
         self.decoder = decoder
@@ -85,9 +84,10 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self._retiring: set[ServedModel] = set()  # swapped out, not yet stopped
         self._lock = asyncio.Lock()
-        self.compute = ComputeThread()  # every model's batches run here (see app.compute)
+        self.compute = ComputeThread()  # every model's batches run here (see app.serving.compute)
         self._loader = ModelLoader(settings, accelerator=accelerator, decoder=decoder,
-                                   metrics=metrics, compute=self.compute, cluster=cluster)
+                                   metrics=metrics, compute=self.compute,
+                                   queue_bounds=queue_bounds)
 
     @property
     def ready(self) -> bool:
@@ -335,3 +335,15 @@ def _try_card(path: Path) -> ModelCard | None:
         return checkpoint.read_card(path)
     except checkpoint.CheckpointError:  # read_card raises nothing else, whatever the file
         return None
+
+
+async def reload_logged(registry: ModelRegistry) -> None:
+    """Rescan, logging (not raising) what goes wrong: for rescans nobody waits on."""
+    try:
+        await registry.reload()
+    except ShuttingDownError:
+        logger.info("rescan skipped: shutting down")
+    except CheckpointFolderError as exc:
+        logger.error("%s", exc)
+    except Exception:  # noqa: BLE001 - a failed rescan must not stop the worker
+        logger.exception("reload failed")

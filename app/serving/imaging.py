@@ -1,6 +1,6 @@
 """Decoding and resizing uploads in bounded processes, scheduled fairly, off the event loop.
 
-Each decode thread feeds one decode process (app.decode_box) that the operating system
+Each decode thread feeds one decode process (app.serving.decode_box) that the operating system
 bounds in memory and that is killed when its image's request has its answer (deadline,
 failure, withdrawal): the thread only hands bytes over and waits.
 
@@ -22,20 +22,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.compute import name_native_thread
-from app.decode_box import (
+from app.exceptions import (
+    DeadlineExceededError,
+    InsufficientMemoryError,
+    InvalidImageError,
+    OversizedImageError,
+)
+from app.serving.compute import name_native_thread
+from app.serving.decode_box import (
     BoxLimits,
     DecodeOverMemoryError,
     DecodeProcess,
     DecodeRecipe,
     DecodeStoppedError,
     drain,
-)
-from app.exceptions import (
-    DeadlineExceededError,
-    InsufficientMemoryError,
-    InvalidImageError,
-    OversizedImageError,
 )
 from models import decoding
 from models.device_decode import CpuFallback, DeviceJpegDecoder, DeviceResult, is_jpeg

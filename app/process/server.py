@@ -1,7 +1,7 @@
 """One server process: the app under uvicorn, with our connection limits and signal handling.
 
 `serve` runs the whole service in this process (`--workers 1`); `serve_worker` is what each
-process started by app.supervisor runs, on the port the supervisor reserved.
+process started by app.process.supervisor runs, on the port the supervisor reserved.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from app.allocator import loaded_allocator
-from app.cluster import ClusterTables, WorkerLink
 from app.config import Settings
-from app.connections import (
+from app.logs import configure_logging
+from app.process.allocator import loaded_allocator
+from app.process.connections import (
     ACCEPT_BATCH,
     ConnectionGuard,
     ConnectionLimits,
@@ -32,7 +32,8 @@ from app.connections import (
     protocol_for,
     widen_listen_backlog,
 )
-from app.logs import configure_logging
+from app.process.shared_tables import ClusterTables
+from app.process.worker_link import WorkerLink
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -16,10 +16,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from app.batching import DynamicBatcher, EventHook
-from app.compute import ComputeThread
 from app.config import Settings
-from app.imaging import DecodedImage
+from app.serving.batching import DynamicBatcher, EventHook
+from app.serving.compute import ComputeThread
+from app.serving.imaging import DecodedImage
 from models.cam import Explainer, Explanation
 from models.heatmap import heatmap_png
 

@@ -12,13 +12,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.api import health, v2_codec, v2_model
+from app.api import v2_codec, v2_model
 from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import ParsersDep, RegistryDep, SettingsDep
+from app.api.routes import health
 from app.api.transport import read_body, unless_disconnected
 from app.exceptions import NotReadyError, ShuttingDownError
-from app.registry import ModelRegistry
-from app.served_model import ServedModel
+from app.serving.registry import ModelRegistry
+from app.serving.served_model import ServedModel
 
 EXTENSIONS = ("binary_tensor_data", "classification")
 MODEL = "/models/{name}"

@@ -1,14 +1,14 @@
 """ServedModel: one loaded checkpoint serving requests, its stages written once for every
 protocol (POST /predict, the Open Inference Protocol, POST /explain).
 
-    read the body  (the route: app.api.transport, app.api.v2_codec)   -> uploads or pixels
-    crops          (here, app.imaging)     uploads -> uint8 crops within the request's deadline,
-                                           admitted before any decoding is spent
-    outputs        (here, app.batching)    crops of many requests -> one batch -> Predictor
-                                           outputs ([N, C] logits, then the unknown score)
-    answers        (here, Predictor)       outputs -> probabilities, unknown verdicts, ranked
-                                           (index, label, score) per image
-    encode         (the route)             -> its protocol's answer
+    read the body  the route (app.api.transport, app.api.v2_codec) -> uploads or pixels
+    crops          here, with app.serving.imaging: uploads -> uint8 crops within the
+                   request's deadline, admitted before any decoding is spent
+    outputs        here, with app.serving.batching: crops of many requests -> one batch ->
+                   Predictor outputs ([N, C] logits, then the unknown score)
+    answers        here, with the Predictor: outputs -> probabilities, unknown verdicts,
+                   ranked (index, label, score) per image
+    encode         the route -> its protocol's answer
 
 The batcher is given the predictor's batch function and holds nothing of this object, so a
 retired version is freed as soon as its requests have finished.
@@ -25,12 +25,12 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from app.batching import DynamicBatcher
-from app.cluster import SharedQueueBound
-from app.compute import ComputeThread
 from app.config import Settings
-from app.explaining import ExplainedImage, ExplainQueue
-from app.imaging import DecodedImage, ImageDecoder, Upload
+from app.serving.batching import DynamicBatcher
+from app.serving.compute import ComputeThread
+from app.serving.explaining import ExplainedImage, ExplainQueue
+from app.serving.imaging import DecodedImage, ImageDecoder, Upload
+from app.serving.queue_bound import QueueBound
 from models.cam import Explainer
 from models.card import ModelCard
 from models.device_decode import DeviceJpegDecoder
@@ -48,7 +48,7 @@ class ServedModel:
                  decoder: ImageDecoder, settings: Settings,
                  on_event: Callable[[str, int], None] | None = None,
                  compute: ComputeThread | None = None,
-                 queue_bound: SharedQueueBound | None = None,
+                 queue_bound: QueueBound | None = None,
                  device_decoder: DeviceJpegDecoder | None = None,
                  explainer: Explainer | None = None,
                  on_explain_event: Callable[[str, int], None] | None = None,
@@ -67,7 +67,7 @@ class ServedModel:
             run_batch or predictor.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, name=name,
             on_event=on_event, compute=compute, bound=queue_bound)
-        # POST /explain: a batcher of its own on the same compute thread (app.explaining)
+        # POST /explain: a batcher of its own on the same compute thread (app.serving.explaining)
         self.explaining = None if explainer is None else ExplainQueue(
             explainer, name=name, settings=settings, compute=compute,
             on_event=on_explain_event)
@@ -132,7 +132,7 @@ class ServedModel:
         """One ImageResult per row of outputs: calibrated scores, the labels passing (top-k
         or the thresholds, each with its class index) and the unknown verdict."""
         # one image at a time: torch parallelises ops on larger tensors, and the event loop
-        # must not start an OpenMP team of its own (see app.compute)
+        # must not start an OpenMP team of its own (see app.serving.compute)
         return [self.predictor.answer(row.unsqueeze(0), top_k=top_k, threshold=threshold,
                                       all_scores=all_scores, reject_unknown=reject_unknown)[0]
                 for row in outputs]

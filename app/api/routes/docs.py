@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.api.auth import API_KEY_REQUIRED
-from app.api.page import PAGE_DIR
+from app.api.routes.page import PAGE_DIR
 
 router = APIRouter(include_in_schema=False)
 

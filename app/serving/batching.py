@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.cluster import LocalQueueBound, SharedQueueBound
-from app.compute import ComputeThread
 from app.exceptions import (
     BatcherClosedError,
     BatchFailedError,
@@ -29,6 +27,8 @@ from app.exceptions import (
     DeadlineExceededError,
     QueueFullError,
 )
+from app.serving.compute import ComputeThread
+from app.serving.queue_bound import LocalQueueBound, QueueBound
 from models.device import is_out_of_memory
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class DynamicBatcher:
     def __init__(self, fn: BatchFn, *, max_batch_size: int, max_wait_ms: float,
                  max_queue: int, name: str = "model", on_event: EventHook | None = None,
                  compute: ComputeThread | None = None,
-                 bound: SharedQueueBound | None = None) -> None:
+                 bound: QueueBound | None = None) -> None:
         if not callable(fn):
             raise TypeError("fn must be callable")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:

@@ -19,7 +19,7 @@ from app.exceptions import UnknownFileError
 
 router = APIRouter(include_in_schema=False)
 
-PAGE_DIR = FilePath(__file__).resolve().parents[1] / "page"
+PAGE_DIR = FilePath(__file__).resolve().parents[2] / "page"
 INDEX = "index.html"
 ASSETS: dict[str, str] = {
     INDEX: "text/html; charset=utf-8",

@@ -9,10 +9,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 
 from app.api.auth import API_KEY_REQUIRED
+from app.api.card_view import public_card, sendable_text
 from app.api.deps import RegistryDep
 from app.api.schemas import ModelInfo, ModelList, ReloadResponse, error_responses
-from app.card_view import public_card, sendable_text
-from app.registry import ModelEntry
+from app.serving.registry import ModelEntry
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ _REQUEST = struct.Struct("<QQQIQ")  # bytes, shared size, max pixels, CPU second
 _SHAPE = struct.Struct("<III")  # height, width, channels of the crop
 BASE_CAPACITY = 1 << 20  # the shared file's size between large images
 PROCESS_NAME = b"resnet-decode"  # what `ps` and /proc/PID/comm show for a decode process
-_PRELOAD = ["app.decode_box", "models.preprocessing"]  # imported once, by the forkserver
+_PRELOAD = ["app.serving.decode_box", "models.preprocessing"]  # imported once, by the forkserver
 
 
 class DecodeRecipe(Protocol):

@@ -17,10 +17,10 @@ from fastapi.responses import StreamingResponse
 
 from app.api.auth import API_KEY_REQUIRED
 from app.api.deps import RegistryDep
-from app.api.models import MAX_MODEL_NAME
+from app.api.routes.model_info import MAX_MODEL_NAME
 from app.api.schemas import error_responses
 from app.exceptions import UnknownFileError
-from app.registry import ModelEntry, ModelRegistry
+from app.serving.registry import ModelEntry, ModelRegistry
 from models.checkpoint import open_report, report_files
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[API_KEY_REQUIRED])

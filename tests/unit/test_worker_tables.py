@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from app.batching import DynamicBatcher
-from app.cluster import (
+from app.exceptions import QueueFullError
+from app.process.shared_tables import (
     HEARTBEAT_NS,
     PID,
     READY,
@@ -18,12 +18,12 @@ from app.cluster import (
     STOPPING,
     ClusterTables,
     SharedState,
-    WorkerLink,
     queue_slot,
     ready_heartbeat_limit,
-    workers_for,
 )
-from app.exceptions import QueueFullError
+from app.process.sizing import workers_for
+from app.process.worker_link import WorkerLink
+from app.serving.batching import DynamicBatcher
 
 SPAWN = multiprocessing.get_context("spawn")
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-from app.cluster import WorkerLink
-from app.compute import ComputeThread, name_native_thread
 from app.config import Settings
-from app.imaging import ImageDecoder
 from app.metrics import Metrics
-from app.served_model import ServedModel
+from app.serving.compute import ComputeThread, name_native_thread
+from app.serving.imaging import ImageDecoder
+from app.serving.queue_bound import QueueBound
+from app.serving.served_model import ServedModel
 from models import checkpoint
 from models.architectures import arch_spec
 from models.backend_specs import backend_spec
@@ -34,6 +35,7 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
+QueueBounds = Callable[[str, int], QueueBound]  # (model, max_queue) -> that model's bound
 DECODE_START_TIMEOUT = 60  # seconds a model waits for the decode processes before serving
 
 
@@ -42,9 +44,9 @@ class ModelLoader:
 
     def __init__(self, settings: Settings, *, accelerator: Accelerator, decoder: ImageDecoder,
                  metrics: Metrics, compute: ComputeThread,
-                 cluster: WorkerLink | None = None) -> None:
+                 queue_bounds: QueueBounds | None = None) -> None:
         self.settings = settings
-        self.cluster = cluster  # with several workers: the queue bound is shared
+        self.queue_bounds = queue_bounds  # with several workers: bounds shared by all
         self.accelerator = accelerator
         self.decoder = decoder
         self.metrics = metrics
@@ -52,7 +54,7 @@ class ModelLoader:
 
     def load(self, name: str, path: Path) -> ServedModel:
         """Load, warm up and check one checkpoint (call on a thread that exits afterwards,
-        see app.compute); raises CheckpointError or BackendError naming what failed."""
+        see app.serving.compute); raises CheckpointError or BackendError naming what failed."""
         model, card = checkpoint.load(path)
         if backend_spec(self.settings.backend).own_thread_pool:
             # the runtime starts its worker pool on this thread and keeps it for the batches:
@@ -77,8 +79,8 @@ class ModelLoader:
         return ServedModel(name=name, card=card, predictor=predictor, decoder=self.decoder,
                            settings=self.settings, on_event=self.metrics.batcher_hook(name),
                            compute=self.compute,
-                           queue_bound=self.cluster.queue_bound(name, self.settings.max_queue)
-                           if self.cluster else None,
+                           queue_bound=self.queue_bounds(name, self.settings.max_queue)
+                           if self.queue_bounds else None,
                            device_decoder=self._device_decoder(name, card),
                            explainer=self._explainer(name, predictor),
                            on_explain_event=self.metrics.batcher_hook(name, explain=True),

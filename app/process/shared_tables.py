@@ -1,6 +1,6 @@
 """What the server's worker processes share: readiness, heartbeats, reloads and queue room.
 
-With `--workers N` the supervisor (app.supervisor) creates these tables in shared memory
+With `--workers N` the supervisor (app.process.supervisor) creates these tables in shared memory
 before it spawns the workers, and each worker sees them through a `WorkerLink`. Every cell
 has one writer (a worker writes its own row, the supervisor clears a dead worker's row), so
 no lock is needed and a worker that dies mid-write can never wedge the others.
@@ -12,27 +12,14 @@ connections, so `/ready` turns 503 long before the supervisor replaces it.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import math
-import os
 import time
 import zlib
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from multiprocessing.sharedctypes import SynchronizedBase
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-from app.config import available_cpus
-from app.exceptions import CheckpointFolderError, ShuttingDownError
-
-if TYPE_CHECKING:
-    from app.metrics import Metrics
-    from app.registry import ModelRegistry, ReloadReport
-
-logger = logging.getLogger(__name__)
 
 QUEUE_SLOTS = 4096  # model names hash into these; two names in one slot share one bound
 TICK_SECONDS = 0.1  # how often a worker publishes its state and looks for reload requests
@@ -123,29 +110,6 @@ def queue_slot(model: str) -> int:
     return zlib.crc32(model.encode()) % QUEUE_SLOTS
 
 
-class LocalQueueBound:
-    """Room for at most `max_queue` images, counted in this process only."""
-
-    def __init__(self, max_queue: int) -> None:
-        self.max_queue = max_queue
-        self._held = 0
-
-    def try_add(self, count: int) -> bool:
-        """Count `count` more images if they fit; False (nothing counted) if not."""
-        if self._held + count > self.max_queue:
-            return False
-        self._held += count
-        return True
-
-    def remove(self, count: int) -> None:
-        """`count` images have left the queue (run, dropped or failed)."""
-        self._held -= count
-
-    def held(self) -> int:
-        """Images counted against the bound now."""
-        return self._held
-
-
 class SharedQueueBound:
     """Room for at most `max_queue` images of one model across every worker.
 
@@ -174,99 +138,3 @@ class SharedQueueBound:
     def held(self) -> int:
         """Images counted against the bound now, by every worker."""
         return int(self._column.sum())
-
-
-class WorkerLink:
-    """One worker's view of the others: it publishes its own state and answers for all."""
-
-    def __init__(self, tables: ClusterTables, index: int) -> None:
-        self.state = SharedState(tables)
-        self.index = index
-        self.workers = tables.workers
-        self._row = self.state.rows[index]
-        self._claimed = 0  # the reload target this worker has served or is serving now
-        self._row[:] = 0
-        self._row[PID] = os.getpid()
-
-    def queue_bound(self, model: str, max_queue: int) -> SharedQueueBound:
-        """The bound on `model`'s queue shared by every worker."""
-        return SharedQueueBound(self.state, self.index, model, max_queue)
-
-    def all_ready(self) -> bool:
-        """True when every worker is up, serving and not stopping."""
-        return self.state.ready_count() == self.workers
-
-    def ready_count(self) -> int:
-        """How many workers are ready now."""
-        return self.state.ready_count()
-
-    def publish(self, registry: ModelRegistry) -> None:
-        """Write this worker's heartbeat and state."""
-        self._row[STATE] = (STOPPING if registry.closing else
-                            READY if registry.ready else STARTING)
-        self._row[HEARTBEAT_NS] = time.monotonic_ns()
-
-    async def run(self, registry: ModelRegistry, metrics: Metrics,
-                  initial_load: asyncio.Task[None]) -> None:
-        """Tick until cancelled: heartbeat, state, metrics, and reloads asked of everyone."""
-        self._claimed = self.state.reload_target()  # the first scan covers earlier requests
-        while True:
-            self.publish(registry)
-            metrics.refresh()
-            target = self.state.reload_target()
-            if initial_load.done() and self._row[RELOADED] < self._claimed:
-                self._row[RELOADED] = self._claimed
-            if initial_load.done() and target > self._claimed and not registry.closing:
-                self._claimed = target
-                await reload_logged(registry)
-                self._row[RELOADED] = max(int(self._row[RELOADED]), target)
-            await asyncio.sleep(TICK_SECONDS)
-
-    async def reload_everywhere(self, registry: ModelRegistry, timeout: float) -> ReloadReport:
-        """Rescan here and have every other worker rescan; answers once all of them have
-        (or `timeout` s have passed), with this worker's report."""
-        target = self.state.request_reload(self.index)
-        self._claimed = max(self._claimed, target)
-        report = await registry.reload()
-        self._row[RELOADED] = max(int(self._row[RELOADED]), target)
-        await self._wait_reloaded(target, timeout)
-        return report
-
-    async def _wait_reloaded(self, target: int, timeout: float) -> None:
-        give_up = time.monotonic() + timeout
-        while time.monotonic() < give_up:
-            behind = [i for i in range(self.workers)
-                      if self.state.pid(i) and self.state.rows[i, STATE] != STOPPING
-                      and self.state.rows[i, RELOADED] < target]
-            if not behind:
-                return
-            await asyncio.sleep(TICK_SECONDS / 2)
-        logger.warning("reload: workers %s had not finished rescanning after %g s", behind,
-                       timeout)
-
-
-async def reload_logged(registry: ModelRegistry) -> None:
-    """Rescan, logging (not raising) what goes wrong: for rescans nobody waits on."""
-    try:
-        await registry.reload()
-    except ShuttingDownError:
-        logger.info("rescan skipped: shutting down")
-    except CheckpointFolderError as exc:
-        logger.error("%s", exc)
-    except Exception:  # noqa: BLE001 - a failed rescan must not stop the worker
-        logger.exception("reload failed")
-
-
-def workers_for(requested: int, *, on_cuda: bool, cpus: int | None = None) -> int:
-    """The worker count for `--workers` (0: automatic).
-
-    Automatic: one on the CPU, where the model needs every core and a second process would
-    only split them; on CUDA one per four cores (each worker's decode threads keep about
-    that many busy), at least one and at most 16.
-    """
-    if requested:
-        return requested
-    if not on_cuda:
-        return 1
-    cpus = cpus or available_cpus()
-    return max(1, min(16, math.floor(cpus / 4)))

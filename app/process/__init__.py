@@ -1,0 +1,2 @@
+"""The process layer: the supervisor and its workers, the HTTP server and its connections, the
+tables the workers share."""
