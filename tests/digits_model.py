@@ -3,11 +3,12 @@ kind: scikit-learn's handwritten digit scans and scikit-image's texture photogra
 
 The model is a CIFAR ResNet-20 at 16 px trained in memory for a few seconds (about 95%
 accurate on held-out digits), temperature-calibrated and given the unknown-input rule on its
-validation images, then handed to the same function `fit` ends with to write the reference.
+validation images, then given its drift reference by the same function `fit` uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ def _crops(folder: Path, classes: list[str] | None = None):
 def train_digits_checkpoint(folders: dict[str, Path], directory: Path, *,
                             steps: int = 80) -> Path:
     """Train, calibrate, fit the unknown rule, save, and add the drift reference."""
-    from training.export.drift import write_drift_reference
+    from training.export.drift import drift_reference
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread beats contended ones
@@ -120,8 +121,10 @@ def train_digits_checkpoint(folders: dict[str, Path], directory: Path, *,
             calibration={"temperature": temperature, "ece_before": ece[0],
                          "ece_after": ece[1], "bins": ECE_BINS})
         checkpoint.save(directory, model, card)
-        write_drift_reference(directory, val, accelerator=Accelerator.create("cpu", "fp32"),
-                              batch_size=100, workers=0)
+        served, _ = checkpoint.load(directory)  # scored as the server loads it, as fit does
+        drift = drift_reference(served, card, val, accelerator=Accelerator.create("cpu", "fp32"),
+                                batch_size=100, workers=0)
+        checkpoint.save(directory, model, dataclasses.replace(card, drift=drift))
     finally:
         torch.set_num_threads(threads)
     return directory
