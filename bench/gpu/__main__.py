@@ -6,8 +6,8 @@
 
 Steps, in the order they run: the CUDA tests, model-only images/s (eager), nvJPEG against
 Pillow, the real server against LitServe (and /explain, and the front end alone), training
-(AMP images/s, peak memory at the README's batch sizes, `training fit`), bulk prediction,
-then torch.compile on whatever time is left. Each step has a time box (bench.gpu.plan);
+(AMP images/s, peak memory at the README's batch sizes), bulk prediction, then on whatever
+time is left torch.compile and `training fit`. Each step has a time box (bench.gpu.plan);
 what does not fit is skipped and named in the report. gpu.md (Markdown for
 docs/benchmarks.md) and gpu.json are written under --out-dir after every step, so a run cut
 short keeps what it measured. Exit status 1 when a step failed.
@@ -45,7 +45,7 @@ DRY_BUDGET_S = 300.0
 STEP_FUNCTIONS: dict[str, Callable[[Context, Clock], dict]] = {
     "tests": cuda_tests.run, "model": model_speed.eager, "decode": decode_speed.run,
     "server": serving.run, "training": training_speed.run, "bulk": bulk.run,
-    "compile": model_speed.compiled,
+    "compile": model_speed.compiled, "fit": training_speed.fit_rate,
 }
 
 

@@ -8,12 +8,10 @@ whole wall time: process start, model load and warm-up included.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import subprocess
 import time
 
-from bench.gpu.context import PYTHON, ROOT, Context
+from bench.gpu.context import PYTHON, Context, run_bounded
 from bench.gpu.plan import Clock
 
 logger = logging.getLogger(__name__)
@@ -43,10 +41,8 @@ def run(ctx: Context, clock: Clock) -> dict:
                "--no-progress", *plan.bulk_args]
     limit = clock.left()
     started = time.monotonic()
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit,
-                              check=False, env={**os.environ, "TMPDIR": str(ctx.work_dir)})
-    except subprocess.TimeoutExpired:
+    done = run_bounded(command, limit, ctx.work_dir)
+    if done is None:
         return {"status": "skipped", "reason": f"did not finish in the {limit:.0f} s left",
                 "command": command}
     seconds = time.monotonic() - started

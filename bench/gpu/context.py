@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,3 +70,29 @@ class Context:
         torch.manual_seed(0)
         model = build(arch, num_classes=self.plan.classes, weights=None).eval()
         return Predictor(model, self.card(arch), Accelerator.create(self.plan.device, precision))
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A command run to its end: exit status and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_bounded(command: list[str], timeout_s: float, work_dir: Path) -> Finished | None:
+    """Run `command` from the repository in a session of its own, temporary files under
+    `work_dir`; past `timeout_s`, kill its whole process group (a fit's or a prediction's
+    worker processes too, so none is left on the GPU) and answer None."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "TMPDIR": str(work_dir)})
+    try:
+        stdout, stderr = process.communicate(timeout=max(1.0, timeout_s))
+    except subprocess.TimeoutExpired:
+        logger.warning("%s: over its %.0f s, killed", " ".join(command[:4]), timeout_s)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return None
+    return Finished(process.returncode, stdout, stderr)

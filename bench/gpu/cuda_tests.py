@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
 import time
 from pathlib import Path
 
-from bench.gpu.context import PYTHON, ROOT, Context
+from bench.gpu.context import PYTHON, ROOT, Context, run_bounded
 from bench.gpu.plan import Clock
 
 logger = logging.getLogger(__name__)
@@ -36,11 +35,9 @@ def run(ctx: Context, clock: Clock) -> dict:
         return {"status": "ok", "note": "no test carries the gpu mark", "files": []}
     command = [PYTHON, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                "-o", "addopts=", *files]
-    started, limit = time.monotonic(), max(1.0, clock.left())
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                              timeout=limit, check=False)
-    except subprocess.TimeoutExpired:
+    started, limit = time.monotonic(), clock.left()
+    done = run_bounded(command, limit, ctx.work_dir)
+    if done is None:
         return {"status": "failed", "error": f"still running after its {limit:.0f} s",
                 "files": files}
     output = done.stdout + done.stderr

@@ -122,13 +122,14 @@ def explain(result: dict) -> list[str]:
     return _table(HEAD, level_rows("service /explain", result, {}))
 
 
-def training(result: dict) -> list[str]:
+def training(result: dict, fit: dict | None) -> list[str]:
     """AMP rates, fit's rate, and peak memory against the README's rows."""
     out = _table(["arch", "image size", "batch", "precision", "img/s (bare loop)"],
                  [[r["arch"], r["image_size"], r["batch"], r["precision"], r["images_per_s"]]
                   for r in result["amp"]])
-    fit = result["fit"]
-    if fit.get("status") == "ok":
+    if fit is None:
+        out += ["`training fit`: not run in this invocation (see `--steps`).", ""]
+    elif fit.get("status") == "ok":
         out += [f"`training fit` ({fit['arch']}, {fit['image_size']} px, batch "
                 f"{fit['batch_size']}, {fit['precision']}): {fit['fit_images_per_s']} img/s "
                 f"against {fit['bare_images_per_s']} for the bare loop ({fit['ratio']}x).", ""]
@@ -157,7 +158,7 @@ def bulk(result: dict) -> list[str]:
 
 
 RENDER = {"tests": tests, "decode": decode, "server": server, "explain": explain,
-          "training": training, "bulk": bulk}
+          "bulk": bulk}
 
 
 def section(key: str, steps: dict) -> list[str]:
@@ -167,10 +168,15 @@ def section(key: str, steps: dict) -> list[str]:
         result = steps["server"].get("explain") or steps["server"]
     if key == "model":
         return _status_line(steps.get("model")) + model(steps)
-    missing = _status_line(result)
-    if missing or result is None:
-        return missing
-    return RENDER[key](result)
+    lines = _status_line(result)
+    if result is None or result.get("status") in ("skipped", "unavailable"):
+        return lines
+    try:
+        if key == "training":
+            return lines + training(result, steps.get("fit"))
+        return lines + RENDER[key](result)
+    except (KeyError, TypeError, ValueError):  # a failed step without all of its figures
+        return lines
 
 
 def markdown(report: dict) -> str:

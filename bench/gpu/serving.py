@@ -1,13 +1,14 @@
 """The real server on real JPEGs, its /explain, the front end alone, and LitServe on the same.
 
-Four servers in turn, each started, checked by hand, loaded and stopped:
+Three servers in turn, each started, checked by hand, loaded and stopped, each only when its
+start and a level still fit in the step's time box:
+- `python -m app` with the real model, `--workers 0` (automatic), at each level of the plan
+  (images per request x concurrency), then POST /explain on the same process;
+- LitServe (bench.peers litserve) on the same checkpoint and device, at the same levels;
 - the stand-in server (bench.standin_server: the service with a model that answers fixed
   logits): its answer is checked against the stand-in's own top score, so a stand-in that
   answers the wrong thing (as it once answered probabilities where logits are expected) fails
-  here; then one level of the front end alone at this host's core count;
-- `python -m app` with the real model, `--workers 0` (automatic), at each level of the plan
-  (images per request x concurrency), then POST /explain on the same process;
-- LitServe (bench.peers litserve) on the same checkpoint and device, at the same levels.
+  here; then the first level again: the front end alone at this host's core count.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from app.cluster import workers_for
+from app.process.sizing import workers_for
 from bench.frontend import check_answer, child_env
 from bench.gpu.context import PYTHON, Context
 from bench.gpu.loadgen import Target, loadgen_name, measure
@@ -169,21 +170,19 @@ def litserve(ctx: Context, clock: Clock, checkpoint: Path, jpegs: list[bytes],
 
 
 def run(ctx: Context, clock: Clock) -> dict:
-    """The four servers in turn, each only when its start and one level still fit."""
+    """The three servers in turn, each only when its start and one level still fit."""
     plan, notes = ctx.plan, []
     checkpoint = ctx.checkpoint(plan.server_arch)
     jpegs = ctx.jpegs()
     out: dict = {"arch": plan.server_arch, "loadgen": loadgen_name(), "notes": notes}
-    for name, fn in (("standin", standin), ("service", service), ("litserve", litserve)):
+    for name, fn in (("service", service), ("litserve", litserve), ("standin", standin)):
         if not clock.allows(START_ESTIMATE_S[plan.dry_run] + _level_seconds(ctx)):
             out[name] = {"status": "skipped", "reason": f"{clock.left():.0f} s left"}
             continue
         out[name] = _part(name, fn, ctx, clock, checkpoint, jpegs, notes)
     out["explain"] = out["service"].pop("explain", None) or {
         "status": "skipped", "reason": f"the service did not run ({out['service']['status']})"}
-    return {"status": _worst(out), **out}
-
-
-def _worst(parts: dict) -> str:
-    failed = [v for v in parts.values() if isinstance(v, dict) and v.get("status") == "failed"]
-    return "failed" if failed else "ok"
+    failed = [f"{name}: {part['error']}" for name, part in out.items()
+              if isinstance(part, dict) and part.get("status") == "failed"]
+    return {"status": "failed", "error": "; ".join(failed), **out} if failed else {
+        "status": "ok", **out}

@@ -6,21 +6,20 @@
   the README's 512 px table recommends, `torch.cuda.max_memory_allocated()` over what was
   allocated before it, against 75% of the smallest GPU its row names (the rule the table
   was computed with: bench.train_memory.HEADROOM).
-- `training fit`: `python -m bench.train` (synthetic data, `fit` from scratch, images/s of its
-  epochs after the first against the bare loop), when its time box allows.
+- `training fit` (a step of its own, last, on the time left): `python -m bench.train`
+  (synthetic data, `fit` from scratch, images/s of its epochs after the first against the
+  bare loop).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import time
 
 import torch
 
-from bench.gpu.context import PYTHON, ROOT, Context
+from bench.gpu.context import PYTHON, Context, run_bounded
 from bench.gpu.plan import Clock
 from bench.gpu.readme_batches import BatchClaim, read_claims
 from bench.train import bare_images_per_s
@@ -127,11 +126,8 @@ def fit_rate(ctx: Context, clock: Clock) -> dict:
     if limit < (20 if not plan.dry_run else 5):
         return {"status": "skipped", "reason": f"{limit:.0f} s left", "command": command}
     started = time.monotonic()
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                              timeout=limit, check=False,
-                              env={**os.environ, "TMPDIR": str(ctx.work_dir)})
-    except subprocess.TimeoutExpired:
+    done = run_bounded(command, limit, ctx.work_dir)
+    if done is None:
         return {"status": "skipped", "reason": f"did not finish in the {limit:.0f} s left",
                 "command": command}
     (ctx.out_dir / "training-fit.log").write_text(done.stdout + done.stderr)
@@ -155,11 +151,9 @@ def last_json(text: str) -> dict:
 
 
 def run(ctx: Context, clock: Clock) -> dict:
-    """AMP speed and peak memory first (quick), then `fit` on what is left."""
+    """AMP speed and peak memory (`fit` is a step of its own, run last)."""
     notes: list[str] = []
     amp = amp_rates(ctx, clock, notes)
     memory = peak_memory(ctx, clock, notes)
-    fit = fit_rate(ctx, clock)
-    status = "failed" if fit["status"] == "failed" else "ok"
-    return {"status": status, "amp": amp, "memory": memory, "fit": fit, "notes": notes,
+    return {"status": "ok", "amp": amp, "memory": memory, "notes": notes,
             "headroom": HEADROOM}

@@ -40,9 +40,11 @@ def test_the_dry_run_exits_0_with_every_step_run(dry_run: tuple) -> None:
     report = json.loads((out / "gpu.json").read_text())
     assert report["dry_run"] is True
     steps = report["steps"]
-    assert set(steps) == {"tests", "model", "decode", "server", "training", "bulk", "compile"}
+    assert set(steps) == {"tests", "model", "decode", "server", "training", "bulk", "compile",
+                          "fit"}
     assert {n: r["status"] for n, r in steps.items() if r["status"] != "ok"} in (
-        {}, {"bulk": "skipped"}), steps  # bulk: only until `training predict` exists
+        {"fit": "skipped"}, {"fit": "skipped", "bulk": "skipped"}), steps
+    # fit: not in a dry run; bulk: only until `training predict` exists
 
 
 def test_the_report_has_every_section(dry_run: tuple) -> None:

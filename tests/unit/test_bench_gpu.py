@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from bench.gpu.__main__ import main
 from bench.gpu.bulk import own_rate
-from bench.gpu.context import Context
+from bench.gpu.context import Context, run_bounded
 from bench.gpu.gpu_sampler import GpuSampler, parse_smi_line
 from bench.gpu.model_speed import compiled
 from bench.gpu.plan import STEPS, Clock, Plan, step_clock
@@ -126,3 +127,29 @@ def test_the_output_parsers() -> None:
         last_json("no json at all")
     assert own_rate("x: 4 rows, 4 added by this run in 1.0 s; 3.8 images/s\n") == 3.8
     assert own_rate("nothing") is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_command_over_its_time_is_killed_with_its_children(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild"
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+              "time.sleep(60)\n")
+    started = time.monotonic()
+    assert run_bounded([sys.executable, "-c", script], 3.0, tmp_path) is None
+    assert time.monotonic() - started < 10
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+    done = run_bounded([sys.executable, "-c", "print('hi')"], 30.0, tmp_path)
+    assert done is not None and (done.returncode, done.stdout) == (0, "hi\n")
