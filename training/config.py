@@ -11,11 +11,12 @@ from typing import Any
 from models.architectures import ARCHITECTURES, STEMS
 from models.decoding import DEFAULT_MAX_PIXELS
 from models.device import DEVICE_CHOICES
+from training.data.balance import IMBALANCE_RATIO
 from training.data.images import DEFAULT_DECODE_MEMORY_MB, DEFAULT_DECODE_SECONDS
 from training.exceptions import ConfigError
 from training.loop.schedule import SCHEDULES
-from training.options import Range, flag_of, option, range_problems
-from training.recipe import PRESETS
+from training.options import Range, describe_defaults, flag_of, option, range_problems
+from training.recipe import PRESETS, RECIPE_DEFAULTS, STRIDE2_STEM_MAX
 
 # The files a run keeps in its output folder that only training reads (the checkpoint's own
 # files and reports are named in models.checkpoint, which the server reads too).
@@ -49,93 +50,93 @@ def default_workers() -> int:
 
 @dataclass
 class TrainConfig:
-    """Every option of `fit`; None means "let the recipe choose" (see training.recipe)."""
+    """Every option of `fit`. None means "let the recipe choose": each such option's default
+    is its entry in training.recipe.RECIPE_DEFAULTS, which --help describes (see the end of
+    this module). `identity=True` marks the options a resume state must have been saved
+    under (training.loop.state; the resolved recipe's values count too)."""
 
     data: Path = option(positional=True, help="class-folder tree, or a CSV with image,labels")
     output: Path = option(help="checkpoint folder to write")
-    val: Path | None = option(None, help="validation data (same layout); else a split of DATA")
+    val: Path | None = option(None, identity=True,
+                              help="validation data (same layout); else a split of DATA")
     val_fraction: float = option(0.2, within=Range(0.0, 1.0, low_open=True, high_open=True),
+                                 identity=True,
                                  help="share of DATA split off for validation without --val")
-    task: str | None = option(None, choices=TASK_FLAGS, help="override the inferred task")
-    arch: str = option("resnet50", choices=ARCH_CHOICES,
+    task: str | None = option(None, choices=TASK_FLAGS, identity=True,
+                              help="override the inferred task")
+    arch: str = option("resnet50", choices=ARCH_CHOICES, identity=True,
                        help="network architecture (resnet20 ... resnet110: the CIFAR ResNets, "
                             "option A shortcuts; a b suffix, e.g. resnet20b: option B)")
-    weights: str = option("imagenet",
+    weights: str = option("imagenet", identity=True,
                           help="imagenet | none | path to a .pth/.safetensors state dict")
     stem: str = option("auto", choices=STEM_CHOICES,
-                       help="auto: small-image stem when training from scratch at <= 96 px")
-    image_size: int = option(224, within=Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+                       help="auto: small-image stem when training from scratch at <= "
+                            f"{STRIDE2_STEM_MAX} px")
+    image_size: int = option(224, within=Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), identity=True,
                              help="training crop size")
-    epochs: int = option(10, within=Range(1, 100_000), help="epochs to train")
-    freeze_epochs: int = option(0, within=Range(0, 100_000), help="head-only warm-up epochs")
-    batch_size: int | None = option(
-        None, within=Range(1, 1_000_000),
-        help="images per step and process (default 64 fine-tuning, 32 scratch)")
-    lr: float | None = option(None, within=Range(0.0, 10.0, low_open=True),
-                              help="head LR (default 1e-3 fine-tuning, 2e-3 scratch)")
-    backbone_lr_scale: float | None = option(
-        None, within=Range(0.0, 100.0),
-        help="backbone LR = lr x this (default 0.1 fine-tuning, 1.0 scratch)")
+    epochs: int = option(10, within=Range(1, 100_000), identity=True, help="epochs to train")
+    freeze_epochs: int = option(0, within=Range(0, 100_000), identity=True,
+                                help="head-only warm-up epochs")
+    batch_size: int | None = option(None, within=Range(1, 1_000_000),
+                                    help="images per step and process")
+    lr: float | None = option(None, within=Range(0.0, 10.0, low_open=True), help="head LR")
+    backbone_lr_scale: float | None = option(None, within=Range(0.0, 100.0),
+                                             help="backbone LR = lr x this")
     recipe_name: str | None = option(
         None, flag="--recipe", choices=RECIPE_CHOICES,
         help="a named recipe whose values replace the defaults (options given still win): "
              "he2016-cifar = the CIFAR recipe of He et al. 2016 (SGD, LR steps, pad-and-crop)")
     optimizer: str | None = option(None, choices=OPTIMIZER_CHOICES,
-                                   help="adamw, or sgd with --momentum (default: adamw)")
+                                   help="adamw, or sgd with --momentum")
     momentum: float | None = option(None, within=Range(0.0, 1.0, high_open=True),
-                                    help="SGD momentum (default 0.9; sgd only)")
-    weight_decay: float | None = option(
-        None, within=Range(0.0, 10.0),
-        help="weight decay, none on norm weights and biases (default 0.05)")
+                                    help="SGD momentum, with --optimizer sgd only")
+    weight_decay: float | None = option(None, within=Range(0.0, 10.0),
+                                        help="weight decay, none on norm weights and biases")
     schedule: str | None = option(
         None, choices=SCHEDULE_CHOICES,
         help="LR after the warm-up: cosine = decay to 1%, step = divided by 10 at 50% and 75% "
-             "of the steps, constant = held (default: cosine; constant for multi-label "
-             "from scratch)")
+             "of the steps, constant = held")
     warmup_epochs: float | None = option(None, within=Range(0.0, 100_000.0),
-                                         help="linear LR warm-up (default min(1, 0.1 x "
-                                              "epochs); none for multi-label from scratch)")
+                                         help="linear LR warm-up")
     warmup_until_error: float | None = option(
         None, within=Range(0.0, 1.0, low_open=True),
         help="single-label: hold the LR at lr/10 until the running training error falls below "
              "this (at most 10% of the steps), as He et al. did for ResNet-110 (0.8)")
     label_smoothing: float | None = option(None, within=Range(0.0, 1.0, high_open=True),
-                                           help="label smoothing of the single-label loss "
-                                                "(default 0.1)")
+                                           help="label smoothing of the single-label loss")
     balance: str = option(
-        "auto", choices=BALANCE_CHOICES,
+        "auto", choices=BALANCE_CHOICES, identity=True,
         help="single-label class imbalance: loss = inverse-frequency class weights in the "
              "loss, sampler = draw every class equally often, none = neither, auto = sampler "
-             "when the largest class has over 5x the images of the smallest, else none")
+             f"when the largest class has over {IMBALANCE_RATIO:g}x the images of the "
+             "smallest, else none")
     pad_crop: int | None = option(
         None, within=Range(0, 1024), metavar="PIXELS",
         help="instead of the random resized crop: pad the resized image by PIXELS of black on "
-             "each side and take a random crop of --image-size (default 0: off)")
+             "each side and take a random crop of --image-size; 0 turns it off")
     normalize: str | None = option(
         None, choices=NORMALIZE_CHOICES,
         help="input mean/std: imagenet, or dataset = measured on the training images and "
-             "written to the card (default: imagenet)")
+             "written to the card")
     accumulate: int = option(1, within=Range(1, 10_000),
                              help="micro-batches of --batch-size summed into one optimizer "
                                   "step (effective batch = batch size x this)")
     min_scale: float | None = option(None, within=Range(0.0, 1.0, low_open=True),
-                                     help="RandomResizedCrop min area; 1 = no crop (default: "
-                                          "1 for multi-label, else auto)")
-    hflip: bool | None = option(
-        None, help="random horizontal flips (default: on, except multi-label from scratch)")
+                                     help="RandomResizedCrop min area; 1 = no crop")
+    hflip: bool | None = option(None, help="random horizontal flips")
     pos_weight: str | None = option(
         None, choices=POS_WEIGHT_CHOICES,
         help="multi-label BCE weight on each class's positives: balanced = negatives/positives "
-             "(1..100), none = plain BCE (default: balanced)")
-    trivial_augment: float | None = option(
-        None, within=Range(0.0, 1.0),
-        help="share of images given TrivialAugmentWide (default: auto)")
+             "(1..100), none = plain BCE")
+    trivial_augment: float | None = option(None, within=Range(0.0, 1.0),
+                                           help="share of images given TrivialAugmentWide")
     eval_resize_ratio: float | None = option(None, within=Range(1.0, 4.0),
-                                             help="eval resize / crop (default: auto)")
+                                             help="eval resize / crop")
     device: str = option("auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
     workers: int = option(default_factory=default_workers, within=Range(0, 1024),
-                          help="DataLoader worker processes (default: min(4, CPUs - 1))")
-    seed: int = option(0, help="seed of the split, the initial weights and the augmentations")
+                          default_text="min(4, CPUs - 1)", help="DataLoader worker processes")
+    seed: int = option(0, identity=True,
+                       help="seed of the split, the initial weights and the augmentations")
     amp: bool = option(True, help=AMP_HELP)
     patience: int | None = option(None, within=Range(1, 100_000),
                                   help="stop after this many epochs without gain")
@@ -143,7 +144,8 @@ class TrainConfig:
                                  help=f"continue from OUTPUT/{RESUME_FILE} (or the given file)")
     overwrite: bool = option(False,
                              help="replace the checkpoint already in --output (refused otherwise)")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, within=Range(1, 2**40), help=MAX_PIXELS_HELP)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, within=Range(1, 2**40), identity=True,
+                             help=MAX_PIXELS_HELP)
     decode_seconds: float = option(
         DEFAULT_DECODE_SECONDS, within=Range(0.01, 86_400.0),
         help="time budget for decoding one image; an image over it is skipped and counted")
@@ -236,6 +238,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (paths as strings)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+# --help shows each recipe option's default as the table resolve reads describes it.
+describe_defaults(TrainConfig, {name: default.describe()
+                                for name, default in RECIPE_DEFAULTS.items()})
 
 
 @dataclass

@@ -1,10 +1,13 @@
-"""Options declared once, as dataclass fields; the command line is generated from them.
+"""Options declared once, as dataclass fields; the command line is generated from them by the
+conventions of models.flags (which `python -m app` follows too).
 
-A field made with `option()` carries its help text and, where the defaults do not fit, its
-flag spelling, choices, accepted range and argparse details. `add_options` turns each such
-field of a config dataclass into one argument and `from_args` builds the config from what was
-parsed. A flag left out is absent from the parsed values, so the field's own default applies:
-a default is written in one place only.
+A field made with `option()` carries its help text and, where the conventions do not fit, its
+flag spelling, choices, accepted range and argparse details; `identity=True` marks an option
+that shapes a run, so that a resume state saved under another value of it is refused
+(training.loop.state). `add_options` turns each such field of a config dataclass into one
+argument and `from_args` builds the config from what was parsed. A flag left out is absent
+from the parsed values, so the field's own default applies: a default is written in one place
+only; where it is computed, `describe_defaults` gives --help the words for it.
 """
 
 from __future__ import annotations
@@ -12,16 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass
-from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
+
+from models.flags import REQUIRED, Declaration, FlagSpec, add_flags, flag_name, value_type
 
 Config = TypeVar("Config")
 _METADATA_KEY = "option"
-_VALUE_TYPES = (bool, int, float, str, Path)
 
 
 @dataclass(frozen=True)
@@ -49,33 +52,25 @@ class Range:
 
 
 @dataclass(frozen=True)
-class OptionSpec:
-    """How one config field appears on the command line."""
+class OptionSpec(FlagSpec):
+    """How one config field appears on the command line (models.flags.FlagSpec), the range
+    its values must lie in, and whether it is part of the run's identity."""
 
-    help: str
-    flag: str | None = None  # its spelling, where it is not `--field-name`
-    positional: bool = False
-    choices: Sequence[Any] | None = None
     within: Range | None = None  # checked by `range_problems`; None passes where it is the default
-    nargs: str | None = None
-    const: Any = None  # the value of a bare flag with nargs="?"
-    metavar: str | None = None
+    identity: bool = False  # a resume state saved under another value is refused
 
 
 def option(default: Any = MISSING, *, help: str, default_factory: Any = MISSING,
            flag: str | None = None, positional: bool = False,
            choices: Sequence[Any] | None = None, within: Range | None = None,
-           nargs: str | None = None, const: Any = None, metavar: str | None = None) -> Any:
+           nargs: str | None = None, const: Any = None, metavar: str | None = None,
+           default_text: str | None = None, identity: bool = False) -> Any:
     """A dataclass field that is also a command-line option; no default makes it required."""
     spec = OptionSpec(help=help, flag=flag, positional=positional, choices=choices,
-                      within=within, nargs=nargs, const=const, metavar=metavar)
+                      within=within, nargs=nargs, const=const, metavar=metavar,
+                      default_text=default_text, identity=identity)
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata={_METADATA_KEY: spec})
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a field that keeps the usual spelling (`a_b` -> `--a-b`)."""
-    return "--" + name.replace("_", "-")
 
 
 def option_fields(config: type | object) -> list[tuple[Field, OptionSpec]]:
@@ -84,56 +79,46 @@ def option_fields(config: type | object) -> list[tuple[Field, OptionSpec]]:
             if _METADATA_KEY in f.metadata]
 
 
+def identity_fields(config: type | object) -> list[str]:
+    """The names of the options marked `identity=True`, in order."""
+    return [f.name for f, spec in option_fields(config) if spec.identity]
+
+
 def flag_of(config: type | object, name: str) -> str:
     """The flag that sets the field `name` of `config`."""
     for f, spec in option_fields(config):
         if f.name == name:
-            return spec.flag or flag(name)
-    return flag(name)
+            return spec.flag or flag_name(name)
+    return flag_name(name)
 
 
-def value_type(config: type, name: str) -> type:
-    """The type an option's values are parsed to: its annotation without `| None` (of a
-    `list[...]` option, which takes several values with nargs, the type of each)."""
-    hint = typing.get_type_hints(config)[name]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        kinds = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint = kinds[0] if len(kinds) == 1 else hint
-    if typing.get_origin(hint) is list and len(typing.get_args(hint)) == 1:
-        hint = typing.get_args(hint)[0]  # a list option (nargs): each of its values
-    if hint not in _VALUE_TYPES:
-        raise TypeError(f"{config.__name__}.{name}: options hold one of {_VALUE_TYPES}, "
-                        f"not {hint}")
-    return hint
+def declarations(config: type) -> list[Declaration]:
+    """Each option field of the dataclass `config` as models.flags reads a declaration."""
+    hints = typing.get_type_hints(config)
+    out = []
+    for f, spec in option_fields(config):
+        computed = f.default is MISSING and f.default_factory is not MISSING
+        default = REQUIRED if f.default is MISSING and not computed else (
+            None if computed else f.default)
+        out.append(Declaration(f.name, hints[f.name], spec.help or "", default=default,
+                               computed=computed, spec=spec))
+    return out
 
 
 def add_options(parser: argparse.ArgumentParser, config: type) -> None:
     """Add one argument per option field of the dataclass `config`, in field order."""
-    for f, spec in option_fields(config):
-        kind = value_type(config, f.name)
-        text = _help_text(f, spec)
-        if spec.positional:
-            parser.add_argument(f.name, type=kind, help=text, metavar=spec.metavar,
-                                nargs=spec.nargs)
-            continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
-        if kind is bool:  # on or unset (None) by default: --x/--no-x; off: a plain switch
-            both = f.default is True or f.default is None
-            kwargs["action"] = argparse.BooleanOptionalAction if both else "store_true"
-        else:
-            details = {"type": kind, "choices": spec.choices, "nargs": spec.nargs,
-                       "const": spec.const, "metavar": spec.metavar}
-            kwargs.update({k: v for k, v in details.items() if v is not None})
-            kwargs["required"] = f.default is MISSING and f.default_factory is MISSING
-        parser.add_argument(spec.flag or flag(f.name), **kwargs)
+    add_flags(parser, declarations(config))
 
 
-def _help_text(f: Field, spec: OptionSpec) -> str:
-    """The help, with the default appended where it is a plain value (argparse-escaped)."""
-    text = spec.help
-    if f.default not in (MISSING, None) and not isinstance(f.default, bool):
-        text += f" (default: {f.default})"
-    return text.replace("%", "%%")
+def describe_defaults(config: type, texts: Mapping[str, str]) -> None:
+    """Give --help the words for defaults that are computed elsewhere (`texts`, by field)."""
+    fields = {f.name: (f, spec) for f, spec in option_fields(config)}
+    for name, text in texts.items():
+        if name not in fields:
+            raise TypeError(f"{config.__name__} has no option {name!r} to describe")
+        f, spec = fields[name]
+        f.metadata = MappingProxyType(
+            {**f.metadata, _METADATA_KEY: dataclasses.replace(spec, default_text=text)})
 
 
 def from_args(config: type[Config], args: argparse.Namespace) -> Config:
@@ -146,12 +131,13 @@ def from_args(config: type[Config], args: argparse.Namespace) -> Config:
 def range_problems(config: object) -> list[str]:
     """Each option of the dataclass instance `config` whose value is outside its Range."""
     problems = []
+    hints = typing.get_type_hints(type(config))
     for f, spec in option_fields(config):
         value = getattr(config, f.name)
         if spec.within is None or (value is None and f.default is None):
             continue
-        integer = value_type(type(config), f.name) is int
-        problem = spec.within.problem(spec.flag or flag(f.name), value, integer=integer)
+        integer = value_type(hints[f.name])[0] is int
+        problem = spec.within.problem(spec.flag or flag_name(f.name), value, integer=integer)
         if problem:
             problems.append(problem)
     return problems

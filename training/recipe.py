@@ -3,7 +3,9 @@ single- or multi-label).
 
 Fine-tuning a pretrained network and training a small network from scratch for a few epochs
 want different settings; the user passes neither and gets the right one. Every value can still
-be pinned on the command line, and the resolved values are written to the card. The runs that
+be pinned on the command line, and the resolved values are written to the card. Each option's
+default is one entry of RECIPE_DEFAULTS, which `resolve` reads and --help describes
+(training.config); a named recipe (PRESETS) replaces them where it has a value. The runs that
 checked the from-scratch defaults on real images, and the multi-label ones, are in
 docs/training-recipe.md.
 """
@@ -11,6 +13,7 @@ docs/training-recipe.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,25 +59,6 @@ def preset_values(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.recipe_name == "he2016-cifar" and cfg.arch in HE2016_DEEP_ARCHS:
         values["warmup_until_error"] = HE2016_WARMUP_ERROR
     return values
-
-
-def default_hflip(cfg: TrainConfig, multi: bool) -> bool:
-    """Flips on, except for multi-label runs from scratch: there a mirrored object keeps its
-    label only when its class looks the same in a mirror, and a short run without a
-    pretrained prior learnt 5 points of mAP more without them (docs/training-recipe.md)."""
-    return not (multi and not cfg.pretrained)
-
-
-def default_schedule(cfg: TrainConfig, multi: bool) -> str:
-    """Cosine, except for multi-label runs from scratch: there a short run is still learning
-    steeply at its end, and a cosine decay slowed it by 12 points of held-out mAP against a
-    constant LR (docs/training-recipe.md, "Multi-label recipe")."""
-    return "constant" if multi and not cfg.pretrained else "cosine"
-
-
-def default_warmup_epochs(cfg: TrainConfig, multi: bool) -> float:
-    """min(1, 0.1 x epochs), except for multi-label runs from scratch (none, as measured)."""
-    return 0.0 if multi and not cfg.pretrained else min(1.0, 0.1 * cfg.epochs)
 
 
 @dataclass(frozen=True)
@@ -137,61 +121,120 @@ def default_min_scale(cfg: TrainConfig) -> float:
     short_run = min(1.0, max(0.0, (30 - cfg.epochs) / 25)) * 0.3  # up to +0.3 below 5 epochs
     return round(min(0.8, base + short_run), 3)
 
+@dataclass(frozen=True)
+class Formula:
+    """A default computed from the options, and the words --help gives it."""
 
-def default_trivial_augment(cfg: TrainConfig) -> float:
-    """Share of images given TrivialAugmentWide: all when fine-tuning, few in short scratch runs.
+    compute: Callable[[TrainConfig], Any]
+    shown: str
 
-    Strong augmentation slows learning more than a short run from scratch can make up for, so
-    it stays off up to 10 epochs and ramps in up to 40.
-    """
-    if cfg.pretrained:
-        return 1.0
+
+_SAME = object()  # a Default's value for this kind of run is the one before it
+
+
+@dataclass(frozen=True)
+class Default:
+    """How the recipe fills one unset option: its value fine-tuning, from scratch (where it
+    differs), and where multi-label runs (all of them, or those from scratch) differ."""
+
+    fine_tuning: Any
+    scratch: Any = _SAME
+    multi_label: Any = _SAME
+    multi_label_scratch: Any = _SAME
+
+    def value(self, cfg: TrainConfig, *, multi: bool) -> Any:
+        """The default for this run."""
+        chosen = self.fine_tuning
+        if not cfg.pretrained and self.scratch is not _SAME:
+            chosen = self.scratch
+        if multi and self.multi_label is not _SAME:
+            chosen = self.multi_label
+        if multi and not cfg.pretrained and self.multi_label_scratch is not _SAME:
+            chosen = self.multi_label_scratch
+        return chosen.compute(cfg) if isinstance(chosen, Formula) else chosen
+
+    def describe(self) -> str:
+        """The rule in words, for --help."""
+        text = _shown(self.fine_tuning)
+        if self.scratch is not _SAME:
+            text = f"fine-tuning {text}, from scratch {_shown(self.scratch)}"
+        if self.multi_label is not _SAME:
+            text += f"; multi-label: {_shown(self.multi_label)}"
+        if self.multi_label_scratch is not _SAME:
+            text += f"; multi-label from scratch: {_shown(self.multi_label_scratch)}"
+        return text
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Formula):
+        return value.shown
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "off"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def scratch_trivial_augment(cfg: TrainConfig) -> float:
+    """Share of images given TrivialAugmentWide from scratch: strong augmentation slows
+    learning more than a short run can make up for, so it stays off up to 10 epochs and ramps
+    in up to 40."""
     return round(min(1.0, max(0.0, (cfg.epochs - 10) / 30)), 3)
 
 
-def set_or_default(value: Any, default: Any) -> Any:
-    """The option's value where the user set it, else the recipe's default (None: unset)."""
-    return default if value is None else value
+def pretrained_resize_ratio(cfg: TrainConfig) -> float:
+    """Eval resize / crop as the pretrained weights were evaluated."""
+    return arch_spec(cfg.arch).pretrained_resize_ratio(cfg.weights)
+
+
+# Each option the recipe fills when it is left unset: its default by kind of run. Multi-label
+# runs from scratch keep flips off (a mirrored object keeps its label only when its class
+# looks the same in a mirror: 5 points of mAP), hold the LR constant without a warm-up (a short
+# run is still learning steeply at its end: 12 points against a cosine decay) and keep the
+# whole image (a crop may cut out an object whose label stays on); docs/training-recipe.md.
+RECIPE_DEFAULTS: dict[str, Default] = {
+    "batch_size": Default(64, scratch=32),
+    "lr": Default(1e-3, scratch=2e-3),
+    "backbone_lr_scale": Default(0.1, scratch=1.0),
+    "optimizer": Default("adamw"),
+    "momentum": Default(0.9),
+    "weight_decay": Default(0.05),
+    "schedule": Default("cosine", multi_label_scratch="constant"),
+    "warmup_epochs": Default(Formula(lambda cfg: min(1.0, 0.1 * cfg.epochs),
+                                     "min(1, 0.1 x epochs)"), multi_label_scratch=0.0),
+    "warmup_until_error": Default(None),
+    "label_smoothing": Default(0.1),
+    "pad_crop": Default(0),
+    "normalize": Default("imagenet"),
+    "min_scale": Default(Formula(default_min_scale,
+                                 "auto, larger for smaller crops and shorter runs"),
+                         multi_label=MULTI_LABEL_MIN_SCALE),
+    "hflip": Default(True, multi_label_scratch=False),
+    "pos_weight": Default(MULTI_LABEL_POS_WEIGHT),
+    "trivial_augment": Default(1.0, scratch=Formula(scratch_trivial_augment,
+                                                    "(epochs - 10) / 30 within 0..1")),
+    "eval_resize_ratio": Default(Formula(pretrained_resize_ratio, "the weights' own"),
+                                 scratch=1.0),
+}
 
 
 def resolve(cfg: TrainConfig) -> Recipe:
-    """Fill every unset option of `cfg`: the named recipe's value where it has one, else the
-    default for this kind of run (the task is --task, else inferred from DATA's layout)."""
+    """Fill every unset option of `cfg`: the named recipe's value where it has one, else its
+    RECIPE_DEFAULTS entry for this kind of run (the task is --task, else inferred from DATA's
+    layout)."""
     multi = infer_task(cfg.data, cfg.task) == "multi_label"
     preset = preset_values(cfg)
-
-    def pick(name: str, default: Any) -> Any:
-        """The option as given, else the named recipe's value, else `default`."""
-        return set_or_default(getattr(cfg, name), preset.get(name, default))
-
-    stem = default_stem(cfg) if cfg.stem == "auto" else cfg.stem
-    optimizer = pick("optimizer", "adamw")
-    warmup_until_error = pick("warmup_until_error", None)
-    if multi and warmup_until_error is not None:
+    values = {}
+    for name, default in RECIPE_DEFAULTS.items():
+        given = getattr(cfg, name)
+        values[name] = (given if given is not None else preset[name] if name in preset
+                        else default.value(cfg, multi=multi))
+    if values["pad_crop"]:
+        values["min_scale"] = 1.0  # the pad-and-crop replaces the random resized crop
+    if not multi:
+        values["pos_weight"] = None  # a multi-label loss's weight
+    if values["optimizer"] != "sgd":
+        values["momentum"] = None
+    if multi and values["warmup_until_error"] is not None:
         raise ConfigError("--warmup-until-error needs a training error: single-label data "
                           "only, and this data is multi-label")
-    return Recipe(
-        stem=stem,
-        batch_size=pick("batch_size", 64 if cfg.pretrained else 32),
-        lr=pick("lr", 1e-3 if cfg.pretrained else 2e-3),
-        backbone_lr_scale=pick("backbone_lr_scale", 0.1 if cfg.pretrained else 1.0),
-        weight_decay=pick("weight_decay", 0.05),
-        warmup_epochs=pick("warmup_epochs", default_warmup_epochs(cfg, multi)),
-        label_smoothing=pick("label_smoothing", 0.1),
-        min_scale=1.0 if pick("pad_crop", 0) else pick(
-            "min_scale", MULTI_LABEL_MIN_SCALE if multi else default_min_scale(cfg)),
-        hflip=pick("hflip", default_hflip(cfg, multi)),
-        pos_weight=pick("pos_weight", MULTI_LABEL_POS_WEIGHT) if multi else None,
-        trivial_augment=pick("trivial_augment", default_trivial_augment(cfg)),
-        eval_resize_ratio=pick("eval_resize_ratio",
-                               arch_spec(cfg.arch).pretrained_resize_ratio(cfg.weights)
-                               if cfg.pretrained else 1.0),
-        optimizer=optimizer,
-        momentum=pick("momentum", 0.9) if optimizer == "sgd" else None,
-        schedule=pick("schedule", default_schedule(cfg, multi)),
-        warmup_until_error=warmup_until_error,
-        pad_crop=pick("pad_crop", 0),
-        normalize=pick("normalize", "imagenet"),
-        accumulate=cfg.accumulate,
-        name=cfg.recipe_name,
-    )
+    return Recipe(stem=default_stem(cfg) if cfg.stem == "auto" else cfg.stem,
+                  accumulate=cfg.accumulate, name=cfg.recipe_name, **values)

@@ -125,14 +125,14 @@ def test_tiny_fit_with_each_balance_writes_the_new_metrics(balance, skewed_data,
                                                            caplog, tiny_config):
     out = tmp_path / balance
     run = FitRun(tiny_config(skewed_data, out, balance=balance), DistInfo())
-    weight = run.criterion.weight
+    weight = run.learner.criterion.weight
     if balance == "loss":
         counts = class_counts(run.data.train.targets(), 3)
         torch.testing.assert_close(weight.cpu(), class_weights(counts))
-        assert run.criterion.label_smoothing == pytest.approx(0.1)
+        assert run.learner.criterion.label_smoothing == pytest.approx(0.1)
     else:
         assert weight is None
-    assert isinstance(run.train_sampler, BalancedSampler) == (balance == "sampler")
+    assert isinstance(run.loaders.train_sampler, BalancedSampler) == (balance == "sampler")
     with caplog.at_level(logging.INFO, logger="training"):
         run.run()
     assert "val_balanced_accuracy" in caplog.text
@@ -165,12 +165,13 @@ def test_auto_balance_samples_imbalanced_data_and_leaves_the_rest(skewed_data, m
                                                                   tmp_path, caplog, tiny_config):
     with caplog.at_level(logging.WARNING, logger="training"):
         skewed = FitRun(tiny_config(skewed_data, tmp_path / "skewed"), DistInfo())
-    assert skewed.cfg.balance == "auto" and skewed.data.balance == "sampler"
-    assert isinstance(skewed.train_sampler, BalancedSampler)
+    assert skewed.ctx.cfg.balance == "auto" and skewed.data.balance == "sampler"
+    assert isinstance(skewed.loaders.train_sampler, BalancedSampler)
     assert "--balance auto draws every class equally often" in caplog.text
     train = imbalanced_folder(tmp_path / "even", {"big": 8, "small": 4})
     even = FitRun(tiny_config(train, tmp_path / "even-out"), DistInfo())
-    assert even.data.balance == "none" and not isinstance(even.train_sampler, BalancedSampler)
+    assert even.data.balance == "none"
+    assert not isinstance(even.loaders.train_sampler, BalancedSampler)
     multi = FitRun(tiny_config(multi_data, tmp_path / "multi"), DistInfo())
     assert multi.data.balance == "none"
     assert resolve_balance("loss", torch.tensor([30, 2]), "single_label") == "loss"

@@ -29,7 +29,7 @@ def test_single_label_fit_writes_the_calibration(trained) -> None:
     assert sum(metrics["calibration"]["reliability_after"]["count"]) == metrics["num_samples"]
     figure = out / checkpoint.CALIBRATION_FILE
     assert figure.stat().st_size > 1000 and figure.read_bytes()[:4] == b"\x89PNG"
-    validation = run._validate(0)  # the best weights are loaded back: the same pass again
+    validation = run.validate(0)  # the best weights are loaded back: the same pass again
     assert validation.calibration["temperature"] == pytest.approx(cal["temperature"], rel=1e-6)
     targets = validation.targets.astype(int)
     assert expected_calibration_error(validation.scores, targets, "single_label") == \
@@ -47,7 +47,7 @@ def test_multi_label_thresholds_are_tuned_on_calibrated_scores(multi_data, tmp_p
     card = checkpoint.read_card(out)
     temperature = card.temperature
     assert isinstance(temperature, list) and len(temperature) == card.num_classes
-    validation = run._validate(0)
+    validation = run.validate(0)
     logits = torch.as_tensor(validation.logits)
     calibrated = probabilities(logits, "multi_label", temperature).numpy()
     np.testing.assert_allclose(validation.scores, calibrated, atol=1e-6)

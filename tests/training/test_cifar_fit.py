@@ -27,7 +27,7 @@ def test_resnet20_fits_exports_and_reloads_with_the_same_outputs(
     assert card.unknown is not None and card.calibration is not None
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     normalized = Normalize(card.preprocessing)(x)
-    live = run.model.float().cpu().eval()
+    live = run.learner.model.float().cpu().eval()
     with torch.no_grad():
         expected = live(normalized.contiguous(memory_format=torch.channels_last))
         got = model(normalized)

@@ -227,7 +227,8 @@ def test_one_class_folder_is_refused_with_a_hint(tmp_path):
 
 
 def test_class_without_validation_support_is_warned(tmp_path, caplog, tiny_config):
-    from models.card import Preprocessing
+    from models.device import Accelerator
+    from training.context import RunContext
     from training.data.load import load_data
     from training.distributed import DistInfo
     from training.recipe import resolve
@@ -238,7 +239,8 @@ def test_class_without_validation_support_is_warned(tmp_path, caplog, tiny_confi
     cfg = tiny_config(tmp_path / "data", tmp_path / "out")
     (tmp_path / "out").mkdir()
     with caplog.at_level(logging.WARNING):
-        data = load_data(cfg, Preprocessing(resize=32, crop=32), resolve(cfg), DistInfo())
+        data = load_data(RunContext(cfg, resolve(cfg), DistInfo(),
+                                    Accelerator.create("cpu", "fp32")))
     assert len(data.val) == 1 and "class 'dog' has no validation image" in caplog.text
 
 

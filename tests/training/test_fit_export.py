@@ -24,7 +24,7 @@ def test_export_loads_back_with_identical_outputs(trained):
     model, card = checkpoint.load(out)
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     norm = Normalize(card.preprocessing)
-    live = run.model.float().cpu().eval()
+    live = run.learner.model.float().cpu().eval()
     with torch.no_grad():
         expected = live(norm(x).contiguous(memory_format=torch.channels_last))
         got = model(norm(x))

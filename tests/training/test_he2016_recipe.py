@@ -108,8 +108,8 @@ def test_the_recipe_trains_a_cifar_resnet_on_real_photographs(tmp_path: Path, ph
     epochs = 4
     run = FitRun(tiny_config(photos, out, arch="resnet20", recipe_name="he2016-cifar",
                              epochs=epochs, batch_size=32), DistInfo())
-    assert isinstance(run.optimizer, torch.optim.SGD)
-    assert run.optimizer.param_groups[0]["momentum"] == 0.9
+    assert isinstance(run.learner.optimizer, torch.optim.SGD)
+    assert run.learner.optimizer.param_groups[0]["momentum"] == 0.9
     run.run()
     _, card = checkpoint.load(out)
 
@@ -124,7 +124,7 @@ def test_the_recipe_trains_a_cifar_resnet_on_real_photographs(tmp_path: Path, ph
     # the LR steps down by 10 at 50% and 75% of the optimizer steps
     with (out / "history.csv").open() as fh:
         history = list(csv.DictReader(fh))
-    steps = len(run.train_loader)
+    steps = len(run.loaders.train)
     expected = [0.1 * schedule_multiplier("step", (e + 1) * steps, total_steps=epochs * steps,
                                           warmup_steps=0) for e in range(epochs)]
     assert [float(r["lr"]) for r in history] == pytest.approx(expected)
@@ -141,15 +141,15 @@ def test_the_error_driven_warm_up_ends_when_the_training_error_drops(
     run = FitRun(tiny_config(photos, tmp_path / "warm", arch="resnet20",
                              recipe_name="he2016-cifar", warmup_until_error=0.99, epochs=5,
                              batch_size=2), DistInfo())
-    assert run.scheduler.wants_error
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # lr / 10 to begin
-    cap = round(ERROR_WARMUP_MAX_SHARE * run.scheduler.total_steps)
+    assert run.learner.scheduler.wants_error
+    assert run.learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # lr / 10 to begin
+    cap = round(ERROR_WARMUP_MAX_SHARE * run.learner.scheduler.total_steps)
     assert cap > ERROR_WINDOW  # the run is long enough for the error, not the cap, to decide
     run.run()
     # three classes: the error over the first window is below 99%, so the warm-up ends as soon
     # as the window is full, and the LR goes back to the schedule's
-    assert not run.scheduler.wants_error
-    assert run.scheduler.error_warmup_ended_at == ERROR_WINDOW
+    assert not run.learner.scheduler.wants_error
+    assert run.learner.scheduler.error_warmup_ended_at == ERROR_WINDOW
     assert run.progress.history[0]["lr"] == pytest.approx(0.1)  # after the first epoch
 
 

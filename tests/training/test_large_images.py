@@ -19,8 +19,10 @@ from models.predict import Predictor
 from tests.serving_helpers import fast_settings, running_app
 from tests.training.conftest import tiny_config
 from training.commands.evaluate import build_eval_dataset, score_dataset
+from training.context import RunContext
+from training.data.load import make_preprocessing
 from training.distributed import DistInfo
-from training.fit import FitRun, make_preprocessing
+from training.fit import FitRun
 from training.recipe import resolve
 
 pytestmark = pytest.mark.slow
@@ -103,7 +105,7 @@ def test_the_recipe_gives_512_px_runs_the_weights_eval_ratio(arch, weights, resi
     cfg = tiny_config(photo_data, tmp_path / "out", arch=arch, weights=weights,
                       image_size=CROP)
     recipe = resolve(cfg)
-    pre = make_preprocessing(cfg, recipe)
+    pre = make_preprocessing(RunContext(cfg, recipe, DistInfo(), Accelerator.create("cpu")))
     assert (pre.crop, pre.resize) == (CROP, resize)
     assert recipe.stem == "imagenet"  # 512 px is far above the small-image stems' range
 

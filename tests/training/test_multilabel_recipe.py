@@ -11,9 +11,10 @@ from PIL import Image
 from torch import nn
 
 from models import checkpoint
-from models.card import Preprocessing
+from models.device import Accelerator
 from training.cli import build_parser
 from training.config import TrainConfig
+from training.context import RunContext
 from training.data.load import load_data
 from training.distributed import DistInfo
 from training.exceptions import ConfigError
@@ -113,7 +114,7 @@ def test_multi_label_train_transform_keeps_every_object(tmp_path, tiny_config):
         "image,labels\n" + "".join(f"images/{i}.png,a{' b' * (i % 2)}\n" for i in range(4)))
     cfg = tiny_config(tmp_path / "labels.csv", tmp_path / "out")
     (tmp_path / "out").mkdir()
-    data = load_data(cfg, Preprocessing(resize=32, crop=32), resolve(cfg), DistInfo())
+    data = load_data(RunContext(cfg, resolve(cfg), DistInfo(), Accelerator.create("cpu", "fp32")))
     torch.manual_seed(0)
     for _ in range(30):
         image = data.train[0][0]
@@ -127,7 +128,7 @@ def test_tiny_multi_label_fit_uses_and_records_its_defaults(multi_data, tmp_path
     run = FitRun(tiny_config(multi_data, out, epochs=1), DistInfo())
     targets = run.data.train.targets()
     expected = (len(targets) - targets.sum(0)) / targets.sum(0)
-    torch.testing.assert_close(run.criterion.pos_weight, expected.clamp(1.0, 100.0))
+    torch.testing.assert_close(run.learner.criterion.pos_weight, expected.clamp(1.0, 100.0))
     metrics = run.run()
     recipe = checkpoint.read_card(out).training["recipe"]
     assert (recipe["min_scale"], recipe["pos_weight"], recipe["hflip"]) == \

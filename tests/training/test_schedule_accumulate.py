@@ -14,6 +14,8 @@ from torch import nn
 from models.card import Preprocessing
 from models.device import Accelerator
 from models.preprocessing import Normalize, eval_transform
+from training.config import TrainConfig
+from training.context import RunContext
 from training.data.datasets import ImageDataset, make_loader
 from training.data.discovery import Sample
 from training.distributed import DistInfo
@@ -24,7 +26,8 @@ from training.loop.schedule import (
     optimizer_steps,
     schedule_multiplier,
 )
-from training.loop.train import train_one_epoch
+from training.loop.train import Learner, train_one_epoch
+from training.recipe import resolve
 
 
 def _optimizer(lr: float = 0.1) -> torch.optim.Optimizer:
@@ -134,12 +137,13 @@ def _one_epoch(dataset: ImageDataset, *, batch_size: int, accumulate: int,
                          pin_memory=False)
     schedule = LRSchedule(optimizer, kind="constant",
                           total_steps=optimizer_steps(len(loader), accumulate))
-    train_one_epoch(net, loader, criterion=nn.CrossEntropyLoss(), optimizer=optimizer,
-                    scheduler=schedule, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                    accelerator=Accelerator.create("cpu", "fp32"),
-                    normalize=Normalize(Preprocessing.for_crop(16, ratio=1.0)),
-                    info=DistInfo(), epoch=0, epochs=1, progress=False, image_size=16,
-                    accumulate=accumulate)
+    cfg = TrainConfig(data=Path("photos"), output=Path("out"), arch="resnet18", weights="none",
+                      image_size=16, epochs=1, accumulate=accumulate, progress=False)
+    run = RunContext(cfg, resolve(cfg), DistInfo(), Accelerator.create("cpu", "fp32"))
+    learner = Learner(net, net, Normalize(Preprocessing.for_crop(16, ratio=1.0)),
+                      nn.CrossEntropyLoss(), optimizer, schedule,
+                      torch.amp.GradScaler("cpu", enabled=False))
+    train_one_epoch(run, learner, loader, 0)
     return net, schedule
 
 
@@ -187,7 +191,7 @@ def test_fit_with_accumulation_steps_once_per_group(tmp_path: Path, single_data:
     run = FitRun(tiny_config(single_data, tmp_path / "acc", batch_size=4, accumulate=3,
                              epochs=1), DistInfo())
     run.run()
-    micro = len(run.train_loader)
-    assert run.scheduler.last_epoch == optimizer_steps(micro, 3) < micro
-    assert run.recipe.effective_batch_size == 12
-    assert run.recipe.to_dict()["accumulate"] == 3
+    micro = len(run.loaders.train)
+    assert run.learner.scheduler.last_epoch == optimizer_steps(micro, 3) < micro
+    assert run.ctx.recipe.effective_batch_size == 12
+    assert run.ctx.recipe.to_dict()["accumulate"] == 3

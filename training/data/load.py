@@ -3,18 +3,18 @@ and (with --normalize dataset) its mean and std measured, and the images that fa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from models.card import Preprocessing
 from models.preprocessing import eval_transform, train_transform
-from training.config import TrainConfig
 from training.data.balance import (
     BalancedSampler,
     check_balance,
@@ -27,7 +27,9 @@ from training.data.discovery import Sample, discover, sample_key
 from training.data.split import classes_without, split_digest, split_samples
 from training.distributed import DistInfo, gather_objects
 from training.exceptions import DataError
-from training.recipe import Recipe
+
+if TYPE_CHECKING:
+    from training.context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +38,28 @@ MIN_STD = 1.0 / 255.0  # --normalize dataset: a constant channel is divided by t
 
 
 @dataclass
+class DecodeFailures:
+    """The dataset indices of the images that failed to decode during the run, per side."""
+
+    train: set[int] = field(default_factory=set)
+    val: set[int] = field(default_factory=set)
+
+
+@dataclass
 class TrainingData:
-    """Training and validation datasets with their shared classes, task and split record."""
+    """Training and validation datasets with their shared classes, task, preprocessing (the
+    card's) and split record, and the images left out of them."""
 
     train: ImageDataset
     val: ImageDataset
     classes: list[str]
     task: str
+    preprocessing: Preprocessing
+    root: Path  # DATA as given: a folder or a CSV
     split: dict[str, Any] = field(default_factory=dict)  # sha256, sizes, where it came from
     unusable: list[tuple[Path, str]] = field(default_factory=list)  # skipped at discovery
-    balance: str = "none"  # --balance as resolved for this data (training.balance)
+    balance: str = "none"  # --balance as resolved for this data (training.data.balance)
+    failed: DecodeFailures = field(default_factory=DecodeFailures)  # failed during the run
 
     def train_as_validated(self, samples: Sequence[Sample] | None = None) -> ImageDataset:
         """The training images (or `samples` of them) as validation sees them: the eval
@@ -54,6 +68,46 @@ class TrainingData:
                             self.task, self.val.transform, decode_size=self.val.decode_size,
                             max_pixels=self.val.max_pixels,
                             decode_seconds=self.val.decode_seconds)
+
+    def add_train_failures(self, failed: set[int], *, epoch: int, info: DistInfo) -> None:
+        """Record this epoch's undecodable training images (all ranks); refuse a run in
+        which a class has no decodable training image left."""
+        new = set().union(*gather_objects(info, failed)) - self.failed.train
+        self.failed.train |= new
+        if new:
+            logger.warning("epoch %d: %d training images could not be decoded and were "
+                           "skipped with their labels (%d in all)", epoch + 1, len(new),
+                           len(self.failed.train))
+        if not self.failed.train:
+            return
+        usable = [s for i, s in enumerate(self.train.samples) if i not in self.failed.train]
+        if not usable:
+            raise DataError(f"{self.root}: none of the {len(self.failed.train)} training "
+                            "images could be decoded (see the warnings above)")
+        unseen = classes_without(usable, self.classes)
+        if unseen:
+            total = sum(unseen[0] in s.labels for s in self.train.samples)
+            raise DataError(f"{self.root}: class {unseen[0]!r} has no decodable training "
+                            f"image (all {total} failed, see the warnings above); the model "
+                            "would never see it")
+
+    def add_val_failures(self, failed: list[int]) -> None:
+        """Record the validation images that were excluded from the metrics."""
+        new = set(failed) - self.failed.val
+        self.failed.val |= new
+        if new:
+            logger.warning("%d validation images could not be decoded and are excluded from "
+                           "the metrics (%d in all)", len(new), len(self.failed.val))
+
+    def skipped_record(self) -> dict[str, Any]:
+        """The card's account of images left out: unusable at discovery, failed to decode."""
+        train = [self.train.samples[i].path for i in sorted(self.failed.train)]
+        val = [self.val.samples[i].path for i in sorted(self.failed.val)]
+        named = [*(p for p, _ in self.unusable), *train, *val]
+        base = self.root if self.root.is_dir() else self.root.parent
+        return {"unusable": len(self.unusable), "train_undecodable": len(train),
+                "val_undecodable": len(val),
+                "examples": [sample_key(p, base) for p in named[:SKIPPED_EXAMPLES]]}
 
 
 class Loaders(NamedTuple):
@@ -64,10 +118,16 @@ class Loaders(NamedTuple):
     val: DataLoader
 
 
+def make_preprocessing(run: RunContext) -> Preprocessing:
+    """The eval preprocessing written to the card (and used for validation)."""
+    return Preprocessing.for_crop(run.cfg.image_size, ratio=run.recipe.eval_resize_ratio)
 
-def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, info: DistInfo
-              ) -> TrainingData:
-    """Discover, split (or read --val), and wrap both sides in datasets with their transforms."""
+
+def load_data(run: RunContext) -> TrainingData:
+    """Discover, split (or read --val), wrap both sides in datasets with their transforms,
+    resolve --balance, and measure the mean and std with --normalize dataset."""
+    cfg, recipe, info = run.cfg, run.recipe, run.info
+    preprocessing = make_preprocessing(run)
     found = discover(cfg.data, task=cfg.task, max_pixels=cfg.max_pixels)
     check_balance(cfg.balance, found.task)
     train_samples, val_samples, val_root, source = split_samples(cfg, found, info)
@@ -96,25 +156,33 @@ def load_data(cfg: TrainConfig, preprocessing: Preprocessing, recipe: Recipe, in
                            chosen_by_default=cfg.balance == "auto")
     split = {"sha256": split_digest(train_samples, found.root, val_samples, val_root),
              "train": len(train), "val": len(val), "source": source}
-    return TrainingData(train, val, found.classes, found.task, split, found.skipped, balance)
+    data = TrainingData(train, val, found.classes, found.task, preprocessing, cfg.data, split,
+                        found.skipped, balance)
+    if recipe.normalize == "dataset":
+        mean, std = measure_mean_std(data, info, batch_size=2 * recipe.batch_size,
+                                     workers=cfg.workers)
+        data.preprocessing = dataclasses.replace(preprocessing, mean=mean, std=std)
+    return data
 
 
-def train_sampler_for(data: TrainingData, cfg: TrainConfig, info: DistInfo
+def train_sampler_for(run: RunContext, data: TrainingData
                       ) -> DistributedSampler | BalancedSampler:
     """This rank's training sampler: a shuffle, or class-balanced draws with --balance sampler."""
+    info, seed = run.info, run.cfg.seed
     if data.balance == "sampler":
-        return BalancedSampler(data.train.targets(), len(data.classes), seed=cfg.seed,
+        return BalancedSampler(data.train.targets(), len(data.classes), seed=seed,
                                rank=info.rank, world_size=info.world_size)
     return DistributedSampler(data.train, num_replicas=info.world_size, rank=info.rank,
-                              shuffle=True, seed=cfg.seed)
+                              shuffle=True, seed=seed)
 
 
-def make_loaders(data: TrainingData, cfg: TrainConfig, batch_size: int, info: DistInfo, *,
-                 pin_memory: bool) -> Loaders:
+def make_loaders(run: RunContext, data: TrainingData) -> Loaders:
     """This rank's share of both sides; validation runs at twice the batch size."""
+    cfg, info, batch_size = run.cfg, run.info, run.recipe.batch_size
+    pin_memory = run.accelerator.is_cuda
     # The sampler's seed is shared (one permutation split across ranks); the loader's is
     # per rank, so each rank's workers draw their own augmentation stream.
-    train_sampler = train_sampler_for(data, cfg, info)
+    train_sampler = train_sampler_for(run, data)
     # A last batch of one image is dropped: BatchNorm in training mode fails on it where the
     # features shrink to 1x1. Each rank holds the same count, so all ranks drop it together.
     drop_last = len(train_sampler) % batch_size == 1
@@ -128,56 +196,6 @@ def make_loaders(data: TrainingData, cfg: TrainConfig, batch_size: int, info: Di
                       pin_memory=pin_memory, sampler=val_sampler,
                       worker_memory_mb=cfg.decode_memory_mb)
     return Loaders(train_sampler, train, val)
-
-
-@dataclass
-class DecodeFailures:
-    """The dataset indices of the images that failed to decode during the run, per side."""
-
-    train: set[int] = field(default_factory=set)
-    val: set[int] = field(default_factory=set)
-
-    def add_train(self, failed: set[int], *, epoch: int, data: TrainingData, info: DistInfo,
-                  data_root: Path) -> None:
-        """Record this epoch's undecodable training images (all ranks); refuse a run in
-        which a class has no decodable training image left."""
-        new = set().union(*gather_objects(info, failed)) - self.train
-        self.train |= new
-        if new:
-            logger.warning("epoch %d: %d training images could not be decoded and were "
-                           "skipped with their labels (%d in all)", epoch + 1, len(new),
-                           len(self.train))
-        if not self.train:
-            return
-        usable = [s for i, s in enumerate(data.train.samples) if i not in self.train]
-        if not usable:
-            raise DataError(f"{data_root}: none of the {len(self.train)} training "
-                            "images could be decoded (see the warnings above)")
-        unseen = classes_without(usable, data.classes)
-        if unseen:
-            total = sum(unseen[0] in s.labels for s in data.train.samples)
-            raise DataError(f"{data_root}: class {unseen[0]!r} has no decodable training "
-                            f"image (all {total} failed, see the warnings above); the model "
-                            "would never see it")
-
-    def add_val(self, failed: list[int]) -> None:
-        """Record the validation images that were excluded from the metrics."""
-        new = set(failed) - self.val
-        self.val |= new
-        if new:
-            logger.warning("%d validation images could not be decoded and are excluded from "
-                           "the metrics (%d in all)", len(new), len(self.val))
-
-    def record(self, data: TrainingData, data_root: Path) -> dict[str, Any]:
-        """The card's account of images left out: unusable at discovery, failed to decode."""
-        train = [data.train.samples[i].path for i in sorted(self.train)]
-        val = [data.val.samples[i].path for i in sorted(self.val)]
-        named = [*(p for p, _ in data.unusable), *train, *val]
-        base = data_root if data_root.is_dir() else data_root.parent
-        return {"unusable": len(data.unusable), "train_undecodable": len(train),
-                "val_undecodable": len(val),
-                "examples": [sample_key(p, base) for p in named[:SKIPPED_EXAMPLES]]}
-
 
 
 def channel_sums(dataset: ImageDataset, *, batch_size: int, workers: int
@@ -199,7 +217,8 @@ def channel_sums(dataset: ImageDataset, *, batch_size: int, workers: int
 
 def measure_mean_std(data: TrainingData, info: DistInfo, *, batch_size: int, workers: int
                      ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """The training images' per-channel mean and std, as the eval transform shows them."""
+    """The training images' per-channel mean and std, as the eval transform shows them
+    (He et al. normalise CIFAR so; each rank measures its share)."""
     share = data.train_as_validated(data.train.samples[info.rank::info.world_size])
     parts = gather_objects(info, channel_sums(share, batch_size=batch_size, workers=workers))
     total = sum(p[0] for p in parts)

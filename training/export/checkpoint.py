@@ -1,7 +1,15 @@
-"""Exporting a trained model: its card, weights and report files, written as one unit."""
+"""Exporting a trained model: its card, weights and report files, written as one unit.
+
+A fit exports the best epoch when it is reached (`Exporter.best_epoch`: a checkpoint a killed
+run still leaves behind) and once more at its end (`Exporter.final`: the best weights, kept in
+memory since their export, with the whole run's record, the unknown-input rule and the curves);
+each export writes the checkpoint once. The final card also holds the drift reference: the
+validation images scored by the checkpoint as the server will load it (training.export.drift).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -13,7 +21,8 @@ import torchvision
 from torch import nn
 
 from models import checkpoint
-from models.card import ModelCard, Preprocessing
+from models.architectures import build
+from models.card import ModelCard
 from models.checkpoint import (
     CALIBRATION_FILE,
     CONFUSION_MATRIX_FILE,
@@ -21,11 +30,16 @@ from models.checkpoint import (
     METRICS_FILE,
     PR_CURVES_FILE,
 )
+from training.exceptions import DataError
 from training.export import report
-from training.loop.metrics import summary
+from training.export.drift import drift_reference
+from training.loop.evaluate import CalibratedOutput, card_calibration
+from training.loop.metrics import monitor_name, summary
 from training.storage import write_errors
 
 if TYPE_CHECKING:
+    from training.context import RunContext
+    from training.data.load import TrainingData
     from training.unknown_rule import UnknownRule
 
 logger = logging.getLogger(__name__)
@@ -41,18 +55,12 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
-def write_checkpoint(directory: Path, model: nn.Module, *, name: str, arch: str, task: str,
-                     classes: list[str], preprocessing: Preprocessing, stem: str,
-                     thresholds: list[float] | None, metrics: dict[str, Any],
-                     training: dict[str, Any], reports: ReportWriters | None = None,
-                     replaces: Collection[str] = (),
-                     calibration: dict[str, Any] | None = None,
-                     unknown: dict[str, Any] | None = None) -> Path:
-    """Build the card and save weights + card + `reports` as one unit (models.checkpoint)."""
-    card = ModelCard(name=name, arch=arch, task=task, classes=classes,
-                     preprocessing=preprocessing, thresholds=thresholds, metrics=metrics,
-                     training={**training, "versions": versions()}, stem=stem,
-                     calibration=calibration, unknown=unknown)
+def write_checkpoint(directory: Path, model: nn.Module, card: ModelCard, *,
+                     reports: ReportWriters | None = None,
+                     replaces: Collection[str] = ()) -> Path:
+    """Save weights + card (its training record given the library versions) + `reports` as
+    one unit (models.checkpoint)."""
+    card = dataclasses.replace(card, training={**card.training, "versions": versions()})
     return checkpoint.save(directory, model, card, reports=reports, replaces=replaces)
 
 
@@ -83,26 +91,82 @@ def validation_reports(task: str, best_metrics: dict[str, Any], classes: Sequenc
     return reports
 
 
-def finish_checkpoint(directory: Path, model: nn.Module, *, training: dict[str, Any],
-                      history: Sequence[dict[str, Any]], monitor: str,
-                      unknown_rule: Callable[[nn.Module], UnknownRule | None] | None = None,
-                      best_metrics: dict[str, Any] | None = None) -> None:
-    """Load the exported (best) weights back into `model`; fit its unknown-input rule; rewrite
-    the card with the whole run's `training` record and the rule (metrics.json too), and draw
-    the curves beside it."""
-    best, card = checkpoint.load(directory)
-    model.load_state_dict(best.state_dict())
-    rule = unknown_rule(model) if unknown_rule is not None else None
-    reports: dict[str, Callable[[Path], None]] = {
-        CURVES_FILE: lambda p: report.plot_curves(p, history, monitor)}
-    if rule is not None:
-        checkpoint.attach_class_means(model, rule.class_means)
-        if best_metrics is not None:
+class Exporter:
+    """The checkpoint of one fit in --output, and the best weights since they were written."""
+
+    def __init__(self, run: RunContext, data: TrainingData) -> None:
+        self.run, self.data = run, data
+        self.best: tuple[dict[str, torch.Tensor], ModelCard] | None = None
+        try:  # fail before training, not after it, when the card could not hold these values
+            self.card()
+        except ValueError as exc:
+            raise DataError(f"{run.cfg.data}: cannot be written into a checkpoint card: "
+                            f"{exc}") from exc
+
+    def card(self, **fields: Any) -> ModelCard:
+        """This run's card with `fields` (metrics, thresholds, training, ...)."""
+        cfg, data = self.run.cfg, self.data
+        return ModelCard(name=self.run.name, arch=cfg.arch, task=data.task,
+                         classes=data.classes, preprocessing=data.preprocessing,
+                         stem=self.run.recipe.stem, **fields)
+
+    def best_epoch(self, model: nn.Module, validation: CalibratedOutput,
+                   thresholds: list[float] | None, *, best_metrics: dict[str, Any],
+                   training: dict[str, Any]) -> None:
+        """Write the best epoch so far as the checkpoint, with its report files, and keep
+        its weights for the final export."""
+        reports = validation_reports(self.data.task, best_metrics, self.data.classes,
+                                     scores=validation.scores, targets=validation.targets,
+                                     thresholds=thresholds)
+        card = self.card(thresholds=thresholds, metrics=card_metrics(best_metrics),
+                         training=training,
+                         calibration=card_calibration(validation.calibration))
+        with write_errors(self.run.cfg.output):
+            write_checkpoint(self.run.cfg.output, model, card, reports=reports,
+                             replaces=PER_EXPORT_REPORTS)
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in
+                   model.state_dict().items()}
+        self.best = (weights, card)
+
+    def restore_best(self, model: nn.Module) -> None:
+        """Load the best epoch's weights into `model`: kept since their export, or, in a
+        resumed run that has not bettered them, read from the checkpoint written before."""
+        if self.best is None:
+            saved, card = checkpoint.load(self.run.cfg.output)
+            self.best = (saved.state_dict(), card)
+        model.load_state_dict(self.best[0])
+
+    def final(self, model: nn.Module, *, training: dict[str, Any],
+              history: Sequence[dict[str, Any]], best_metrics: dict[str, Any],
+              rule: UnknownRule | None) -> None:
+        """Write the best weights (`restore_best`) once more, with the whole run's training
+        record and the unknown-input rule in the card (metrics.json too), and the curves."""
+        if self.best is None:
+            raise RuntimeError("restore_best comes first: the final export writes its weights")
+        best = self.best[1]
+        monitor = monitor_name(self.data.task)
+        reports: dict[str, Callable[[Path], None]] = {
+            CURVES_FILE: lambda p: report.plot_curves(p, history, monitor)}
+        if rule is not None:
+            checkpoint.attach_class_means(model, rule.class_means)
             best_metrics["unknown"] = rule.record
             reports[METRICS_FILE] = lambda p: report.write_metrics(p, best_metrics)
-    with write_errors(directory):
-        write_checkpoint(directory, model, name=card.name, arch=card.arch, task=card.task,
-                         classes=card.classes, preprocessing=card.preprocessing,
-                         stem=card.stem, thresholds=card.thresholds, metrics=card.metrics,
-                         training=training, calibration=card.calibration,
-                         unknown=rule.record if rule is not None else None, reports=reports)
+        card = self.card(thresholds=best.thresholds, metrics=best.metrics, training=training,
+                         calibration=best.calibration,
+                         unknown=rule.record if rule is not None else None)
+        cfg = self.run.cfg
+        drift = drift_reference(self.served_model(card, rule), card, self.data.val,
+                                accelerator=self.run.accelerator,
+                                batch_size=2 * self.run.recipe.batch_size, workers=cfg.workers)
+        with write_errors(cfg.output):
+            write_checkpoint(cfg.output, model, dataclasses.replace(card, drift=drift),
+                             reports=reports)
+
+    def served_model(self, card: ModelCard, rule: UnknownRule | None) -> nn.Module:
+        """The best weights as `checkpoint.load` gives them to the server: a fresh model on
+        the CPU, in eval mode, with the rule's class means."""
+        model = build(card.arch, num_classes=card.num_classes, weights=None, stem=card.stem)
+        model.load_state_dict(self.best[0])
+        if rule is not None:
+            checkpoint.attach_class_means(model, rule.class_means)
+        return model.eval()

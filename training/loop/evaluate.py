@@ -20,12 +20,14 @@ from models.calibration import (
 )
 from models.device import Accelerator
 from models.outputs import probabilities
-from training.distributed import DistInfo, gather_objects
+from training.distributed import gather_objects
 from training.exceptions import DataError
 from training.loop.metrics import held_out_multi_label_metrics, single_label_metrics
 
 if TYPE_CHECKING:
+    from training.context import RunContext
     from training.data.load import TrainingData
+    from training.loop.train import Learner
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +74,16 @@ def predict_scores(model: nn.Module, loader: DataLoader, *, accelerator: Acceler
             torch.cat(logits_all), failed)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module,
-             accelerator: Accelerator, normalize: nn.Module, task: str, info: DistInfo
+def evaluate(run: RunContext, learner: Learner, loader: DataLoader, *, task: str
              ) -> EvalOutput:
     """Validation over all ranks: gathered, de-duplicated (sampler padding dropped), ordered.
 
     Images that fail to decode are excluded and listed in `failed`; none decoding is an error.
     """
+    accelerator = run.accelerator
     scores, targets, indices, logits, failed = predict_scores(
-        model, loader, accelerator=accelerator, normalize=normalize, task=task)
-    parts = gather_objects(info, (scores, targets, indices, logits, failed))
+        learner.model, loader, accelerator=accelerator, normalize=learner.normalize, task=task)
+    parts = gather_objects(run.info, (scores, targets, indices, logits, failed))
     merged: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor]] = {}
     all_failed: set[int] = set()
     for rank_scores, rank_targets, rank_indices, rank_logits, rank_failed in parts:
@@ -97,8 +99,8 @@ def evaluate(model: nn.Module, loader: DataLoader, *, criterion: nn.Module,
     all_logits = torch.stack([merged[i][2] for i in order])
     target_t = torch.as_tensor(all_targets)
     with torch.no_grad():
-        loss = float(criterion.cpu()(all_logits, target_t))
-    criterion.to(accelerator.device)
+        loss = float(learner.criterion.cpu()(all_logits, target_t))
+    learner.criterion.to(accelerator.device)
     return EvalOutput(scores=all_scores, targets=all_targets, loss=loss,
                       failed=sorted(all_failed), logits=all_logits.numpy())
 

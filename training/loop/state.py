@@ -11,16 +11,19 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
 
 from training.config import TrainConfig
 from training.exceptions import ResumeError
-from training.options import flag_of
-from training.recipe import Recipe
+from training.options import flag_of, identity_fields
 from training.storage import write_atomically
+
+if TYPE_CHECKING:
+    from training.context import RunContext
+    from training.data.load import TrainingData
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +75,17 @@ class Progress:
         return cls(**{f.name: saved[f.name] for f in fields(cls)})
 
 
-def run_identity(cfg: TrainConfig, recipe: Recipe, *, task: str, split: dict[str, Any]
-                 ) -> dict[str, Any]:
-    """What a resume state must match: the options that shape the run, and the split."""
-    options = {"task": task, "arch": cfg.arch, "weights": cfg.weights,
-               "image_size": cfg.image_size, "epochs": cfg.epochs,
-               "freeze_epochs": cfg.freeze_epochs, "seed": cfg.seed,
-               "val": None if cfg.val is None else str(cfg.val),
-               "val_fraction": cfg.val_fraction, "max_pixels": cfg.max_pixels,
-               "balance": cfg.balance,
-               **recipe.to_dict()}
-    return {"options": options, "split": dict(split)}
+def run_identity(run: RunContext, data: TrainingData) -> dict[str, Any]:
+    """What a resume state must match: the options marked `identity=True` on TrainConfig (the
+    task as resolved for the data), every value of the resolved recipe, and the split."""
+    options = {name: _plain(getattr(run.cfg, name)) for name in identity_fields(TrainConfig)}
+    options["task"] = data.task
+    return {"options": {**options, **run.recipe.to_dict()}, "split": dict(data.split)}
+
+
+def _plain(value: Any) -> Any:
+    """A value as a resume state holds it (a path as its text)."""
+    return str(value) if isinstance(value, Path) else value
 
 
 def capture_rng() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Training: the optimizer, the loss, and one epoch over the training data."""
+"""Training: the network and what steps it (optimizer, LR schedule, loss), and one epoch over
+the training data."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,13 +17,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.architectures import classifier_parameters
+from models.architectures import build, classifier_parameters
 from models.device import Accelerator
+from models.preprocessing import Normalize
+from training.data.balance import class_counts, class_weights
 from training.data.datasets import Batch
 from training.distributed import DistInfo, all_reduce_mean
 from training.exceptions import NonFiniteError
-from training.loop.schedule import LRSchedule
+from training.loop.schedule import LRSchedule, build_scheduler, optimizer_steps
 from training.recipe import Recipe
+
+if TYPE_CHECKING:
+    from training.context import RunContext
+    from training.data.load import TrainingData
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,59 @@ class EpochStats:
     def images_per_second(self) -> float:
         """Training throughput over all ranks."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Learner:
+    """What a training step uses: the model, the network that runs it (the model, or DDP
+    around it under torchrun), the input normalisation, loss, optimizer, LR schedule and
+    gradient scaler."""
+
+    model: nn.Module
+    net: nn.Module
+    normalize: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRSchedule
+    scaler: torch.amp.GradScaler
+
+    def stateful(self) -> dict[str, Any]:
+        """The objects whose state dicts a resume state holds, by key."""
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "scaler": self.scaler}
+
+
+def build_learner(run: RunContext, data: TrainingData, *, micro_batches: int) -> Learner:
+    """The network for `data`'s classes on the run's device, and its optimizer, schedule
+    (over epochs of `micro_batches` loader batches), loss and scaler."""
+    cfg, recipe, accelerator = run.cfg, run.recipe, run.accelerator
+    model = accelerator.prepare_model(build(cfg.arch, num_classes=len(data.classes),
+                                            weights=cfg.weights, stem=recipe.stem))
+    net: nn.Module = model
+    if run.info.enabled:
+        net = DistributedDataParallel(
+            model, device_ids=[accelerator.device.index] if accelerator.is_cuda else None)
+    optimizer = build_optimizer(model, recipe, arch=cfg.arch)
+    scheduler = build_scheduler(
+        optimizer, recipe, steps_per_epoch=optimizer_steps(micro_batches, recipe.accumulate),
+        epochs=cfg.epochs, freeze_epochs=cfg.freeze_epochs)
+    scaler = torch.amp.GradScaler(accelerator.device.type,
+                                  enabled=accelerator.amp_dtype == torch.float16)
+    criterion = build_criterion(
+        data.task, label_smoothing=recipe.label_smoothing, train_targets=data.train.targets(),
+        class_weight=loss_class_weights(data), pos_weight=recipe.pos_weight)
+    return Learner(model, net, Normalize(data.preprocessing).to(accelerator.device),
+                   criterion.to(accelerator.device), optimizer, scheduler, scaler)
+
+
+def loss_class_weights(data: TrainingData) -> torch.Tensor | None:
+    """The single-label loss's class weights under --balance loss (None otherwise)."""
+    if data.balance != "loss":
+        return None
+    weights = class_weights(class_counts(data.train.targets(), len(data.classes)))
+    logger.info("class weights in the loss: %s", ", ".join(
+        f"{c} {w:.3g}" for c, w in zip(data.classes, weights.tolist(), strict=True)))
+    return weights
 
 
 
@@ -64,7 +125,6 @@ def build_optimizer(model: nn.Module, recipe: Recipe, *, arch: str) -> torch.opt
     return torch.optim.AdamW(param_groups, lr=recipe.lr, betas=(0.9, 0.999))
 
 
-
 def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.Tensor,
                     class_weight: torch.Tensor | None = None,
                     pos_weight: str | None = "balanced") -> nn.Module:
@@ -82,11 +142,8 @@ def build_criterion(task: str, *, label_smoothing: float, train_targets: torch.T
 
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: LRSchedule,
-                    scaler: torch.amp.GradScaler, accelerator: Accelerator, normalize: nn.Module,
-                    info: DistInfo, epoch: int, epochs: int, progress: bool,
-                    image_size: int = 32, accumulate: int = 1) -> EpochStats:
+def train_one_epoch(run: RunContext, learner: Learner, loader: DataLoader, epoch: int
+                    ) -> EpochStats:
     """One pass over the training data; returns the mean loss across ranks.
 
     Every `accumulate` loader batches make one optimizer step: each micro-batch's mean loss is
@@ -95,11 +152,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Modul
     decode are left out of their batch and their indices returned; a loss that is not finite
     stops the run before the optimizer applies it.
     """
+    info, accelerator, accumulate = run.info, run.accelerator, run.recipe.accumulate
+    model, optimizer, scaler = learner.net, learner.optimizer, learner.scaler
     model.train()
     tally, failed, start = TrainTally(), set(), time.perf_counter()
     micro_batches = len(loader)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, leave=False,
-               disable=not (progress and info.is_main), dynamic_ncols=True, unit="batch")
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", file=sys.stderr,
+               leave=False, disable=not (run.cfg.progress and info.is_main), dynamic_ncols=True,
+               unit="batch")
     optimizer.zero_grad(set_to_none=True)
     pending = False  # gradients accumulated since the last optimizer step
     for index, batch in enumerate(bar):
@@ -111,15 +171,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, *, criterion: nn.Modul
         if n > 0 or info.enabled:  # alone, a batch with no decodable image is skipped
             with _sync_unless(model, not closes_group):
                 with accelerator.autocast():  # the forward only: backward runs outside it
-                    loss, logits, targets = _batch_loss(model, batch, criterion, accelerator,
-                                                        normalize, image_size)
+                    loss, logits, targets = _batch_loss(learner, batch, accelerator,
+                                                        image_size=run.cfg.image_size)
                 value = loss.item()
                 _check_finite(value, optimizer, epoch=epoch, step=index)
                 scaler.scale(loss / group_size).backward()
             tally.add(value, n, logits, targets)
             pending = True
         if closes_group and pending:
-            _optimizer_step(optimizer, scaler, scheduler, tally, info)
+            _optimizer_step(learner, tally, info)
             pending = False
         bar.set_postfix(loss=f"{tally.mean_loss:.4f}",
                         img_s=f"{tally.seen * info.world_size / (time.perf_counter() - start):.0f}")
@@ -172,16 +232,15 @@ class TrainTally:
         return self.correct / self.scored if self.scored else 0.0
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    scheduler: LRSchedule, tally: TrainTally, info: DistInfo) -> None:
+def _optimizer_step(learner: Learner, tally: TrainTally, info: DistInfo) -> None:
     """Apply the accumulated gradient, move the schedule on, feed it the step's error."""
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    learner.optimizer.zero_grad(set_to_none=True)
     error, n = tally.take_step_error()
-    if scheduler.wants_error:  # every rank must take the same decision: one shared error
-        scheduler.observe_error(all_reduce_mean(info, error, n))
-    scheduler.step()
+    if learner.scheduler.wants_error:  # all ranks must take the same decision: one error
+        learner.scheduler.observe_error(all_reduce_mean(info, error, n))
+    learner.scheduler.step()
 
 
 def _check_finite(value: float, optimizer: torch.optim.Optimizer, *, epoch: int, step: int
@@ -202,20 +261,19 @@ def _sync_unless(model: nn.Module, skip: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def _batch_loss(model: nn.Module, batch: Batch, criterion: nn.Module, accelerator: Accelerator,
-                normalize: nn.Module, image_size: int
+def _batch_loss(learner: Learner, batch: Batch, accelerator: Accelerator, *, image_size: int
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The batch's loss, logits and targets; a batch with no decodable image (possible only
     under DDP, where every rank must take part in each step) runs one blank image in eval mode
     at zero weight (no logits then)."""
     if batch.images.shape[0] > 0:
-        x = normalize(accelerator.to_device(batch.images))
+        x = learner.normalize(accelerator.to_device(batch.images))
         y = batch.targets.to(accelerator.device, non_blocking=True)
-        logits = model(x).float()
-        return criterion(logits, y), logits.detach(), y
+        logits = learner.net(x).float()
+        return learner.criterion(logits, y), logits.detach(), y
     blank = torch.zeros(1, 3, image_size, image_size, device=accelerator.device)
-    model.eval()
+    learner.net.eval()
     try:
-        return model(blank).float().sum() * 0.0, None, None
+        return learner.net(blank).float().sum() * 0.0, None, None
     finally:
-        model.train()
+        learner.net.train()
