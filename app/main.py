@@ -18,12 +18,12 @@ from app.api.middleware import (
     RequestIdMiddleware,
     RequestMetricsMiddleware,
 )
-from app.api.routes import docs, explain, health, page, predict, reports, v2
-from app.api.routes import model_info as model_routes
+from app.api.routes import all_routers
 from app.config import Settings
 from app.exceptions import CheckpointFolderError, ShuttingDownError
 from app.metrics import Metrics
 from app.process.worker_link import WorkerLink
+from app.serving.feedback import Feedback
 from app.serving.imaging import ImageDecoder
 from app.serving.parser_pool import ParserPool
 from app.serving.registry import ModelRegistry, reload_logged
@@ -93,9 +93,9 @@ def create_app(settings: Settings | None = None, *,
     app.state.metrics = metrics
     app.state.api_keys = settings.api_key_values()
     app.state.cluster = cluster
+    app.state.feedback = Feedback.from_settings(settings)  # POST /feedback, review samples
     errors.install(app)
-    for router in (predict.router, explain.router, model_routes.router, reports.router,
-                   health.router, docs.router, page.router, v2.probes, v2.router):
+    for router in all_routers():  # every module of app.api.routes
         app.include_router(router)  # each router declares who may call it (app.api.auth)
     # the last added runs first: ids for everything, metrics of every answer, then the
     # boundary that turns whatever escapes into a JSON answer

@@ -53,6 +53,11 @@ class Feedback:
                   if settings.review_rate > 0 else None)
         return cls(store, review, settings.feedback_new_classes)
 
+    def offer(self, served: ServedModel, uploads: list[Upload], outputs: torch.Tensor) -> None:
+        """Hand one /predict request's images to the review sampler, when there is one."""
+        if self.review is not None:
+            self.review.offer(served, uploads, outputs)
+
 
 def confidences(probabilities: torch.Tensor, task: str) -> torch.Tensor:
     """[N, C] calibrated scores -> [N] confidence (see the module doc)."""

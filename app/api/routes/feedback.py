@@ -3,14 +3,13 @@
 The image must decode (it goes through the server's decode processes like any upload) and
 its labels must be the model's classes (or, with --feedback-new-classes, names a class
 folder can hold); the store (app.serving.feedback_store) writes it atomically, named by its
-content, within the model's quota. Also here: the one call /predict makes to offer its
-images for review (app.serving.feedback).
+content, within the model's quota.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
@@ -32,10 +31,6 @@ from app.exceptions import (
 from app.serving.feedback import Feedback
 from app.serving.feedback_store import checked_labels
 from app.serving.imaging import Upload
-from app.serving.served_model import ServedModel
-
-if TYPE_CHECKING:
-    import torch
 
 router = APIRouter(tags=["feedback"], dependencies=[API_KEY_REQUIRED])
 
@@ -93,14 +88,6 @@ async def send_feedback(request: Request, registry: RegistryDep, settings: Setti
                                      upload.data, labels)
     return FeedbackOut(model=served.name, status=stored.status, labels=stored.labels,
                        image=stored.image)
-
-
-def offer_for_review(request: Request, served: ServedModel, uploads: list[Upload],
-                     outputs: torch.Tensor) -> None:
-    """Hand /predict's images to the review sampler, when one is configured."""
-    review = request.app.state.feedback.review
-    if review is not None:
-        review.offer(served, uploads, outputs)
 
 
 async def _read_labelled(request: Request, settings: Settings) -> tuple[Upload, list[str]]:

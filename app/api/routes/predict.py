@@ -54,6 +54,7 @@ async def predict_images(
             uploads, timeout=settings.request_timeout))
     answers = served.answers(outputs, top_k=top_k, threshold=threshold, all_scores=all_scores,
                              reject_unknown=reject_unknown)
+    request.app.state.feedback.offer(served, uploads, outputs)  # least-sure ones kept for review
     # the answer has PredictResponse's shape; written here in one pass, as validating it
     # again would cost every request as much as its HTTP parsing
     return Response(to_json({"model": served.name, "task": served.card.task,
