@@ -53,7 +53,8 @@ fi
 DRY=0
 for arg in "$@"; do if [ "$arg" = "--dry-run" ]; then DRY=1; fi; done
 LACKING="$(lacking "$PY")"
-if [ -n "$LACKING" ] && [ "$DRY" = "0" ]; then
+CUDA="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
+if [ -n "$LACKING" ] && [ "$DRY" = "0" ] && [ "$CUDA" = "1" ]; then  # else bench.gpu says why
   echo "set-up: $PY lacks $LACKING; installing into .venv-gpu" >&2
   if [ ! -x .venv-gpu/bin/python ]; then "$PY" -m venv --system-site-packages .venv-gpu; fi
   FROM=()

@@ -71,7 +71,7 @@ def compiled(ctx: Context, clock: Clock) -> dict:
     its compile (timed on the first) still fits."""
     import torch._dynamo
 
-    rows, notes = [], []
+    rows, notes, errors = [], [], []
     needs = 2 * ctx.plan.compile_estimate_s  # a static graph, then a dynamic one
     for precision in ctx.plan.precisions:  # bf16 first: what `auto` picks on an H100/H200
         for arch in ctx.plan.archs:
@@ -81,17 +81,28 @@ def compiled(ctx: Context, clock: Clock) -> dict:
                              f"{max(0.0, clock.left()):.0f} s are left")
                 continue
             started = time.monotonic()
-            torch._dynamo.reset()
-            predictor = ctx.predictor(arch, precision)
-            runner = predictor.run
-            runner.model = torch.compile(runner.model, backend=ctx.plan.compile_backend)
-            rates, first = measure(predictor, ctx, clock, notes, label)
-            rows.append({"arch": arch, "precision": predictor.accelerator.precision_name,
-                         "mode": f"torch.compile ({ctx.plan.compile_backend})",
-                         "images_per_s": rates, "first_call_s": first})
-            del predictor, runner
+            try:
+                rows.append(_compiled_row(ctx, clock, notes, arch, precision, label))
+            except Exception as exc:  # noqa: BLE001 - one configuration; the others still run
+                logger.exception("%s failed", label)
+                errors.append(f"{label}: {type(exc).__name__}: {str(exc)[:300]}")
             torch._dynamo.reset()
             release_cuda_cache()
             needs = time.monotonic() - started  # the next configuration costs about as much
-    return {"status": "ok", "rows": rows, "notes": notes,
-            "backend": ctx.plan.compile_backend}
+    return {"status": "failed" if errors else "ok", "rows": rows, "notes": notes,
+            "backend": ctx.plan.compile_backend, **({"error": "; ".join(errors)} if errors
+                                                    else {})}
+
+
+def _compiled_row(ctx: Context, clock: Clock, notes: list[str], arch: str, precision: str,
+                  label: str) -> dict:
+    """One configuration: the runner's network through torch.compile, then `measure`."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    predictor = ctx.predictor(arch, precision)
+    predictor.run.model = torch.compile(predictor.run.model, backend=ctx.plan.compile_backend)
+    rates, first = measure(predictor, ctx, clock, notes, label)
+    return {"arch": arch, "precision": predictor.accelerator.precision_name,
+            "mode": f"torch.compile ({ctx.plan.compile_backend})", "images_per_s": rates,
+            "first_call_s": first}

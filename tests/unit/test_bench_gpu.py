@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu.__main__ import main
+from bench.gpu.__main__ import WINDOW_S, main
 from bench.gpu.bulk import own_rate
 from bench.gpu.context import Context, run_bounded
 from bench.gpu.gpu_sampler import GpuSampler, parse_smi_line
 from bench.gpu.model_speed import compiled
-from bench.gpu.plan import STEPS, Clock, Plan, step_clock
+from bench.gpu.plan import REPORT_RESERVE_S, STEPS, Clock, Plan, step_clock
 from bench.gpu.readme_batches import BatchClaim, read_claims
 from bench.gpu.report import SECTIONS
 from bench.gpu.stages import DECODE_PROCESS, ProcessInfo, cpu_by_stage, serving_processes
@@ -32,6 +32,12 @@ def test_a_step_never_eats_the_floors_of_the_steps_after_it() -> None:
     assert clock.left() == pytest.approx(100 - floors - 5, abs=1)  # 5: the report's reserve
     assert step_clock(Clock.start(10_000), plan, "tests", []).left() == pytest.approx(
         plan.step_seconds["tests"][0], abs=1)
+
+
+def test_the_full_plan_leaves_set_up_a_minute_of_the_window() -> None:
+    plan = Plan.full()
+    capped = sum(plan.step_seconds[s][0] for s in STEPS if s not in ("compile", "fit"))
+    assert capped + REPORT_RESERVE_S <= WINDOW_S - 60  # compile and fit take what is left
 
 
 def test_the_readme_table_gives_every_recommended_batch() -> None:
