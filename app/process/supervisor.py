@@ -1,9 +1,10 @@
 """`--workers N`: N server processes on one port, kept running by this one.
 
 The supervisor reserves the port, creates the shared tables
-(app.process.shared_tables) and the metrics folder, spawns the workers and then only watches: a worker that exits or stops ticking for
-`worker_timeout` seconds is replaced; SIGHUP asks every worker to rescan; SIGTERM/SIGINT
-reach every worker, which drains its requests, and the supervisor exits 0 once all are gone.
+(app.process.shared_tables) and the metrics folder, spawns the workers and then only
+watches: a worker that exits or stops ticking for `worker_timeout` seconds is replaced;
+SIGHUP asks every worker to rescan; SIGTERM/SIGINT reach every worker, which drains its
+requests, and the supervisor exits 0 once all are gone.
 It never imports torch nor serves a request itself.
 """
 
