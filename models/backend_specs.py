@@ -2,9 +2,9 @@
 
 Everything the rest of the code needs to know about a backend is its entry here: the
 settings validate against the names, the runners (models.backends) are keyed by them, the
-device and precision rules, the platform the Open Inference Protocol reports and whether
-the runtime starts a thread pool of its own all come from `BACKEND_SPECS`. A new backend is
-one entry here and one runner in models.backends.
+device and precision rules, the platform the Open Inference Protocol reports, whether the
+runtime starts a thread pool of its own and where its runner is built all come from
+`BACKEND_SPECS`. A new backend is one entry here naming its runner module.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class BackendSpec:
     fp32_only: bool  # refuses autocast precisions
     own_thread_pool: bool  # starts its worker pool on the thread that builds the runner
     summary: str  # one line for --help
+    runner: str  # "module:function" building its runner (imported only when one is built)
 
     def conflicts(self, device: str, precision: str) -> str | None:
         """Why `device` and `precision` cannot be used with this backend (None: they can)."""
@@ -36,12 +37,13 @@ class BackendSpec:
 
 BACKEND_SPECS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("torch", platform="pytorch", cpu_only=False, fp32_only=False,
-                own_thread_pool=False,
-                summary="PyTorch on --device, autocast on CUDA"),
+                own_thread_pool=False, summary="PyTorch on --device, autocast on CUDA",
+                runner="models.backends:torch_runner"),
     BackendSpec("onnxruntime", platform="onnxruntime", cpu_only=True, fp32_only=True,
                 own_thread_pool=True,
                 summary="ONNX Runtime, CPU and fp32; exported at load and checked against "
-                        "torch; needs the onnx extra"),
+                        "torch; needs the onnx extra",
+                runner="models.onnx_backend:onnxruntime_runner"),
 )}
 BACKENDS: tuple[str, ...] = tuple(BACKEND_SPECS)
 Backend = Literal[BACKENDS]  # type: ignore[valid-type]  # the names, for pydantic

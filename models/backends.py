@@ -3,21 +3,22 @@
 A runner takes a uint8 [N, 3, H, W] batch on the host and answers float32 [N, C] raw
 logits on the host, then the unknown score where the model computes one (models.unknown);
 the Predictor makes the served scores from them.
-A new serving backend is one runner in `RUNNERS` (its own module for the heavy part, as
-models.onnx_backend is) plus its entry in models.backend_specs.
+A new serving backend is its entry in models.backend_specs, naming the function that builds
+its runner (in its own module, as models.onnx_backend is).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from models.backend_specs import BACKEND_SPECS, backend_spec
+from models.backend_specs import backend_spec
 from models.card import ModelCard
 from models.device import Accelerator
-from models.onnx_backend import BackendError, OnnxRuntimeModel
+from models.onnx_backend import BackendError
 from models.preprocessing import Normalize
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -41,24 +42,10 @@ class TorchRunner:
         return logits.float().cpu()
 
 
-def _torch_runner(model: nn.Module, card: ModelCard, accelerator: Accelerator,
-                  threads: int) -> Runner:
+def torch_runner(model: nn.Module, card: ModelCard, accelerator: Accelerator,
+                 threads: int) -> Runner:
+    """The torch backend's runner (its entry in models.backend_specs names this)."""
     return TorchRunner(model, card, accelerator)
-
-
-def _onnxruntime_runner(model: nn.Module, card: ModelCard, accelerator: Accelerator,
-                        threads: int) -> Runner:
-    return OnnxRuntimeModel(model.cpu().eval(), Normalize(card.preprocessing),
-                            task=card.task, classes=card.num_classes,
-                            input_shape=(3, card.preprocessing.crop, card.preprocessing.crop),
-                            threads=threads or torch.get_num_threads())
-
-
-RUNNERS: dict[str, Callable[[nn.Module, ModelCard, Accelerator, int], Runner]] = {
-    "torch": _torch_runner,
-    "onnxruntime": _onnxruntime_runner,
-}
-assert RUNNERS.keys() == BACKEND_SPECS.keys(), "one runner per backend entry"
 
 
 def make_runner(backend: str, model: nn.Module, card: ModelCard, accelerator: Accelerator, *,
@@ -71,4 +58,6 @@ def make_runner(backend: str, model: nn.Module, card: ModelCard, accelerator: Ac
     if conflict is not None:
         raise BackendError(f"{conflict} (got {accelerator.describe()}, "
                            f"{accelerator.precision_name})")
-    return RUNNERS[backend](model, card, accelerator, threads)
+    module, function = spec.runner.split(":")
+    build = getattr(importlib.import_module(module), function)
+    return build(model, card, accelerator, threads)

@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.card import ModelCard
+from models.device import Accelerator
 from models.outputs import probabilities
+from models.preprocessing import Normalize
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +124,13 @@ class OnnxRuntimeModel:
                                f"than {PARITY_TOLERANCE:g} / {LOGIT_TOLERANCE:g}); use the "
                                "torch backend")
         logger.info("onnxruntime %s: outputs within %.1e of PyTorch", self.version, diff)
+
+
+def onnxruntime_runner(model: nn.Module, card: ModelCard, accelerator: Accelerator,
+                       threads: int) -> OnnxRuntimeModel:
+    """The onnxruntime backend's runner (its entry in models.backend_specs names this):
+    `threads` intra-op threads, 0 meaning torch's thread count."""
+    crop = card.preprocessing.crop
+    return OnnxRuntimeModel(model.cpu().eval(), Normalize(card.preprocessing), task=card.task,
+                            classes=card.num_classes, input_shape=(3, crop, crop),
+                            threads=threads or torch.get_num_threads())
