@@ -150,7 +150,9 @@ def training(result: dict, fit: dict | None) -> list[str]:
 def bulk(result: dict) -> list[str]:
     """Images/s of one `training predict` run."""
     own = result.get("own_images_per_s")
-    return [f"`python {' '.join(result['command'][1:])}`: {result['rows']} rows for "
+    flags = " ".join(result["command"][8:])  # after: python -m training predict CKPT DIR -o F
+    return [f"`python -m training predict CHECKPOINT FOLDER --output OUT.jsonl {flags}`: "
+            f"{result['rows']} rows for "
             f"{result['images']} images ({result['errors']} errors) in {result['seconds']} s: "
             f"{result['images_per_s']} img/s with process start and model load; "
             f"**{own if own is not None else '?'} img/s** by its own count (the prediction "
