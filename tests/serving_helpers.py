@@ -1,4 +1,5 @@
-"""Helpers for the serving tests: coloured test images, fast settings, an in-process app."""
+"""Helpers for the serving tests: coloured test images, fast settings, an in-process app,
+and `inside(app)`, the one way a test reaches past the app's HTTP surface."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import io
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -93,23 +94,81 @@ async def wait_until_loaded(app, timeout: float = 60.0) -> None:
     """Wait until the registry has reached every checkpoint its scan found (none loading)."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
-    while app.state.registry.loading_names():
+    registry = inside(app).registry
+    while registry.loading_names():
         if loop.time() > give_up:
             raise AssertionError(f"still loading after {timeout} s: "
-                                 f"{app.state.registry.loading_names()}")
+                                 f"{registry.loading_names()}")
         await asyncio.sleep(0.05)
+
+
+BatchWrap = Callable[[list, Callable[[list], object]], object]  # (items, real batch fn)
+
+
+class Inside:
+    """The one test hook: what a test may see or change past the app's HTTP surface.
+
+    The registry the lifespan made (its public methods: `get`, `entries`, `loaded_names`,
+    `loading_names`, `ready`, `begin_shutdown`), a served model by name, and a model's batch
+    function wrapped to spy, slow down or inject a fault. Only this class knows where the app
+    keeps them, so moving the serving core changes this class, not the tests.
+    """
+
+    def __init__(self, app) -> None:
+        self._app = app
+
+    @property
+    def registry(self):
+        """The app's ModelRegistry (None until its lifespan has started)."""
+        return getattr(self._app.state, "registry", None)
+
+    def model(self, name: str | None = None):
+        """The ServedModel now serving `name` (the default model without one)."""
+        return self.registry.get(name)
+
+    def batcher(self, name: str, *, explain: bool = False):
+        """The DynamicBatcher of `name`'s /predict batches (of its /explain ones with
+        `explain`)."""
+        served = self.model(name)
+        return served.explaining.batcher if explain else served.batcher
+
+    def reserved(self, name: str) -> int:
+        """Images that hold room in `name`'s queue while they decode (not queued yet)."""
+        return self.batcher(name)._incoming
+
+    def wrap_batches(self, name: str, wrap: BatchWrap, *, explain: bool = False) -> None:
+        """Run each of `name`'s batches as `wrap(items, real)`, `real` being the batch function
+        it had, for as long as this model version serves."""
+        batcher = self.batcher(name, explain=explain)
+        real = batcher.fn
+        batcher.fn = lambda items: wrap(items, real)
+
+    @contextlib.contextmanager
+    def batches_through(self, name: str, wrap: BatchWrap, *,
+                        explain: bool = False) -> Iterator[None]:
+        """`wrap_batches` for the block; the batch function it found is back after it."""
+        batcher = self.batcher(name, explain=explain)
+        real = batcher.fn
+        self.wrap_batches(name, wrap, explain=explain)
+        try:
+            yield
+        finally:
+            batcher.fn = real
+
+
+def inside(app) -> Inside:
+    """The test hook of an app made by `create_app` (see `Inside`)."""
+    return Inside(app)
 
 
 def slow_down(app, name: str, seconds: float) -> None:
     """Make a model's batches take at least `seconds` (the real model still runs)."""
-    batcher = app.state.registry.get(name).batcher
-    real = batcher.fn
 
-    def slow(items):
+    def slow(items: list, real: Callable[[list], object]) -> object:
         time.sleep(seconds)
         return real(items)
 
-    batcher.fn = slow
+    inside(app).wrap_batches(name, slow)
 
 
 def metric(text: str, name: str, **labels: str) -> float:

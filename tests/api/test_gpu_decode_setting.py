@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from tests.jpegs import corrupt_scan, jpeg_bytes, scene, with_frame_size
-from tests.serving_helpers import color_image, fast_settings, png, running_app
+from tests.serving_helpers import color_image, fast_settings, inside, png, running_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -21,8 +21,8 @@ async def clients(checkpoint_root: Path) -> AsyncIterator[dict[str, httpx.AsyncC
     on = fast_settings(checkpoint_root, default_model="colors", gpu_decode="on")
     off = fast_settings(checkpoint_root, default_model="colors", gpu_decode="off")
     async with running_app(on) as (on_http, on_app), running_app(off) as (off_http, off_app):
-        assert on_app.state.registry.get("colors").device_decoder is not None
-        assert off_app.state.registry.get("colors").device_decoder is None
+        assert inside(on_app).model("colors").device_decoder is not None
+        assert inside(off_app).model("colors").device_decoder is None
         yield {"on": on_http, "off": off_http}
 
 

@@ -18,7 +18,7 @@ from starlette.formparsers import MultiPartException
 from app.__main__ import parse_settings
 from app.config import Settings
 from app.main import create_app
-from tests.serving_helpers import fast_settings, jpeg, running_app
+from tests.serving_helpers import fast_settings, inside, jpeg, running_app
 
 ON_SESSION_LOOP = pytest.mark.asyncio(loop_scope="session")
 SERIES = re.compile(r"^resnet_serve_requests_total\{(.*)\} ", re.M)
@@ -134,11 +134,11 @@ async def test_a_request_cut_short_by_shutdown_gets_json_503(make_checkpoint_dir
              "server": ("test", 80), "client": ("test", 1), "state": {},
              "headers": [(b"content-type", b"image/png"), (b"content-length", b"1000")]}
     async with app.router.lifespan_context(app):
-        while not app.state.registry.ready:
+        while not inside(app).registry.ready:
             await asyncio.sleep(0.05)
         task = asyncio.ensure_future(app(scope, slow_upload, send))
         await started.wait()
-        app.state.registry.begin_shutdown()  # SIGTERM turns the service to stopping first,
+        inside(app).registry.begin_shutdown()  # SIGTERM turns the service to stopping first,
         task.cancel()  # then the server cancels what is left when its shutdown timeout runs out
         await asyncio.wait({task})
     assert not task.cancelled() and task.exception() is None

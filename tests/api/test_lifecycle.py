@@ -22,6 +22,7 @@ from models import checkpoint
 from tests.serving_helpers import (
     CLASSES,
     fast_settings,
+    inside,
     jpeg,
     running_app,
     slow_down,
@@ -43,7 +44,7 @@ async def test_reload_adds_swaps_and_removes(make_checkpoint_dir, checkpoint_roo
                                              ) -> None:
     root = make_checkpoint_dir("colors")
     async with running_app(fast_settings(root)) as (http, app):
-        old = app.state.registry.get("colors")
+        old = inside(app).model("colors")
         r = await http.post("/models/reload")
         assert r.json() == {"loaded": [], "unchanged": ["colors"], "removed": [], "failed": {}}
         shutil.copytree(checkpoint_root / "tags", root / "tags")
@@ -51,7 +52,7 @@ async def test_reload_adds_swaps_and_removes(make_checkpoint_dir, checkpoint_roo
         r = await http.post("/models/reload")
         assert r.status_code == 200
         assert sorted(r.json()["loaded"]) == ["colors", "tags"]
-        new = app.state.registry.get("colors")
+        new = inside(app).model("colors")
         assert new is not old and not old.batcher.running and new.batcher.running
         model = (await http.get("/models/colors")).json()
         assert model["card"]["metrics"] == {"accuracy": 0.99}
@@ -64,13 +65,13 @@ async def test_reload_adds_swaps_and_removes(make_checkpoint_dir, checkpoint_roo
 async def test_checkpoint_broken_on_reload_keeps_old_version(make_checkpoint_dir) -> None:
     root = make_checkpoint_dir("colors")
     async with running_app(fast_settings(root)) as (http, app):
-        served = app.state.registry.get("colors")
+        served = inside(app).model("colors")
         (root / "colors" / "model.safetensors").write_bytes(b"truncated")
         r = await http.post("/models/reload")
         assert "model.safetensors" in r.json()["failed"]["colors"]
         info = (await http.get("/models/colors")).json()
         assert info["status"] == "loaded" and "previous version serving" in info["error"]
-        assert app.state.registry.get("colors") is served
+        assert inside(app).model("colors") is served
         ok = await http.post("/predict", files={"file": ("g.jpg", jpeg("green"))})
         assert ok.status_code == 200
         assert ok.json()["results"][0]["predictions"][0]["label"] == "green"
@@ -82,19 +83,19 @@ async def test_every_model_runs_on_one_compute_thread_and_loaders_exit(
     async with running_app(fast_settings(root, default_model="colors")) as (http, app):
         ran_on: dict[str, set[int]] = {"colors": set(), "tags": set(), "explain": set()}
         for name in ("colors", "tags"):
-            served = app.state.registry.get(name)
-            forward, explain = served.predictor.outputs, served.explaining.batcher.fn
+            predictor = inside(app).model(name).predictor
+            forward = predictor.outputs
 
             def recording(batch, _forward=forward, _name=name):
                 ran_on[_name].add(threading.get_ident())
                 return _forward(batch)
 
-            def explaining(items, _explain=explain):
+            def explaining(items, real):
                 ran_on["explain"].add(threading.get_ident())
-                return _explain(items)
+                return real(items)
 
-            served.predictor.outputs = recording
-            served.explaining.batcher.fn = explaining
+            predictor.outputs = recording
+            inside(app).wrap_batches(name, explaining, explain=True)
         for name in ("colors", "tags", "colors"):
             for route in ("/predict", "/explain"):
                 r = await http.post(f"{route}?model={name}",
@@ -161,7 +162,7 @@ async def test_graceful_shutdown_finishes_requests_in_flight(checkpoint_root: Pa
         assert [r.json()["results"][0]["predictions"][0]["label"] for r in results] == \
             [CLASSES[i % 3] for i in range(4)]
         await asyncio.wait_for(stopping, 10)
-        assert all(not e.served.batcher.running for e in app.state.registry.entries())
+        assert all(not e.served.batcher.running for e in inside(app).registry.entries())
 
 
 @dataclass
@@ -253,7 +254,7 @@ async def test_shutdown_during_the_first_load_stops_every_started_worker(
     # the load thread hands its result over as its last act, so it may still be exiting
     await poll(lambda: not [t for t in threading.enumerate() if t.name.startswith("load-")],
                "the load thread to exit", tries=100)
-    assert app.state.registry.loaded_names() == ["colors"]  # tags: loaded, then dropped
+    assert inside(app).registry.loaded_names() == ["colors"]  # tags: loaded, then dropped
 
 
 async def test_sighup_during_the_first_load_then_shutdown_ends_cleanly(
@@ -316,7 +317,7 @@ async def test_a_removed_models_memory_is_given_back(make_checkpoint_dir) -> Non
     for name in copies:
         shutil.copytree(root / "colors", root / name)
     async with running_app(fast_settings(root, default_model="colors")) as (http, app):
-        predictors = [weakref.ref(app.state.registry.get(n).predictor) for n in copies]
+        predictors = [weakref.ref(inside(app).model(n).predictor) for n in copies]
         loaded = resident_mb()
         for name in copies:
             shutil.rmtree(root / name)

@@ -8,7 +8,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving_helpers import CLASSES, fast_settings, jpeg, metric, running_app, slow_down
+from tests.serving_helpers import (
+    CLASSES,
+    fast_settings,
+    inside,
+    jpeg,
+    metric,
+    running_app,
+    slow_down,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -57,7 +65,7 @@ async def test_deadline_gives_504_and_queued_images_never_run(checkpoint_root: P
                              max_wait_ms=0)
     async with running_app(settings) as (http, app):
         slow_down(app, "colors", 0.8)
-        batcher = app.state.registry.get("colors").batcher
+        batcher = inside(app).batcher("colors")
         before = batcher.stats.images
         first = asyncio.create_task(http.post("/predict", files={"file": ("a.jpg", jpeg("red"))}))
         await asyncio.sleep(0.1)
@@ -80,7 +88,7 @@ async def test_cancelled_request_is_dropped_before_the_model(checkpoint_root: Pa
     settings = fast_settings(checkpoint_root, default_model="colors", max_wait_ms=0)
     async with running_app(settings) as (http, app):
         slow_down(app, "colors", 0.5)
-        batcher = app.state.registry.get("colors").batcher
+        batcher = inside(app).batcher("colors")
         before = batcher.stats.images
         first = asyncio.create_task(http.post("/predict", files={"file": ("a.jpg", jpeg("red"))}))
         await asyncio.sleep(0.1)
@@ -103,17 +111,15 @@ async def test_cancelled_request_is_dropped_before_the_model(checkpoint_root: Pa
 async def test_failed_batch_is_a_500_and_the_worker_goes_on(checkpoint_root: Path) -> None:
     settings = fast_settings(checkpoint_root, default_model="colors")
     async with running_app(settings) as (http, app):
-        batcher = app.state.registry.get("colors").batcher
-        real = batcher.fn
         calls = []
 
-        def flaky(items):
+        def flaky(items, real):
             calls.append(len(items))
             if len(calls) == 1:
                 raise RuntimeError("simulated device failure")
             return real(items)
 
-        batcher.fn = flaky
+        inside(app).wrap_batches("colors", flaky)
         bad = await http.post("/predict", files={"file": ("a.jpg", jpeg("red"))},
                               headers={"X-Request-ID": "req-fail-1"})
         assert bad.status_code == 500

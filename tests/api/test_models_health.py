@@ -10,7 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving_helpers import CLASSES, fast_settings, jpeg, running_app, wait_until_ready
+from tests.serving_helpers import (
+    CLASSES,
+    fast_settings,
+    inside,
+    jpeg,
+    running_app,
+    wait_until_ready,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -86,7 +93,7 @@ async def test_broken_checkpoint_beside_a_good_one(make_checkpoint_dir, checkpoi
 
 async def test_not_ready_without_models(tmp_path: Path) -> None:
     async with running_app(fast_settings(tmp_path), wait_ready=False) as (http, app):
-        while getattr(app.state, "registry", None) is None or \
+        while inside(app).registry is None or \
                 (await http.get("/models")).status_code != 200:
             await asyncio.sleep(0.01)
         assert (await http.get("/health")).status_code == 200

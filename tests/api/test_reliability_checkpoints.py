@@ -16,7 +16,7 @@ import torch
 
 from models import checkpoint
 from tests.cards import copy_checkpoint, nested, with_field
-from tests.serving_helpers import fast_settings, jpeg, running_app
+from tests.serving_helpers import fast_settings, inside, jpeg, running_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -98,7 +98,7 @@ async def test_broken_checkpoints_added_later_fail_alone_on_reload(
         make_checkpoint_dir, checkpoint_root: Path) -> None:
     root = make_checkpoint_dir("colors")
     async with running_app(fast_settings(root)) as (http, app):
-        before = app.state.registry.get("colors")
+        before = inside(app).model("colors")
         plant(root, checkpoint_root / "colors", list(BROKEN))
         r = await http.post("/models/reload")
         assert r.status_code == 200, r.text
@@ -106,7 +106,7 @@ async def test_broken_checkpoints_added_later_fail_alone_on_reload(
         assert r.json()["unchanged"] == ["colors"]
         models = {m["name"]: m for m in (await http.get("/models")).json()["models"]}
         assert_listed_as_failed(models, list(BROKEN))
-        assert app.state.registry.get("colors") is before and before.batcher.running
+        assert inside(app).model("colors") is before and before.batcher.running
         ok = await http.post("/predict", files={"file": ("b.jpg", jpeg("blue"))})
         assert ok.status_code == 200
 
@@ -116,7 +116,7 @@ async def test_a_serving_model_whose_new_version_is_broken_keeps_serving(
         make_checkpoint_dir, checkpoint_root: Path, damage: str) -> None:
     root = make_checkpoint_dir("colors")
     async with running_app(fast_settings(root)) as (http, app):
-        before = app.state.registry.get("colors")
+        before = inside(app).model("colors")
         shutil.rmtree(root / "colors")
         card_text, weights, filename, words = BROKEN[damage]
         copy_checkpoint(checkpoint_root / "colors", root / "colors", card_text=card_text,
@@ -126,7 +126,7 @@ async def test_a_serving_model_whose_new_version_is_broken_keeps_serving(
         info = (await http.get("/models/colors")).json()
         assert info["status"] == "loaded" and "previous version serving" in info["error"]
         assert filename in info["error"]
-        assert app.state.registry.get("colors") is before
+        assert inside(app).model("colors") is before
         ok = await http.post("/predict", files={"file": ("r.jpg", jpeg("red"))})
         assert ok.status_code == 200
         assert ok.json()["results"][0]["predictions"][0]["label"] == "red"
@@ -170,7 +170,7 @@ async def test_sighup_rescan_survives_broken_checkpoints(
         plant(root, checkpoint_root / "colors", ["deep", "huge-int", "classes-object"])
         shutil.copytree(checkpoint_root / "tags", root / "tags")
         os.kill(os.getpid(), signal.SIGHUP)
-        registry = app.state.registry
+        registry = inside(app).registry
         for _ in range(600):
             if "tags" in registry.loaded_names():
                 break

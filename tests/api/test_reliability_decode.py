@@ -15,7 +15,7 @@ from PIL import Image
 from tests.api.test_reliability_inputs import assert_error, assert_healthy
 from tests.decode_gate import HEAVY, Gate
 from tests.imagegen import ico_embedding, icon, png_bomb, rgba_png_within_budget, strip_png
-from tests.serving_helpers import fast_settings, png, running_app
+from tests.serving_helpers import fast_settings, inside, png, running_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -59,7 +59,7 @@ async def test_formats_outside_the_accepted_list_are_400_naming_them(served) -> 
 async def test_slow_decodes_get_504_at_the_deadline_and_do_not_starve_others(
         served, tmp_path: Path) -> None:
     http, app = served
-    model = app.state.registry.get("colors")
+    model = inside(app).model("colors")
     real, gate = model.crop, Gate(tmp_path, model.crop)
     model.crop = gate.recipe
     try:

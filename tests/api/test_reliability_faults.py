@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.logs import RequestIdFilter
-from tests.serving_helpers import CLASSES, fast_settings, jpeg, running_app
+from tests.serving_helpers import CLASSES, fast_settings, inside, jpeg, running_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -33,17 +33,16 @@ async def test_failed_batch_fails_only_its_callers(checkpoint_root: Path,
     caplog.handler.addFilter(RequestIdFilter())
     settings = fast_settings(checkpoint_root, default_model="colors", max_wait_ms=0)
     async with running_app(settings) as (http, app):
-        batcher = app.state.registry.get("colors").batcher
-        real, calls = batcher.fn, []
+        batcher, calls = inside(app).batcher("colors"), []
 
-        def first_batch_breaks(items):
+        def first_batch_breaks(items, real):
             calls.append(len(items))
             if len(calls) == 1:
                 time.sleep(0.3)  # the other request queues behind this batch meanwhile
                 raise RuntimeError("injected device fault")
             return real(items)
 
-        batcher.fn = first_batch_breaks
+        inside(app).wrap_batches("colors", first_batch_breaks)
         doomed = asyncio.create_task(http.post(
             "/predict", files={"file": ("a.jpg", jpeg("red"))},
             headers={"X-Request-ID": "doomed-1"}))
@@ -69,7 +68,7 @@ async def test_failed_batch_fails_only_its_callers(checkpoint_root: Path,
 async def test_out_of_memory_splits_the_batch_and_retries(checkpoint_root: Path) -> None:
     settings = fast_settings(checkpoint_root, default_model="colors", max_wait_ms=0)
     async with running_app(settings) as (http, app):
-        predictor = app.state.registry.get("colors").predictor
+        predictor = inside(app).model("colors").predictor
         real_forward, real_accelerator, sizes = predictor.run, predictor.accelerator, []
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
@@ -114,7 +113,7 @@ async def test_checkpoint_broken_on_reload_keeps_the_old_version(make_checkpoint
                                                                   damage: str) -> None:
     root = make_checkpoint_dir("colors")
     async with running_app(fast_settings(root)) as (http, app):
-        before = app.state.registry.get("colors")
+        before = inside(app).model("colors")
         if damage == "weights":
             (root / "colors" / "model.safetensors").write_bytes(b"\x00" * 64)
         elif damage == "card":
@@ -123,7 +122,7 @@ async def test_checkpoint_broken_on_reload_keeps_the_old_version(make_checkpoint
             (root / "colors" / "model.safetensors").write_bytes(_other_weights())
         r = await http.post("/models/reload")
         assert r.status_code == 200 and "colors" in r.json()["failed"]
-        assert app.state.registry.get("colors") is before and before.batcher.running
+        assert inside(app).model("colors") is before and before.batcher.running
         info = (await http.get("/models/colors")).json()
         assert info["status"] == "loaded" and "previous version serving" in info["error"]
         ok = await http.post("/predict", files={"file": ("g.jpg", jpeg("green"))})

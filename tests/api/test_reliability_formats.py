@@ -11,7 +11,7 @@ import pytest_asyncio
 import torch
 
 from tests.imagegen import exif_rotated, good_images
-from tests.serving_helpers import COLORS, fast_settings, running_app
+from tests.serving_helpers import COLORS, fast_settings, inside, running_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -80,19 +80,14 @@ async def test_every_format_in_one_request(served) -> None:
 async def test_exif_rotation_happens_before_classification(served) -> None:
     """The sideways photo reaches the model upright: red on top, blue below."""
     http, app = served
-    batcher = app.state.registry.get("colors").batcher
-    real, seen = batcher.fn, []
+    seen: list[torch.Tensor] = []
 
-    def spy(items: list[torch.Tensor]) -> torch.Tensor:
+    def spy(items: list[torch.Tensor], real) -> torch.Tensor:
         seen.extend(items)
         return real(items)
 
-    batcher.fn = spy
-    try:
-        r = await http.post("/predict", files={"file": ("phone.jpg", exif_rotated(RED))},
-)
-    finally:
-        batcher.fn = real
+    with inside(app).batches_through("colors", spy):
+        r = await http.post("/predict", files={"file": ("phone.jpg", exif_rotated(RED))})
     assert r.status_code == 200, r.text
     [image] = seen  # uint8 [3, H, W] after the card's resize and crop
     red, blue = image[0].float(), image[2].float()

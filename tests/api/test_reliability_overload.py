@@ -9,7 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving_helpers import CLASSES, fast_settings, jpeg, metric, running_app, slow_down
+from tests.serving_helpers import (
+    CLASSES,
+    fast_settings,
+    inside,
+    jpeg,
+    metric,
+    running_app,
+    slow_down,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -32,7 +40,7 @@ async def test_flood_is_refused_quickly_and_latency_recovers(checkpoint_root: Pa
                              max_queue=8, max_images_per_request=4, request_timeout=TIMEOUT)
     async with running_app(settings) as (http, app):
         slow_down(app, "colors", 0.05)  # capacity: about 4 images per 50 ms
-        batcher = app.state.registry.get("colors").batcher
+        batcher = inside(app).batcher("colors")
         baseline = sorted([(await timed(http, i))[1] for i in range(5)])[2]
 
         peak = 0
@@ -41,7 +49,7 @@ async def test_flood_is_refused_quickly_and_latency_recovers(checkpoint_root: Pa
         async def sample() -> None:
             nonlocal peak
             while sampling:
-                peak = max(peak, batcher.queued + batcher._incoming)
+                peak = max(peak, batcher.queued + inside(app).reserved("colors"))
                 await asyncio.sleep(0.002)
 
         sampler = asyncio.create_task(sample())
@@ -63,7 +71,7 @@ async def test_flood_is_refused_quickly_and_latency_recovers(checkpoint_root: Pa
         await asyncio.sleep(0.2)
         after = sorted([(await timed(http, 100 + i))[1] for i in range(5)])[2]
         assert after < 3 * baseline + 0.05, (baseline, after)
-        assert batcher.queued == 0 and batcher._incoming == 0
+        assert batcher.queued == 0 and inside(app).reserved("colors") == 0
 
         text = (await http.get("/metrics")).text
         assert metric(text, "resnet_serve_overloaded_responses_total") == statuses.count(429)
@@ -76,8 +84,8 @@ async def test_images_being_decoded_count_against_the_queue(checkpoint_root: Pat
     settings = fast_settings(checkpoint_root, default_model="colors", max_batch_size=4,
                              max_queue=4, max_images_per_request=4)
     async with running_app(settings) as (http, app):
-        batcher = app.state.registry.get("colors").batcher
-        with batcher.reserve(4):  # four images being decoded for another request
+        # four images being decoded for another request
+        with inside(app).batcher("colors").reserve(4):
             r = await http.post("/predict", files={"file": ("late.jpg", jpeg("red"))})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         ok = await http.post("/predict", files={"file": ("now.jpg", jpeg("red"))})

@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 
-from tests.serving_helpers import CLASSES, fast_settings, jpeg, running_app, slow_down
+from tests.serving_helpers import CLASSES, fast_settings, inside, jpeg, running_app, slow_down
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -53,7 +53,7 @@ async def _reloads_under_load(make_checkpoint_dir) -> None:
         async def reloads(rounds: int) -> None:
             for k in range(rounds):
                 await asyncio.sleep(0.05)
-                retired.append(weakref.ref(app.state.registry.get("colors")))
+                retired.append(weakref.ref(inside(app).model("colors")))
                 bump(root / "colors" / "card.json", k)
                 r = await http.post("/models/reload")
                 assert r.json()["loaded"] == ["colors"], r.json()

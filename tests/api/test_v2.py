@@ -9,6 +9,7 @@ import base64
 import json
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest_asyncio
 
 from app.api import errors
 from app.exceptions import DeadlineExceededError, NotReadyError, QueueFullError
-from tests.serving_helpers import CLASSES, CROP, fast_settings, jpeg, png, running_app, slow_down
+from tests.serving_helpers import CLASSES, CROP, fast_settings, inside, jpeg, png, running_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 INFER = "/v2/models/colors/infer"
@@ -222,20 +223,16 @@ async def test_overload_unready_and_deadline_keep_their_statuses_in_the_oip_shap
 async def test_predict_and_v2_images_share_batches(
         served: tuple[httpx.AsyncClient, object]) -> None:
     http, app = served
-    batcher = app.state.registry.get("colors").batcher
-    original = batcher.fn
-    slow_down(app, "colors", 0.3)
-    slowed = batcher.fn
     sizes: list[int] = []
 
-    def recording(items: list) -> object:
+    def recording(items: list, real) -> object:
         sizes.append(len(items))
-        return slowed(items)
+        time.sleep(0.3)  # the model is slow: what arrives meanwhile queues
+        return real(items)
 
-    batcher.fn = recording
     pixels = np.zeros((1, CROP, CROP, 3), dtype=np.uint8)
     pixels[..., 2] = 200
-    try:
+    with inside(app).batches_through("colors", recording):
         first = asyncio.create_task(http.post("/predict", files={"file": ("a.jpg", jpeg("red"))}))
         while not sizes:  # the model is busy with the first image: the next three queue
             await asyncio.sleep(0.01)
@@ -246,8 +243,6 @@ async def test_predict_and_v2_images_share_batches(
                                                "shape": [1, CROP, CROP, 3],
                                                "data": pixels.ravel().tolist()}]}))
         await first
-    finally:
-        batcher.fn = original
     assert [r.status_code for r in answers] == [200, 200, 200]
     assert answers[0].json()["results"][0]["predictions"][0]["label"] == "green"
     assert CLASSES[int(np.argmax(answers[1].json()["outputs"][0]["data"]))] == "blue"
@@ -261,7 +256,7 @@ async def test_an_unexpected_failure_is_a_500_in_the_oip_shape(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("labelling broke")
 
-    monkeypatch.setattr(app.state.registry.get("colors"), "ranked", broken)
+    monkeypatch.setattr(inside(app).model("colors"), "ranked", broken)
     r = await http.post(INFER, json={"inputs": [image_input(jpeg("red"))], "outputs": [
         {"name": "PROBABILITIES", "parameters": {"classification": 1}}]})
     message = assert_oip_error(r, 500, "internal error", r.headers["x-request-id"])
