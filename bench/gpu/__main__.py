@@ -6,7 +6,7 @@
 
 Steps, in the order they run: the CUDA tests, model-only images/s (eager), nvJPEG against
 Pillow, the real server against LitServe (and /explain, and the front end alone), training
-(AMP images/s, peak memory at the README's batch sizes), bulk prediction, then on whatever
+(AMP images/s, peak memory at docs/training.md's batch sizes), bulk prediction, then on whatever
 time is left torch.compile and `training fit`. Each step has a time box (bench.gpu.plan);
 what does not fit is skipped and named in the report. gpu.md (Markdown for
 docs/benchmarks.md) and gpu.json are written under --out-dir after every step, so a run cut

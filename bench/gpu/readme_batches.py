@@ -1,8 +1,8 @@
-"""The README's recommended training batch sizes at 512 px, read from its table.
+"""The recommended training batch sizes at 512 px, read from docs/training.md's table.
 
 The table ("Batch size per GPU memory at 512 px") was computed from activations measured on a
 CPU, not run on a GPU; the GPU command measures one training step at each batch it names and
-checks it against the memory of the row that names it. Reading the README itself keeps the
+checks it against the memory of the row that names it. Reading the page itself keeps the
 two from drifting apart.
 """
 
@@ -29,8 +29,8 @@ class BatchClaim:
     accumulate: int = 1
 
 
-def read_claims(readme: Path = ROOT / "README.md") -> list[BatchClaim]:
-    """Every claim of the table (ValueError when the README has no such table)."""
+def read_claims(readme: Path = ROOT / "docs" / "training.md") -> list[BatchClaim]:
+    """Every claim of the table (ValueError when the page has no such table)."""
     lines = readme.read_text(encoding="utf-8").splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith(HEADER)), None)
     if start is None:

@@ -123,7 +123,7 @@ def explain(result: dict) -> list[str]:
 
 
 def training(result: dict, fit: dict | None) -> list[str]:
-    """AMP rates, fit's rate, and peak memory against the README's rows."""
+    """AMP rates, fit's rate, and peak memory against docs/training.md's rows."""
     out = _table(["arch", "image size", "batch", "precision", "img/s (bare loop)"],
                  [[r["arch"], r["image_size"], r["batch"], r["precision"], r["images_per_s"]]
                   for r in result["amp"]])

@@ -3,7 +3,7 @@
 - AMP: bench.train's bare loop (forward, backward and AdamW on a batch already on the device,
   channels_last, autocast, a GradScaler for fp16), at each precision of the plan.
 - Peak memory: one training step (the same loop, a fresh model and optimizer) at every batch
-  the README's 512 px table recommends, `torch.cuda.max_memory_allocated()` over what was
+  docs/training.md's 512 px table recommends, `torch.cuda.max_memory_allocated()` over what was
   allocated before it, against 75% of the smallest GPU its row names (the rule the table
   was computed with: bench.train_memory.HEADROOM).
 - `training fit` (a step of its own, last, on the time left): `python -m bench.train`
@@ -79,7 +79,7 @@ def amp_rates(ctx: Context, clock: Clock, notes: list[str]) -> list[dict]:
 
 
 def peak_memory(ctx: Context, clock: Clock, notes: list[str]) -> list[dict]:
-    """One step at each distinct batch of the README's table; each against its rows."""
+    """One step at each distinct batch of docs/training.md's table; each against its rows."""
     plan = ctx.plan
     claims = read_claims()
     cap = plan.memory_batch_cap

@@ -1,4 +1,4 @@
-"""The GPU command's parts that need no server: time boxes, the README's batch table, CPU by
+"""The GPU command's parts that need no server: time boxes, docs/training.md's batch table, CPU by
 stage, the GPU sampler, and the report when nothing fits (bench.gpu)."""
 
 from __future__ import annotations
