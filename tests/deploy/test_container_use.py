@@ -1,7 +1,7 @@
 """The container as users run it: caches its user can write, run lines that match compose.
 
-No Docker engine here: the Dockerfile, docker-compose.yml and the README's command lines are
-read and checked against each other and against the settings.
+No Docker engine here: the Dockerfile, docker-compose.yml and the command lines of the README
+and docs/deployment.md are read and checked against each other and against the settings.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import yaml
 from app.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+DEPLOYMENT = ROOT / "docs" / "deployment.md"
 SERVICE_UID = "10001"
 DRAIN_MARGIN_S = 5.0  # beyond the shutdown timeout: the lifespan's close, the process exit
 
@@ -30,14 +31,15 @@ def _runtime_stage() -> str:
 
 
 def _commands(text: str) -> list[str]:
-    """Every shell command of a Dockerfile stage or a README, continuation lines joined."""
+    """Every shell command of a Dockerfile stage or a page, continuation lines joined."""
     return [line.strip() for line in re.sub(r"\\\n\s*", " ", text).splitlines()]
 
 
 def _docker_runs() -> list[list[str]]:
-    """The README's `docker run` lines, split as the shell would."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    return [shlex.split(line) for line in _commands(readme) if line.startswith("docker run ")]
+    """The `docker run` lines of the README and the deployment page, split as the shell would."""
+    pages = [ROOT / "README.md", DEPLOYMENT]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
+    return [shlex.split(line) for line in _commands(text) if line.startswith("docker run ")]
 
 
 def _options(words: list[str], name: str) -> list[str]:
@@ -91,9 +93,9 @@ def test_compose_volumes_land_on_directories_the_image_made(compose: dict) -> No
                 assert target in made, (source, target)
 
 
-def test_readme_server_run_lines_wait_for_the_drain() -> None:
+def test_documented_server_run_lines_wait_for_the_drain() -> None:
     runs = [words for words in _docker_runs() if "training" not in words]
-    assert runs, "the README shows how to run the server"
+    assert runs, "the docs show how to run the server"
     for words in runs:
         shutdown = Settings.model_fields["shutdown_timeout"].default
         for value in _options(words, "-e"):
@@ -111,10 +113,10 @@ def test_compose_waits_for_the_drain(compose: dict) -> None:
     assert _seconds(api["stop_grace_period"]) >= shutdown + DRAIN_MARGIN_S
 
 
-def test_readme_training_run_lines_match_compose(compose: dict) -> None:
+def test_documented_training_run_lines_match_compose(compose: dict) -> None:
     train = compose["services"]["train"]
     runs = [words for words in _docker_runs() if "training" in words]
-    assert runs, "the README shows how to train with docker run"
+    assert runs, "the docs show how to train with docker run"
     for words in runs:
         shm = _option(words, "--shm-size")
         assert shm and _bytes(shm) == _bytes(train["shm_size"]), words  # not Docker's 64 MB
@@ -122,13 +124,13 @@ def test_readme_training_run_lines_match_compose(compose: dict) -> None:
         assert any(m.endswith(":/checkpoints") for m in _options(words, "-v")), words
 
 
-def test_compose_trains_as_the_user_the_readme_names(compose: dict) -> None:
+def test_compose_trains_as_the_user_the_docs_name(compose: dict) -> None:
     user = compose["services"]["train"]["user"]
     variables = re.findall(r"\$\{(\w+):-(\w+)\}", user)
     assert [name for name, _ in variables] == ["TRAIN_UID", "TRAIN_GID"], user
     assert all(default == SERVICE_UID for _, default in variables)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    compose_part = readme.split("### docker compose", 1)[1].split("\n### ", 1)[0]
+    page = DEPLOYMENT.read_text(encoding="utf-8")
+    compose_part = page.split("\n## docker compose\n", 1)[1].split("\n## ", 1)[0]
     assert "TRAIN_UID" in compose_part and "TRAIN_GID" in compose_part
     assert "mkdir -p checkpoints" in compose_part
 
@@ -137,5 +139,5 @@ def test_a_cpu_only_image_is_a_documented_build_arg() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG TORCH_INDEX_URL=", dockerfile, flags=re.M)
     assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in dockerfile
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in readme
+    assert "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in \
+        DEPLOYMENT.read_text(encoding="utf-8")

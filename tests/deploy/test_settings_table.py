@@ -1,4 +1,5 @@
-"""The README's configuration table names every setting, with its flag and variable."""
+"""The serving page's configuration table (docs/serving.md) names every setting, with its flag
+and variable."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from pathlib import Path
 from app.__main__ import build_parser
 from app.config import ENV_PREFIX, Settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 
 
 def _config_rows() -> dict[str, str]:
-    text = README.read_text(encoding="utf-8")
-    section = text.split("### Configuration", 1)[1].split("\n### ", 1)[0]
+    text = PAGE.read_text(encoding="utf-8")
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         m = re.match(r"^\| `(\w+)` \|", line)
