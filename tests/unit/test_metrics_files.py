@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,24 +20,45 @@ ROOT = Path(__file__).resolve().parents[2]
 LIVE_GAUGES = tuple(f"resnet_serve_{name}" for name in (
     "workers_ready", "connections_open", "models_loaded", "queue_depth"))
 
-# a worker's life in a few lines: its counters and histograms land in files named by its pid
-WORKER = """
-import os
+# a worker's life in a few lines: its counters and histograms land in files named by its pid.
+# Workers are forked from one process that imported the app once (a worker's own import,
+# torch included, took seconds): one line in, one worker lived and gone, its pid out.
+WORKERS = """
+import os, sys
 from app.metrics import Metrics
-metrics = Metrics(multiprocess_mode=True)
-for status in (200, 200, 404):
-    metrics.observe_request("/predict", "POST", status, 0.02)
-metrics.batcher_hook("colors")("batch", 3)
-metrics.batcher_hook("colors")("rejected", 2)
-metrics.watch_workers(lambda: 1)
-print(os.getpid())
+for _ in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        metrics = Metrics(multiprocess_mode=True)
+        for status in (200, 200, 404):
+            metrics.observe_request("/predict", "POST", status, 0.02)
+        metrics.batcher_hook("colors")("batch", 3)
+        metrics.batcher_hook("colors")("rejected", 2)
+        metrics.watch_workers(lambda: 1)
+        print(os.getpid(), flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
 """
 
 
-def _run_worker(folder: Path) -> int:
-    done = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, check=True, text=True,
-                          capture_output=True, env={**os.environ, MULTIPROC_ENV: str(folder)})
-    return int(done.stdout)
+@contextlib.contextmanager
+def _workers(folder: Path) -> Iterator[Callable[[], int]]:
+    """A function that runs one worker's life to its end and returns its (dead) pid."""
+    parent = subprocess.Popen([sys.executable, "-c", WORKERS], cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env={**os.environ, MULTIPROC_ENV: str(folder)})
+
+    def live() -> int:
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+        return int(parent.stdout.readline())
+
+    try:
+        yield live
+    finally:
+        parent.stdin.close()
+        if parent.wait(60) != 0:
+            raise AssertionError("the worker-forking process failed")
 
 
 def _samples(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -47,19 +70,21 @@ def _samples(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_dead_workers_fold_into_one_archive_per_kind_and_totals_hold(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = MetricsFolder.claim(tmp_path)
-    pids = [_run_worker(folder.path) for _ in range(3)]
-    before = _samples(folder.path, monkeypatch)
-    assert 'resnet_serve_requests_total{method="POST",route="/predict",status="200"} 6.0' in before
-    assert 'resnet_serve_batch_size_count{model="colors"} 3.0' in before
-    for pid in pids:
-        folder.archive_dead(pid)
-    assert sorted(p.name for p in folder.path.glob("*.db")) == [
-        "counter_archive.db", "histogram_archive.db"]
-    after = _samples(folder.path, monkeypatch)
-    assert after == [line for line in before if not line.startswith(LIVE_GAUGES)]
-    folder.archive_dead(_run_worker(folder.path))  # a fourth adds to the archive
-    assert 'resnet_serve_images_rejected_total{model="colors"} 8.0' in _samples(
-        folder.path, monkeypatch)
+    with _workers(folder.path) as live:
+        pids = [live() for _ in range(3)]
+        before = _samples(folder.path, monkeypatch)
+        assert ('resnet_serve_requests_total{method="POST",route="/predict",status="200"} 6.0'
+                in before)
+        assert 'resnet_serve_batch_size_count{model="colors"} 3.0' in before
+        for pid in pids:
+            folder.archive_dead(pid)
+        assert sorted(p.name for p in folder.path.glob("*.db")) == [
+            "counter_archive.db", "histogram_archive.db"]
+        after = _samples(folder.path, monkeypatch)
+        assert after == [line for line in before if not line.startswith(LIVE_GAUGES)]
+        folder.archive_dead(live())  # a fourth adds to the archive
+        assert 'resnet_serve_images_rejected_total{model="colors"} 8.0' in _samples(
+            folder.path, monkeypatch)
     folder.remove()
     assert not folder.path.exists()
 
