@@ -16,6 +16,7 @@ from typing import Any
 from models.architectures import ARCHITECTURES, DEFAULT_EVAL_RESIZE_RATIO, STEMS, arch_spec
 from models.calibration import TEMPERATURE_RANGE
 from models.drift import reference_problems as drift_reference_problems
+from models.shown import shown_value
 
 FORMAT_VERSION = 1
 TASKS = ("single_label", "multi_label")
@@ -28,15 +29,6 @@ UNKNOWN_METHODS = ("cosine",)  # models.unknown.METHOD
 MAX_ECE_BINS = 1000
 
 logger = logging.getLogger(__name__)
-
-
-def _shown(value: object, limit: int = 60) -> str:
-    """A short, escaped rendering of a value from a card, for an error message."""
-    try:
-        text = ascii(value)
-    except ValueError:  # an integer with more digits than Python will print
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _is_int(value: object) -> bool:
@@ -57,11 +49,11 @@ def _numbers_problem(what: str, value: object, *, count: int, low: float, high: 
     """Why `value` is not a list of `count` finite numbers in the range (None when it is)."""
     want = f"{count} finite numbers in {'[' if low_inclusive else '('}{low}, {high}]"
     if not isinstance(value, (list, tuple)) or len(value) != count:
-        return f"{what} must be {want}, got {_shown(value)}"
+        return f"{what} must be {want}, got {shown_value(value)}"
     for item in value:
         if not _is_finite_number(item) or not low <= item <= high or \
                 (not low_inclusive and item == low):
-            return f"{what} must be {want}, got {_shown(item)} in {_shown(value)}"
+            return f"{what} must be {want}, got {shown_value(item)} in {shown_value(value)}"
     return None
 
 
@@ -80,13 +72,14 @@ def is_unicode_text(value: object) -> bool:
 def _classes_problem(classes: object) -> str | None:
     """Why `classes` is not a non-empty list of unique non-empty strings (None when it is)."""
     if not isinstance(classes, (list, tuple)) or not classes:
-        return f"classes must be a non-empty list of class names, got {_shown(classes)}"
+        return f"classes must be a non-empty list of class names, got {shown_value(classes)}"
     bad = [c for c in classes if not isinstance(c, str) or not c]
     if bad:
-        return f"classes must be non-empty strings, got {_shown(bad[0])} in {_shown(classes)}"
+        return (f"classes must be non-empty strings, got {shown_value(bad[0])} in "
+                f"{shown_value(classes)}")
     bad = [c for c in classes if not is_unicode_text(c)]
     if bad:
-        return (f"classes must be Unicode text, got {_shown(bad[0])}: a name made of bytes "
+        return (f"classes must be Unicode text, got {shown_value(bad[0])}: a name made of bytes "
                 "that are not UTF-8 cannot be sent in an answer")
     if len(set(classes)) != len(classes):
         return "classes must be unique"
@@ -128,7 +121,7 @@ class Preprocessing:
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty when valid); pixels scale to [0, 1]."""
-        out = [f"preprocessing.{side} must be an integer in [1, {MAX_SIDE}], got {_shown(v)}"
+        out = [f"preprocessing.{side} must be an integer in [1, {MAX_SIDE}], got {shown_value(v)}"
                for side, v in (("resize", self.resize), ("crop", self.crop))
                if not _is_int(v) or not 1 <= v <= MAX_SIDE]
         if not out and self.resize < self.crop:
@@ -142,7 +135,7 @@ class Preprocessing:
                 out.append(problem)
         if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
             out.append(f"preprocessing.interpolation must be one of {INTERPOLATIONS}, "
-                       f"got {_shown(self.interpolation)}")
+                       f"got {shown_value(self.interpolation)}")
         return out
 
     @classmethod
@@ -199,14 +192,15 @@ class ModelCard:
         """What is wrong with this card (empty when valid)."""
         out = self._field_type_problems()
         if not _is_int(self.format_version) or self.format_version != FORMAT_VERSION:
-            out.append(f"format_version {_shown(self.format_version)} is not supported "
+            out.append(f"format_version {shown_value(self.format_version)} is not supported "
                        f"(this code reads {FORMAT_VERSION})")
         for what, value, known in (("arch", self.arch, tuple(ARCHITECTURES)),
                                    ("stem", self.stem, tuple(STEMS)), ("task", self.task, TASKS)):
             if not isinstance(value, str) or value not in known:
-                out.append(f"unknown {what} {_shown(value)} (known: {', '.join(known)})")
+                out.append(f"unknown {what} {shown_value(value)} (known: {', '.join(known)})")
         if self.weights_sha256 is not None and not _is_sha256(self.weights_sha256):
-            out.append(f"weights_sha256 must be 64 hex digits, got {_shown(self.weights_sha256)}")
+            out.append("weights_sha256 must be 64 hex digits, got "
+                       f"{shown_value(self.weights_sha256)}")
         classes_problem = _classes_problem(self.classes)
         if classes_problem:
             out.append(classes_problem)
@@ -230,14 +224,14 @@ class ModelCard:
 
     def _field_type_problems(self) -> list[str]:
         """Fields whose JSON type is wrong: strings, objects, the flag, the preprocessing."""
-        out = [f"{what} must be a non-empty string of Unicode text, got {_shown(value)}"
+        out = [f"{what} must be a non-empty string of Unicode text, got {shown_value(value)}"
                for what, value in (("name", self.name), ("created_at", self.created_at))
                if not is_unicode_text(value) or not value]
-        out += [f"{what} must be an object, got {_shown(value)}"
+        out += [f"{what} must be an object, got {shown_value(value)}"
                 for what, value in (("metrics", self.metrics), ("training", self.training))
                 if not isinstance(value, dict)]
         if not isinstance(self.allow_half, bool):
-            out.append(f"allow_half must be true or false, got {_shown(self.allow_half)}")
+            out.append(f"allow_half must be true or false, got {shown_value(self.allow_half)}")
         if not isinstance(self.preprocessing, Preprocessing):
             out.append("preprocessing must be a Preprocessing")
         return out
@@ -254,7 +248,7 @@ class ModelCard:
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:
         """Validate and build a card from parsed JSON."""
         if not isinstance(data, dict):
-            raise ValueError(f"card must be a JSON object, got {_shown(data)}")
+            raise ValueError(f"card must be a JSON object, got {shown_value(data)}")
         if _nesting_depth_exceeds(data, MAX_CARD_DEPTH):
             raise ValueError(f"card nests objects and arrays deeper than {MAX_CARD_DEPTH} levels")
         required = ("name", "arch", "task", "classes", "preprocessing")
@@ -264,10 +258,10 @@ class ModelCard:
         known = set(cls.__dataclass_fields__)
         extra = sorted(k for k in data if k not in known)
         if extra:
-            logger.debug("ignoring unknown card fields %s", _shown(extra))
+            logger.debug("ignoring unknown card fields %s", shown_value(extra))
         pre = data["preprocessing"]
         if not isinstance(pre, dict):
-            raise ValueError(f"preprocessing must be an object, got {_shown(pre)}")
+            raise ValueError(f"preprocessing must be an object, got {shown_value(pre)}")
         missing = [k for k in ("resize", "crop", "mean", "std") if k not in pre]
         if missing:
             raise ValueError(f"preprocessing is missing {missing}")
@@ -280,7 +274,7 @@ class ModelCard:
 def _calibration_problems(calibration: object, task: object, num_classes: int) -> list[str]:
     """What is wrong with a card's `calibration` object (empty when valid)."""
     if not isinstance(calibration, dict):
-        return [f"calibration must be an object, got {_shown(calibration)}"]
+        return [f"calibration must be an object, got {shown_value(calibration)}"]
     missing = [k for k in CALIBRATION_FIELDS if k not in calibration]
     if missing:
         return [f"calibration is missing {missing}"]
@@ -293,35 +287,35 @@ def _calibration_problems(calibration: object, task: object, num_classes: int) -
     else:
         ok = _is_finite_number(temperature) and low <= temperature <= high
         out = [] if ok else [f"calibration.temperature must be a finite number in "
-                             f"[{low}, {high}], got {_shown(temperature)}"]
-    out += [f"calibration.{what} must be a finite number in [0, 1], got {_shown(v)}"
+                             f"[{low}, {high}], got {shown_value(temperature)}"]
+    out += [f"calibration.{what} must be a finite number in [0, 1], got {shown_value(v)}"
             for what in ("ece_before", "ece_after")
             if not _is_finite_number(v := calibration[what]) or not 0.0 <= v <= 1.0]
     bins = calibration["bins"]
     if not _is_int(bins) or not 1 <= bins <= MAX_ECE_BINS:
         out.append(f"calibration.bins must be an integer in [1, {MAX_ECE_BINS}], "
-                   f"got {_shown(bins)}")
+                   f"got {shown_value(bins)}")
     return out
 
 
 def _unknown_problems(unknown: object) -> list[str]:
     """What is wrong with a card's `unknown` object (empty when valid)."""
     if not isinstance(unknown, dict):
-        return [f"unknown must be an object, got {_shown(unknown)}"]
+        return [f"unknown must be an object, got {shown_value(unknown)}"]
     missing = [k for k in UNKNOWN_FIELDS if k not in unknown]
     if missing:
         return [f"unknown is missing {missing}"]
     out = []
     if unknown["method"] not in UNKNOWN_METHODS:
         out.append(f"unknown.method must be one of {', '.join(UNKNOWN_METHODS)}, "
-                   f"got {_shown(unknown['method'])}")
+                   f"got {shown_value(unknown['method'])}")
     if not _is_finite_number(unknown["threshold"]):
         out.append(f"unknown.threshold must be a finite number, got "
-                   f"{_shown(unknown['threshold'])}")
+                   f"{shown_value(unknown['threshold'])}")
     acceptance = unknown["acceptance"]
     if not _is_finite_number(acceptance) or not 0.0 < acceptance <= 1.0:
         out.append(f"unknown.acceptance must be a finite number in (0, 1], got "
-                   f"{_shown(acceptance)}")
+                   f"{shown_value(acceptance)}")
     return out
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from models.outputs import probabilities
+from models.shown import shown_value
 
 if TYPE_CHECKING:
     from models.card import ModelCard
@@ -52,15 +53,6 @@ MAX_EDGES = 65  # a card's histogram holds at most 64 bins
 MAX_IMAGES = 10**12  # the most validation images a reference may count
 MAX_CLASS_BINS = 10  # PSI over classes: each class, or the 9 most frequent and the rest
 SMOOTHING = 0.5  # images added to every bin on both sides before shares are taken
-
-
-def _shown(value: object, limit: int = 60) -> str:
-    """A short, escaped rendering of a card value, for an error message."""
-    try:
-        text = ascii(value)
-    except ValueError:  # an integer with more digits than Python will print
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _is_count(value: object) -> bool:
@@ -125,13 +117,13 @@ def reference(outputs: torch.Tensor | np.ndarray, card: ModelCard) -> dict[str, 
 def reference_problems(value: object, num_classes: int) -> list[str]:
     """What is wrong with a card's `drift` field (empty when valid)."""
     if not isinstance(value, dict):
-        return [f"drift must be an object, got {_shown(value)}"]
+        return [f"drift must be an object, got {shown_value(value)}"]
     missing = [k for k in ("images", "confidence", "predicted_class") if k not in value]
     if missing:
         return [f"drift is missing {missing}"]
     images = value["images"]
     if not _is_count(images) or images < 1:
-        return [f"drift.images must be an integer in [1, {MAX_IMAGES}], got {_shown(images)}"]
+        return [f"drift.images must be an integer in [1, {MAX_IMAGES}], got {shown_value(images)}"]
     out = _histogram_problems("confidence", value["confidence"], images)
     if value.get("unknown_score") is not None:
         out += _histogram_problems("unknown_score", value["unknown_score"], images)
@@ -139,7 +131,7 @@ def reference_problems(value: object, num_classes: int) -> list[str]:
                             count=num_classes, total=images, per="one per class")
     rate = value.get("unknown_rate")
     if rate is not None and (not _is_finite(rate) or not 0.0 <= rate <= 1.0):
-        out.append(f"drift.unknown_rate must be a number in [0, 1], got {_shown(rate)}")
+        out.append(f"drift.unknown_rate must be a number in [0, 1], got {shown_value(rate)}")
     return out
 
 
@@ -147,13 +139,13 @@ def _histogram_problems(name: str, value: object, images: int) -> list[str]:
     """What is wrong with one of the reference's histograms (empty when valid)."""
     what = f"drift.{name}"
     if not isinstance(value, dict) or not {"edges", "counts"} <= set(value):
-        return [f"{what} must be an object with edges and counts, got {_shown(value)}"]
+        return [f"{what} must be an object with edges and counts, got {shown_value(value)}"]
     edges, (low, high) = value["edges"], SCORE_RANGES[name]
     if not isinstance(edges, list) or not 2 <= len(edges) <= MAX_EDGES or \
             not all(_is_finite(e) and low <= e <= high for e in edges) or \
             any(a >= b for a, b in zip(edges[:-1], edges[1:], strict=True)):
         return [f"{what}.edges must be 2 to {MAX_EDGES} increasing numbers in [{low}, {high}], "
-                f"got {_shown(edges)}"]
+                f"got {shown_value(edges)}"]
     return _counts_problems(f"{what}.counts", value["counts"], count=len(edges) - 1,
                             total=images, per="one per bin")
 
@@ -163,7 +155,7 @@ def _counts_problems(what: str, counts: object, *, count: int, total: int, per: 
     """Why `counts` is not `count` image counts adding up to `total` (empty when it is)."""
     if not isinstance(counts, list) or len(counts) != count or \
             not all(_is_count(c) for c in counts):
-        return [f"{what} must be {count} counts of images ({per}), got {_shown(counts)}"]
+        return [f"{what} must be {count} counts of images ({per}), got {shown_value(counts)}"]
     if sum(counts) != total:
         return [f"{what} must add up to drift.images ({total}), got {sum(counts)}"]
     return []

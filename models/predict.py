@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,19 @@ class ImageResult:
     scores: dict[str, float] | None = None
     unknown: bool | None = None
     unknown_score: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The answer's fields as /predict and `training predict` write them: the labels
+        with their scores, every label's score when asked for, the unknown verdict where
+        the card has the rule."""
+        out: dict[str, Any] = {"predictions": [{"label": p.label, "score": p.score}
+                                               for p in self.predictions]}
+        if self.scores is not None:
+            out["scores"] = self.scores
+        if self.unknown is not None:
+            out["unknown"] = self.unknown
+            out["unknown_score"] = self.unknown_score
+        return out
 
 
 class Predictor:

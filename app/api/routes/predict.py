@@ -66,12 +66,4 @@ async def predict_images(
 
 def _result(filename: str, answer: ImageResult) -> dict[str, Any]:
     """One image's entry of PredictResponse.results."""
-    result: dict[str, Any] = {
-        "filename": filename,
-        "predictions": [{"label": p.label, "score": p.score} for p in answer.predictions]}
-    if answer.scores is not None:
-        result["scores"] = answer.scores
-    if answer.unknown is not None:
-        result["unknown"] = answer.unknown
-        result["unknown_score"] = answer.unknown_score
-    return result
+    return {"filename": filename, **answer.fields()}

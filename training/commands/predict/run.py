@@ -18,7 +18,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -151,14 +150,7 @@ class Labeler:
 
 def result_row(path: str, result: ImageResult) -> Row:
     """One image's row: /predict's result fields, under `path` instead of `filename`."""
-    row: dict[str, Any] = {"path": path, "predictions": [
-        {"label": p.label, "score": p.score} for p in result.predictions]}
-    if result.scores is not None:
-        row["scores"] = result.scores
-    if result.unknown is not None:
-        row["unknown"] = result.unknown
-        row["unknown_score"] = result.unknown_score
-    return row
+    return {"path": path, **result.fields()}
 
 
 class Filler:
