@@ -164,8 +164,8 @@ class Settings(BaseSettings):
         "only while four such images decode at once)")
     gpu_decode: Literal["auto", "on", "off"] = Field(
         "auto", description="decode JPEG uploads on the models' device (nvJPEG on CUDA), "
-        "other images on the decode threads: auto = on CUDA only; on = on whatever device "
-        "the models run on (the CPU too, to check it); off = every image on the threads")
+        "other images in the decode processes: auto = on CUDA only; on = on whatever device "
+        "the models run on (the CPU too, to check it); off = every image in the processes")
     torch_threads: int = Field(
         0, ge=0, le=1024, description="torch intra-op threads (0: torch's default on the "
         "CPU, divided among the workers; 1 when the models run on CUDA)")
