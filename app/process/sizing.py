@@ -11,7 +11,7 @@ def workers_for(requested: int, *, on_cuda: bool, cpus: int | None = None) -> in
     """The worker count for `--workers` (0: automatic).
 
     Automatic: one on the CPU, where the model needs every core and a second process would
-    only split them; on CUDA one per four cores (each worker's decode threads keep about
+    only split them; on CUDA one per four cores (each worker's decode processes keep about
     that many busy), at least one and at most 16.
     """
     if requested:

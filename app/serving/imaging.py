@@ -342,7 +342,7 @@ class _DeviceBatch:
         try:
             return self.device.decode(self.images)
         except Exception as exc:  # noqa: BLE001 - the threads can still decode them
-            logger.warning("device decode of %d JPEGs failed, decoding them on the threads: "
+            logger.warning("device decode of %d JPEGs failed, decoding them in the decode processes: "
                            "%s", len(self.images), exc)
             return [CpuFallback("device failed")] * len(self.images)
 

@@ -99,7 +99,7 @@ class ModelLoader:
 
     def _device_decoder(self, name: str, card: ModelCard) -> DeviceJpegDecoder | None:
         """The model's JPEG decoder on its device, when the settings and the device want one
-        and it works (tried once here); None: every image on the decode threads."""
+        and it works (tried once here); None: every image in the decode processes."""
         if not self.accelerator.decodes_jpeg(self.settings.gpu_decode):
             return None
         try:
@@ -107,7 +107,7 @@ class ModelLoader:
                                         self.settings.max_pixels)
             decoder.warm_up()
         except DeviceDecodeError as exc:
-            logger.warning("model %s: JPEGs are decoded on the decode threads: %s", name, exc)
+            logger.warning("model %s: JPEGs are decoded in the decode processes: %s", name, exc)
             return None
         logger.info("model %s: JPEGs are decoded on %s", name, self.accelerator.device)
         return decoder
