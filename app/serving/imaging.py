@@ -341,9 +341,9 @@ class _DeviceBatch:
             return [CpuFallback("deadline passed")] * len(self.images)
         try:
             return self.device.decode(self.images)
-        except Exception as exc:  # noqa: BLE001 - the threads can still decode them
-            logger.warning("device decode of %d JPEGs failed, decoding them in the decode processes: "
-                           "%s", len(self.images), exc)
+        except Exception as exc:  # noqa: BLE001 - the processes can still decode them
+            logger.warning("device decode of %d JPEGs failed, decoding them in the decode "
+                           "processes: %s", len(self.images), exc)
             return [CpuFallback("device failed")] * len(self.images)
 
 
