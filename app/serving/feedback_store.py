@@ -38,7 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from app.exceptions import InvalidRequestError, StorageFullError
+from models.image_formats import IMAGE_FORMATS, OPENERS
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +51,6 @@ CSV_HEADER = "image,labels\n"
 MAX_LABEL_CHARS = 128
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 IGNORED_NAMES = frozenset({"__MACOSX"})  # class folders `fit` passes over
-_SIGNATURES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"GIF87a", ".gif"),
-               (b"GIF89a", ".gif"), (b"BM", ".bmp"), (b"II*\x00", ".tif"),
-               (b"MM\x00*", ".tif"), (b"\x00\x00\x01\x00", ".ico"))
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,14 @@ class Stored:
 
 
 def suffix_of(data: bytes) -> str | None:
-    """The file suffix of image bytes, from their signature (None: no format we read)."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return next((suffix for magic, suffix in _SIGNATURES if data.startswith(magic)), None)
+    """The file suffix of image bytes: the first of their format's entry in
+    models.image_formats, found from the header alone (None: no format of the table)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=OPENERS) as image:  # reads the header only
+            name = image.format
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return next((f.suffixes[0] for f in IMAGE_FORMATS if f.pillow == name), None)
 
 
 def checked_labels(labels: Sequence[str], *, classes: Sequence[str], task: str,

@@ -50,3 +50,19 @@ def test_training_finds_exactly_the_tables_suffixes(tmp_path: Path) -> None:
 def test_the_upload_body_lists_every_media_type() -> None:
     described = set(UPLOAD_BODY["requestBody"]["content"]) - {"multipart/form-data"}
     assert described == set(MEDIA_TYPES)
+
+
+def _mpo() -> bytes:
+    buf = io.BytesIO()
+    first, second = Image.new("RGB", (24, 16), (200, 40, 40)), Image.new("RGB", (24, 16))
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    return buf.getvalue()
+
+
+def test_feedback_stores_each_format_under_the_tables_first_suffix() -> None:
+    from app.serving.feedback_store import suffix_of
+
+    for fmt in IMAGE_FORMATS:
+        data = _mpo() if fmt.pillow == "MPO" else _encoded(fmt.pillow)
+        assert suffix_of(data) == fmt.suffixes[0], fmt.pillow
+    assert suffix_of(_encoded("PPM")) is None and suffix_of(b"RIFF\0\0\0\0WEBPnot") is None
