@@ -1,6 +1,7 @@
 """The dependency rules of the three packages, read from the source (imports under
 TYPE_CHECKING included): models imports neither app nor training, the two never import each
-other, the routes never touch torch, and app's modules import one another without a circle."""
+other, the routes never touch torch, app's layers import downward only, and app's modules import
+one another without a circle."""
 
 from __future__ import annotations
 
@@ -71,3 +72,20 @@ def test_app_has_no_import_circle() -> None:
 
     for module in sorted(graph):
         visit(module, [])
+
+
+# What each layer of app may not import: the serving core knows neither the HTTP layer nor the
+# processes (nor FastAPI), and the HTTP layer never reaches the processes or the wiring.
+LAYER_RULES = {
+    "app.serving": ("app.api", "app.process", "app.main", "app.__main__",
+                    "fastapi", "starlette", "uvicorn"),
+    "app.api": ("app.process", "app.main", "app.__main__", "uvicorn"),
+}
+
+
+def test_app_layers_import_downward_only() -> None:
+    for module, imports in _sources("app").items():
+        for layer, forbidden in LAYER_RULES.items():
+            if module == layer or module.startswith(layer + "."):
+                reached = [name for name in forbidden if _reaching(imports, name)]
+                assert not reached, (module, reached)
