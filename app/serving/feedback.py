@@ -55,8 +55,12 @@ class Feedback:
 
     def offer(self, served: ServedModel, uploads: list[Upload], outputs: torch.Tensor) -> None:
         """Hand one /predict request's images to the review sampler, when there is one."""
-        if self.review is not None:
+        if self.review is None:
+            return
+        try:
             self.review.offer(served, uploads, outputs)
+        except Exception:  # noqa: BLE001 - a review sample never fails the request
+            logger.exception("model %s: choosing images for review failed", served.name)
 
 
 def confidences(probabilities: torch.Tensor, task: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ fields as columns, `predictions` and `scores` as JSON text.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from training.exceptions import ConfigError, DiskFullError, OutputError
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 CSV_COLUMNS = ("path", "predictions", "unknown", "unknown_score", "error")
 SCORES_COLUMN = "scores"
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 Row = dict[str, Any]
 
 
@@ -74,11 +76,12 @@ class RowFile:
             raise OutputError(f"--output {path}: cannot be opened ({exc.strerror})") from exc
         try:
             with os.fdopen(os.dup(fd), "rb") as reader:
-                data = reader.read()
-            kept = _keep_jsonl(path, data) if fmt == "jsonl" else _keep_csv(path, data, columns)
-            if kept.end < len(data):
+                kept = (_keep_jsonl(path, reader) if fmt == "jsonl"
+                        else _keep_csv(path, reader, columns))
+            size = os.fstat(fd).st_size
+            if kept.end < size:
                 logger.warning("%s: cut off %d bytes after its last complete row (a run that "
-                               "stopped mid-write)", path, len(data) - kept.end)
+                               "stopped mid-write)", path, size - kept.end)
                 os.ftruncate(fd, kept.end)
             os.lseek(fd, kept.end, os.SEEK_SET)
             out = cls(path, fmt, columns, fd, kept)
@@ -104,13 +107,17 @@ class RowFile:
         self._write(text)
 
     def _write(self, text: str) -> None:
-        data = memoryview(text.encode("utf-8", "surrogateescape"))
+        self._write_bytes(text.encode("utf-8", "surrogateescape"), sync=True)
+
+    def _write_bytes(self, chunk: bytes, *, sync: bool = False) -> None:
+        data = memoryview(chunk)
         try:
             while data:
                 data = data[os.write(self._fd, data):]
-            os.fsync(self._fd)
+            if sync:
+                os.fsync(self._fd)
         except OSError as exc:
-            if exc.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+            if exc.errno in FULL_ERRNOS:
                 raise DiskFullError(f"{self.path}: the disk is full ({exc.strerror}); free "
                                     "space and run again to continue") from exc
             raise OutputError(f"{self.path}: cannot be written ({exc.strerror})") from exc
@@ -125,15 +132,9 @@ class RowFile:
                 while remaining > 0:
                     chunk = reader.read(min(remaining, 1 << 20))
                     remaining -= len(chunk)
-                    self._write_bytes(chunk)
-            os.fsync(self._fd)
+                    self._write_bytes(chunk, sync=remaining <= 0)
         finally:
             source.close()
-
-    def _write_bytes(self, chunk: bytes) -> None:
-        data = memoryview(chunk)
-        while data:
-            data = data[os.write(self._fd, data):]
 
     def truncate(self, size: int) -> None:
         """Cut the file back to `size` bytes and append from there."""
@@ -157,75 +158,69 @@ def read_rows(path: Path) -> Iterator[Row]:
             yield {k: _csv_value(k, v) for k, v in record.items() if v != ""}
 
 
-def _keep_jsonl(path: Path, data: bytes) -> Kept:
+def _keep_jsonl(path: Path, reader: BinaryIO) -> Kept:
     paths, errors, end = [], 0, 0
-    while (newline := data.find(b"\n", end)) >= 0:
+    for line in reader:
         try:
-            row = json.loads(data[end:newline])
-            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
-                break
+            row = json.loads(line) if line.endswith(b"\n") else None
         except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            if not paths and line.endswith(b"\n"):
+                raise OutputError(f"--output {path}: its first line is not a row of predict's; "
+                                  "choose another --output, or delete it to start again")
             break
         paths.append(row["path"])
         errors += "error" in row
-        end = newline + 1
-    if not paths and b"\n" in data:
-        raise OutputError(f"--output {path}: its first line is not a row of predict's; choose "
-                          "another --output, or delete it to start again")
+        end += len(line)
     return Kept(paths, errors, 0, end)
 
 
-def _keep_csv(path: Path, data: bytes, columns: Sequence[str]) -> Kept:
-    if _csv_line(columns).encode().startswith(data):
-        return Kept([], 0, 0, 0)  # nothing, or a header cut short: written again
-    text = data.decode("utf-8", "surrogateescape")
-    lines = _Counted(text)
-    reader = csv.reader(lines, strict=True)
-    try:
-        header = next(reader)
-    except (StopIteration, csv.Error):
-        header = []
-    if not lines.at_line_end or tuple(header) != tuple(columns):
+def _keep_csv(path: Path, reader: BinaryIO, columns: Sequence[str]) -> Kept:
+    header = _csv_line(columns).encode()
+    first = reader.read(len(header))
+    if header.startswith(first):  # nothing, or a header cut short: written again
+        if len(first) < len(header):
+            return Kept([], 0, 0, 0)
+    else:
         raise OutputError(
             f"--output {path}: its first line is not the header this run writes "
             f"({','.join(columns)}); it was written with other options or by something "
             "else: choose another --output, or delete it to start again")
-    paths, errors, good = [], 0, lines.chars
-    start = _bytes(text[:good])
+    lines = _Counted(reader, len(header))
+    paths, errors, end = [], 0, len(header)
     error_column = columns.index("error")
     try:
-        for record in reader:
+        for record in csv.reader(lines, strict=True):
             if len(record) != len(columns) or not lines.at_line_end:
                 break
             paths.append(record[0])
             errors += bool(record[error_column])
-            good = lines.chars
+            end = lines.consumed
     except csv.Error:
         pass  # an open quote at the end: a row cut short
-    return Kept(paths, errors, start, _bytes(text[:good]))
+    return Kept(paths, errors, len(header), end)
 
 
 class _Counted:
-    """Lines of a text, and how many characters of it have been handed out (for the CSV
-    reader, which reads a line at a time)."""
+    """A binary file's lines as text, and how many bytes have been handed out (for the CSV
+    reader, which reads a line at a time; a UTF-8 character never holds a newline byte)."""
 
-    def __init__(self, text: str) -> None:
-        self._lines = io.StringIO(text, newline="")
-        self.chars = 0
+    def __init__(self, reader: BinaryIO, consumed: int) -> None:
+        self._reader = reader
+        self.consumed = consumed
         self.at_line_end = False
 
     def __iter__(self) -> _Counted:
         return self
 
     def __next__(self) -> str:
-        line = next(self._lines)
-        self.chars += len(line)
-        self.at_line_end = line.endswith("\n")
-        return line
-
-
-def _bytes(text: str) -> int:
-    return len(text.encode("utf-8", "surrogateescape"))
+        line = self._reader.readline()
+        if not line:
+            raise StopIteration
+        self.consumed += len(line)
+        self.at_line_end = line.endswith(b"\n")
+        return line.decode("utf-8", "surrogateescape")
 
 
 def _csv_line(cells: Sequence[str]) -> str:
