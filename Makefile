@@ -1,9 +1,13 @@
-# Two commands: `make demo` (set up, train, serve, query) and `make test` (the whole suite).
+# Two commands: `make demo` (set up, train, serve, query) and `make test` (the whole suite);
+# `make test-fast` is the edit-run loop: unit and in-process API tests, nothing marked slow.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# one pytest session per core (at most 4), each test file on one of them, so module fixtures
+# (a served app, a real server, a fit) are made once; plain `pytest` still runs in one process
+PARALLEL ?= -n auto --maxprocesses 4 --dist loadfile
 
-.PHONY: setup test lint demo stop
+.PHONY: setup test test-fast lint demo stop
 
 $(BIN)/.installed: pyproject.toml
 	@echo ">> creating $(VENV) and installing the project (torch 2.14.1, torchvision 0.29.1)"
@@ -19,7 +23,10 @@ lint: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow" tests/unit tests/api tests/deploy
 
 demo: setup
 	./scripts/demo.sh

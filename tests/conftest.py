@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real checkpoints trained once per session."""
+"""Shared fixtures: tiny real checkpoints trained once per session; the slow lane's marks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,19 @@ from models.architectures import build
 from models.card import ModelCard, Preprocessing
 from models.preprocessing import Normalize, eval_transform
 from tests.serving_helpers import CLASSES, CROP, MULTI_THRESHOLDS, color_image
+
+# what `make test-fast` leaves out: fits and real server processes (a file elsewhere that
+# trains or starts processes marks itself with `pytestmark = pytest.mark.slow`)
+SLOW_FOLDERS = ("e2e", "training")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e and tests/training as slow."""
+    for item in items:
+        if item.path.is_relative_to(TESTS) \
+                and item.path.relative_to(TESTS).parts[0] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
 
 
 def _train_color_model(pre: Preprocessing) -> torch.nn.Module:

@@ -12,7 +12,8 @@ from tests.serving_helpers import CLASSES, fast_settings, jpeg, running_app
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"),
+              pytest.mark.slow]  # each ONNX load exports and checks the model
 
 
 async def test_onnxruntime_backend_serves_the_same_answers(checkpoint_root: Path) -> None:

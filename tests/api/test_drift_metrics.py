@@ -26,6 +26,7 @@ from tests.digits_model import train_digits_checkpoint, write_digits, write_text
 from tests.serving_helpers import fast_settings, running_app
 
 ON_SESSION_LOOP = pytest.mark.asyncio(loop_scope="session")
+pytestmark = pytest.mark.slow  # trains its digits model and sends it hundreds of images
 PER_REQUEST = 50
 METRIC_NAME = re.compile(r"\bresnet_serve_[a-z0-9_]+")
 

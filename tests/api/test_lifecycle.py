@@ -111,7 +111,8 @@ async def test_every_model_runs_on_one_compute_thread_and_loaders_exit(
                    "the load threads to exit", tries=100)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", [  # each ONNX load exports and checks the model: slow
+    "torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
 async def test_reload_under_load_loses_nothing(make_checkpoint_dir, backend: str) -> None:
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
@@ -23,6 +24,8 @@ from schemathesis.specs.openapi.checks import (
 
 from app.main import create_app
 from tests.serving_helpers import fast_settings
+
+pytestmark = pytest.mark.slow  # hundreds of generated requests
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]

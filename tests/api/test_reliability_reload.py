@@ -11,7 +11,7 @@ import pytest
 
 from tests.serving_helpers import CLASSES, fast_settings, inside, jpeg, running_app, slow_down
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]  # 20 s of reloads
 
 
 def bump(card_path, round_: int) -> None:
