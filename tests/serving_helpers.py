@@ -109,9 +109,10 @@ class Inside:
     """The one test hook: what a test may see or change past the app's HTTP surface.
 
     The registry the lifespan made (its public methods: `get`, `entries`, `loaded_names`,
-    `loading_names`, `ready`, `begin_shutdown`), a served model by name, and a model's batch
-    function wrapped to spy, slow down or inject a fault. Only this class knows where the app
-    keeps them, so moving the serving core changes this class, not the tests.
+    `loading_names`, `ready`, `begin_shutdown`), a served model by name, a model's batch
+    function wrapped to spy, slow down or inject a fault, and the feedback service. Only this
+    class knows where the app keeps them, so moving the serving core changes this class, not
+    the tests (`tests/unit/test_test_hook.py` holds them to it).
     """
 
     def __init__(self, app) -> None:
@@ -121,6 +122,11 @@ class Inside:
     def registry(self):
         """The app's ModelRegistry (None until its lifespan has started)."""
         return getattr(self._app.state, "registry", None)
+
+    @property
+    def feedback(self):
+        """The app's feedback service: the store /feedback writes into, the review sampler."""
+        return self._app.state.feedback
 
     def model(self, name: str | None = None):
         """The ServedModel now serving `name` (the default model without one)."""

@@ -16,7 +16,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 from PIL import Image
 
-from tests.serving_helpers import fast_settings, jpeg, png, running_app
+from tests.serving_helpers import fast_settings, inside, jpeg, png, running_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -130,7 +130,7 @@ async def test_predict_keeps_its_least_sure_images_for_review(on) -> None:
     image = png("green", seed=14)
     r = await http.post("/predict", files={"file": ("look.png", image, "image/png")})
     assert r.status_code == 200, r.text
-    await app.state.feedback.review.drained()
+    await inside(app).feedback.review.drained()
     review = root / "colors" / "review"
     lines = [json.loads(line) for line in (review / "predictions.jsonl").read_text().splitlines()]
     kept = {line["image"]: line for line in lines}
