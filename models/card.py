@@ -25,7 +25,7 @@ MAX_SIDE = 4096  # largest resize or crop, in pixels
 MAX_CARD_DEPTH = 32  # nesting of objects and arrays in a card (real cards use about 5)
 CALIBRATION_FIELDS = ("temperature", "ece_before", "ece_after", "bins")
 UNKNOWN_FIELDS = ("method", "threshold", "acceptance")
-UNKNOWN_METHODS = ("cosine",)  # models.unknown.METHOD
+UNKNOWN_METHODS = ("cosine", "stage_mahalanobis")  # models.unknown.METHODS
 MAX_ECE_BINS = 1000
 
 logger = logging.getLogger(__name__)

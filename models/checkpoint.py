@@ -3,8 +3,8 @@ here; what the card may hold is models.card.
 
 A checkpoint is plain values: weights in safetensors (loading never executes code) and a JSON
 card that says what the model is, which classes it predicts, and exactly how to preprocess.
-A card with an unknown-input rule has its class means in the weights file too
-(models.unknown.CLASS_MEANS_KEY), carried on the model as the buffer CLASS_MEANS_ATTR.
+A card with an unknown-input rule has the rule's tensors in the weights file too (named
+`unknown.*`, models.unknown), validated at load and carried on the model (STATE_ATTR).
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ from torch import nn
 from models.architectures import arch_spec, build, unwrap
 from models.atomic import write_unit
 from models.card import ModelCard
-from models.unknown import CLASS_MEANS_ATTR, CLASS_MEANS_KEY
+from models.unknown import (
+    CLASS_MEANS_KEY,
+    STATE_PREFIX,
+    attach_state,
+    state_problem,
+    unknown_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +104,12 @@ def _state_to_save(model: nn.Module, card: ModelCard, directory: Path
                    ) -> dict[str, torch.Tensor]:
     """The model's tensors on the CPU, checked against the card and for NaN / infinity."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
-    means = getattr(unwrap(model), CLASS_MEANS_ATTR, None)
-    if (means is None) != (card.unknown is None):
-        raise ValueError("a card with an unknown-input rule needs the model's class means, "
-                         "and class means need the rule in the card")
-    if means is not None:
-        state[CLASS_MEANS_KEY] = means.detach().to("cpu", torch.float32).contiguous()
+    rule_state = unknown_state(model)
+    if (not rule_state) != (card.unknown is None):
+        raise ValueError("a card with an unknown-input rule needs the model's unknown-input "
+                         "state (its class means ...), and that state needs the rule in the card")
+    state.update({k: v.detach().to("cpu", torch.float32).contiguous()
+                  for k, v in rule_state.items()})
     outputs = arch_spec(card.arch).head(model).out_features
     if outputs != card.num_classes:
         raise ValueError(f"model has {outputs} outputs but the card lists "
@@ -245,7 +251,7 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu"
     if _file_identity(weights_path) != before:  # hashed one file and parsed another
         raise CheckpointError(weights_path, "was replaced while it was being loaded; retry")
     model = build(card.arch, num_classes=card.num_classes, weights=None, stem=card.stem)
-    _attach_class_means(model, card, state, weights_path)
+    _attach_unknown_state(model, card, state, weights_path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -264,26 +270,27 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu"
 
 
 def attach_class_means(model: nn.Module, means: torch.Tensor) -> None:
-    """Give `model` the class means of its unknown-input rule (saved with its weights)."""
-    unwrap(model).register_buffer(CLASS_MEANS_ATTR, means.detach().float(), persistent=False)
+    """Give `model` the class means of a cosine unknown-input rule (saved with its weights)."""
+    attach_state(model, {CLASS_MEANS_KEY: means})
 
 
-def _attach_class_means(model: nn.Module, card: ModelCard, state: dict[str, torch.Tensor],
-                        path: Path) -> None:
-    """Move the class means out of `state` onto `model`; refuse them missing or malformed."""
-    means = state.pop(CLASS_MEANS_KEY, None)
+def attach_unknown_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give `model` the tensors of its unknown-input rule (saved with its weights)."""
+    attach_state(model, state)
+
+
+def _attach_unknown_state(model: nn.Module, card: ModelCard, state: dict[str, torch.Tensor],
+                          path: Path) -> None:
+    """Move the rule's tensors out of `state` onto `model`; refuse them missing or malformed
+    for the card's method."""
+    rule = {k: state.pop(k) for k in [k for k in state if k.startswith(STATE_PREFIX)]}
     if card.unknown is None:
-        return  # an old card's weights, or means the card does not use: not served
-    if means is None:
-        raise CheckpointError(path, f"holds no {CLASS_MEANS_KEY}, which the card's unknown-"
-                                    "input rule needs")
-    features = arch_spec(card.arch).head(model).in_features
-    if tuple(means.shape) != (card.num_classes, features) or not means.is_floating_point() \
-            or not bool(torch.isfinite(means).all()):
-        raise CheckpointError(path, f"{CLASS_MEANS_KEY} must be finite floats of shape "
-                                    f"[{card.num_classes}, {features}], got {means.dtype} "
-                                    f"{list(means.shape)}")
-    attach_class_means(model, means)
+        return  # an old card's weights, or tensors the card does not use: not served
+    problem = state_problem(card.unknown["method"], rule, model, classes=card.num_classes,
+                            head_name=arch_spec(card.arch).classifier)
+    if problem:
+        raise CheckpointError(path, problem)
+    attach_state(model, rule)
 
 
 def _tensor_values_problem(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]

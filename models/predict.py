@@ -23,7 +23,7 @@ from models.card import ModelCard
 from models.device import Accelerator, is_out_of_memory, release_cuda_cache
 from models.folding import fold_batch_norms
 from models.outputs import ModelOutputError, check_probabilities, probabilities
-from models.unknown import CLASS_MEANS_ATTR, WithUnknownScore
+from models.unknown import WithUnknownScore, unknown_state
 
 logger = logging.getLogger(__name__)
 
@@ -72,21 +72,21 @@ class Predictor:
                  backend: str = "torch", threads: int = 0) -> None:
         """`backend` names the runner (models.backends): "torch", or "onnxruntime" (CPU,
         fp32 only) on `threads` threads (0: torch's thread count). A card with an
-        unknown-input rule needs the model to carry its class means (checkpoint.load)."""
+        unknown-input rule needs the model to carry the rule's state (checkpoint.load)."""
         self.card = card
         self.accelerator = accelerator
         self.backend = backend
         self.input_shape = (3, card.preprocessing.crop, card.preprocessing.crop)
-        means = getattr(model, CLASS_MEANS_ATTR, None)
-        if card.unknown is not None and means is None:
-            raise ValueError("the card has an unknown-input rule but the model carries no "
-                             "class means")
+        rule_state = unknown_state(model)
+        if card.unknown is not None and not rule_state:
+            raise ValueError("the card has an unknown-input rule but the model carries none "
+                             "of its state (class means ...)")
         spec = arch_spec(card.arch)
         probe = torch.randn((1, *self.input_shape), generator=torch.Generator().manual_seed(0))
         graph = fold_batch_norms(model, probe, conv_bn_prefixes=spec.conv_bn_prefixes)
         self.network = graph  # the logits' network as run here (models.cam shares its layers)
         if card.unknown is not None:
-            graph = WithUnknownScore(graph, spec.classifier, means)
+            graph = WithUnknownScore(graph, spec.classifier, card.unknown["method"], rule_state)
         self.run = make_runner(backend, graph, card, accelerator, threads=threads)
 
     @torch.inference_mode()

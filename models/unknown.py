@@ -1,16 +1,21 @@
 """"None of these": how unlike the training data an input looks, and the rule on it.
 
-The score is the cosine distance of an image's pooled features (the head's input) to the
-nearest class mean of the training images: `1 - max_c cos(f, mean_c)`, 0 for an image that
-sits on a class's mean, up to 1. It was chosen by measurement on real data over the energy
-of the logits and the maximum softmax score (docs/training-recipe.md, "Unknown inputs"):
-inputs of another kind (photographs or textures shown to a digits model) score far from
-every class, while the logits of a classifier can be confident about anything.
+The score `fit` stores is the stage Mahalanobis score (models.unknown_stages, METHOD): how
+far an image's features lie from every class at every residual stage, 0 for a typical
+image, higher for less alike ones. It was chosen by measurement over the cosine distance to
+the class means, k-nearest-neighbour distances, the energy and the largest logit, the
+feature norm and their combinations, on several models and kinds of outside images
+(`python -m bench.unknown`, docs/training-recipe.md "Unknown inputs").
 
-The class means are part of the checkpoint: the tensor CLASS_MEANS_KEY in model.safetensors,
-[classes, features], each row of unit length; `load` attaches them to the model as the
-buffer CLASS_MEANS_ATTR. The rule in the card: the threshold is the score that ACCEPTANCE of
-the validation images stay at or under; an input scoring above it is "unknown".
+Checkpoints written before it carry the cosine rule (COSINE): `1 - max_c cos(f, mean_c)` of
+the pooled features f to the unit class means, the tensor CLASS_MEANS_KEY. They still load
+and serve.
+
+The rule's state is part of the checkpoint: tensors named `unknown.*` in model.safetensors,
+validated at load against the card's method and the model (`state_problem`), carried on a
+loaded model as the dict STATE_ATTR. The rule in the card: the threshold is the score that
+`acceptance` of the validation images stay at or under; an input scoring above it is
+"unknown".
 """
 
 from __future__ import annotations
@@ -25,10 +30,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHOD = "cosine"
-ACCEPTANCE = 0.95  # share of validation images the stored threshold accepts
-CLASS_MEANS_KEY = "unknown.class_means"  # in model.safetensors
-CLASS_MEANS_ATTR = "unknown_class_means"  # the buffer on a loaded model
+from models import unknown_stages
+from models.architectures import unwrap
+
+METHOD = "stage_mahalanobis"  # what `fit` stores (models.unknown_stages)
+COSINE = "cosine"  # the rule of checkpoints written before it
+METHODS = (COSINE, METHOD)
+ACCEPTANCE = 0.95  # share of validation images the stored threshold accepts by default
+STATE_PREFIX = "unknown."  # the rule's tensors in model.safetensors
+CLASS_MEANS_KEY = "unknown.class_means"  # the cosine rule's one tensor
+STATE_ATTR = "unknown_state"  # the dict of the rule's tensors on a loaded model
+
+
+def unknown_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unknown-input rule's tensors carried by `model` (empty when it has none)."""
+    return dict(getattr(unwrap(model), STATE_ATTR, None) or {})
+
+
+def attach_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give `model` its rule's tensors (float32, on the CPU), saved with its weights."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    object.__setattr__(unwrap(model), STATE_ATTR, tensors)
+
+
+def state_problem(method: str, state: dict[str, torch.Tensor], model: nn.Module, *,
+                  classes: int, head_name: str) -> str | None:
+    """Why `state` cannot serve the card's `method` on `model` (an unfolded model with
+    `classes` outputs; None when it can). The message names the tensor."""
+    if method == COSINE:
+        features = getattr(model, head_name).in_features
+        means = state.get(CLASS_MEANS_KEY)
+        if means is None:
+            return f"holds no {CLASS_MEANS_KEY}, which the card's unknown-input rule needs"
+        extra = sorted(set(state) - {CLASS_MEANS_KEY})
+        if tuple(means.shape) != (classes, features) or not means.is_floating_point() \
+                or not bool(torch.isfinite(means).all()):
+            return (f"{CLASS_MEANS_KEY} must be finite floats of shape [{classes}, "
+                    f"{features}], got {means.dtype} {list(means.shape)}")
+        return f"holds unknown-input tensors the rule does not use: {extra[:3]}" if extra \
+            else None
+    if method == METHOD:
+        return unknown_stages.state_problem(state, unknown_stages.stage_widths(model), classes)
+    return f"the card's unknown-input method {method!r} is not one of {', '.join(METHODS)}"
 
 
 class WithFeatures(nn.Module):
@@ -48,17 +91,31 @@ class WithFeatures(nn.Module):
 
 
 class WithUnknownScore(nn.Module):
-    """A classifier answering [N, C + 1]: its logits, then each image's unknown score."""
+    """A classifier answering [N, C + 1]: its logits, then each image's unknown score, from
+    one forward pass."""
 
-    def __init__(self, model: nn.Module, head_name: str, class_means: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, head_name: str, method: str,
+                 state: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self.split = WithFeatures(model, head_name)
-        self.register_buffer("class_means", class_means.detach().clone().float())
+        self.method = method
+        if method == COSINE:
+            self.split = WithFeatures(model, head_name)
+            self.register_buffer("class_means", state[CLASS_MEANS_KEY].detach().clone().float())
+        elif method == METHOD:
+            self.staged = unknown_stages.StagedNetwork(model, head_name)
+            self.score = unknown_stages.StageMahalanobis(state)
+        else:
+            raise ValueError(f"unknown-input method {method!r} is not one of "
+                             f"{', '.join(METHODS)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, features = self.split(x)
-        score = cosine_distance(features.float(), self.class_means.float())
-        return torch.cat([logits.float(), score.unsqueeze(1)], dim=1)
+        if self.method == COSINE:
+            logits, features = self.split(x)
+            score = cosine_distance(features.float(), self.class_means.float())
+        else:
+            logits, pooled = self.staged(x)
+            score = self.score(pooled)
+        return torch.cat([logits.float(), score.float().unsqueeze(1)], dim=1)
 
 
 def cosine_distance(features: torch.Tensor, unit_means: torch.Tensor) -> torch.Tensor:
@@ -109,9 +166,28 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return (last_rank - (counts - 1) / 2.0)[inverse]
 
 
-def unknown_record(val_scores: np.ndarray, acceptance: float = ACCEPTANCE) -> dict[str, Any]:
-    """The card's `unknown` field from the validation images' scores."""
+def unknown_record(val_scores: np.ndarray, acceptance: float = ACCEPTANCE, *,
+                   method: str = COSINE) -> dict[str, Any]:
+    """The card's `unknown` field from the validation images' scores under `method` (the
+    cosine rule unless named, as callers before the stage score wrote it)."""
     threshold = acceptance_threshold(val_scores, acceptance)
     accepted = float(np.mean(np.asarray(val_scores) <= threshold))
-    return {"method": METHOD, "threshold": threshold, "acceptance": acceptance,
+    return {"method": method, "threshold": threshold, "acceptance": acceptance,
             "val_accepted": accepted, "val_images": int(len(val_scores))}
+
+
+# What the benchmark (`python -m bench.unknown`, docs/training-recipe.md "Unknown inputs")
+# measured the stage score to flag at each acceptance it ran, over its models and pairs:
+# far = inputs of another kind (photographs, textures, digits shown to a texture model),
+# near = new classes of the same kind (digits 5-9 shown to a digits 0-4 model).
+BENCH_FLAGGED: dict[float, dict[str, float]] = {}
+BENCH_SOURCE = "python -m bench.unknown (docs/training-recipe.md#unknown-inputs)"
+
+
+def expected_flagging(acceptance: float) -> dict[str, Any]:
+    """The card's `expected_flagged` figures for a rule at `acceptance` (empty where the
+    benchmark did not run that acceptance)."""
+    figures = BENCH_FLAGGED.get(round(acceptance, 4))
+    if figures is None:
+        return {}
+    return {"expected_flagged": {**figures, "measured_by": BENCH_SOURCE}}

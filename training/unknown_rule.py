@@ -1,9 +1,11 @@
-"""The unknown-input rule of a finished run: class means of the training images' features,
-and the threshold that accepts ACCEPTANCE of the validation images (models.unknown)."""
+"""The unknown-input rule of a finished run (models.unknown): the stage Gaussians of the
+training images' features, standardised and thresholded on the validation images so that
+`acceptance` of them are accepted."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +15,8 @@ from torch import nn
 
 from models.architectures import arch_spec
 from models.device import Accelerator
-from models.unknown import WithFeatures, class_means, cosine_distance, unknown_record
+from models.unknown import ACCEPTANCE, METHOD, expected_flagging, unknown_record
+from models.unknown_stages import StagedNetwork, StageMahalanobis, fit_state
 from training.data.datasets import ImageDataset, make_loader
 from training.data.load import TrainingData
 
@@ -22,56 +25,59 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UnknownRule:
-    """What a checkpoint stores: the card's `unknown` record and the [C, D] class means."""
+    """What a checkpoint stores: the card's `unknown` record and the rule's tensors."""
 
     record: dict[str, Any]
-    class_means: torch.Tensor
+    state: dict[str, torch.Tensor]
 
 
-@torch.inference_mode()
-def pooled_features(model: nn.Module, arch: str, dataset: ImageDataset, *,
-                    accelerator: Accelerator, normalize: nn.Module, batch_size: int,
-                    workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, D] pooled features (the head's input) and targets of every decodable image."""
-    split = WithFeatures(model, arch_spec(arch).classifier).eval()
+def stage_features(model: nn.Module, arch: str, dataset: ImageDataset, *,
+                   accelerator: Accelerator, normalize: nn.Module, batch_size: int,
+                   workers: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Per batch of decodable images: each stage's [N, D_s] pooled features (CPU, float32)
+    and the images' targets, from one forward pass in eval mode."""
+    staged = StagedNetwork(model, arch_spec(arch).classifier).eval()
     loader = make_loader(dataset, batch_size=batch_size, workers=workers, shuffle=False,
                          pin_memory=accelerator.is_cuda)
-    features, targets = [], []
     for batch in loader:
         if not batch.images.shape[0]:
             continue
-        with accelerator.autocast():
-            _, pooled = split(normalize(accelerator.to_device(batch.images)))
-        features.append(pooled.float().cpu())
-        targets.append(batch.targets)
-    if not features:
-        return torch.empty(0), torch.empty(0)
-    return torch.cat(features), torch.cat(targets)
+        with torch.inference_mode(), accelerator.autocast():
+            _, pooled = staged(normalize(accelerator.to_device(batch.images)))
+            pooled = [p.float().cpu() for p in pooled]
+        yield [p.clone() for p in pooled], batch.targets
 
 
 def fit_unknown_rule(model: nn.Module, arch: str, data: TrainingData, *,
                      accelerator: Accelerator, normalize: nn.Module, batch_size: int,
-                     workers: int) -> UnknownRule | None:
-    """The rule for `model` on this run's data: means over the training images seen through
-    the eval transform (no augmentation), threshold over the validation images. None when
-    there are no validation images to set it on."""
+                     workers: int, acceptance: float = ACCEPTANCE) -> UnknownRule | None:
+    """The rule for `model` on this run's data: the stage Gaussians over the training images
+    seen through the eval transform (no augmentation), standardisation and threshold over
+    the validation images. None when there are too few images to set it on."""
+    common = {"accelerator": accelerator, "normalize": normalize, "batch_size": batch_size,
+              "workers": workers}
     was_training = model.training
     model.eval()
     try:
-        train = data.train_as_validated()
-        common = {"accelerator": accelerator, "normalize": normalize,
-                  "batch_size": batch_size, "workers": workers}
-        train_features, train_targets = pooled_features(model, arch, train, **common)
-        val_features, _ = pooled_features(model, arch, data.val, **common)
+        val_batches = list(stage_features(model, arch, data.val, **common))
+        if sum(len(targets) for _, targets in val_batches) < 2:
+            logger.warning("fewer than two validation images: the checkpoint gets no "
+                           "unknown-input rule")
+            return None
+        val = [torch.cat(stage) for stage in zip(*(p for p, _ in val_batches), strict=True)]
+        train = stage_features(model, arch, data.train_as_validated(), **common)
+        try:
+            state = fit_state(train, val, len(data.classes))
+        except ValueError as exc:
+            logger.warning("no unknown-input rule: %s", exc)
+            return None
     finally:
         model.train(was_training)
-    if not len(val_features) or not len(train_features):
-        logger.warning("no validation images: the checkpoint gets no unknown-input rule")
-        return None
-    means = class_means(train_features, train_targets, len(data.classes))
-    scores = cosine_distance(val_features, means).numpy()
-    record = unknown_record(scores)
-    logger.info("unknown-input rule: cosine distance > %.4f is unknown (accepts %.1f%% of %d "
-                "validation images; median %.4f)", record["threshold"],
+    with torch.no_grad():
+        scores = StageMahalanobis(state)(val).numpy()
+    record = {**unknown_record(scores, acceptance, method=METHOD), "stages": len(val),
+              **expected_flagging(acceptance)}
+    logger.info("unknown-input rule: stage Mahalanobis score > %.3f is unknown (accepts %.1f%% "
+                "of %d validation images; median %.3f)", record["threshold"],
                 100 * record["val_accepted"], record["val_images"], float(np.median(scores)))
-    return UnknownRule(record, means)
+    return UnknownRule(record, state)

@@ -1,4 +1,6 @@
-"""The unknown-input score, its 95% threshold, AUROC, the card rule, the Predictor verdict."""
+"""The unknown-input scores (the stage score `fit` stores and the cosine rule of older
+checkpoints), the 95% threshold, AUROC, the card rule, the Predictor verdict on both
+backends."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from models.card import ModelCard, Preprocessing
 from models.device import Accelerator
 from models.predict import Predictor
 from models.unknown import (
+    COSINE,
+    METHOD,
     WithFeatures,
     acceptance_threshold,
     auroc,
@@ -21,6 +25,7 @@ from models.unknown import (
     cosine_distance,
     unknown_record,
 )
+from models.unknown_stages import StagedNetwork, fit_state
 
 PRE = Preprocessing.for_crop(32)
 CLASSES = ["cat", "dog", "fox", "owl"]
@@ -99,6 +104,7 @@ def _card(unknown: dict | None = None, task: str = "single_label") -> ModelCard:
 def test_the_card_accepts_a_rule_and_refuses_broken_ones() -> None:
     good = {"method": "cosine", "threshold": 0.35, "acceptance": 0.95}
     assert _card(good).unknown_threshold == 0.35
+    assert _card({**good, "method": METHOD, "threshold": 4.5}).unknown_threshold == 4.5
     assert _card(None).unknown_threshold is None
     broken = [({"method": "cosine", "acceptance": 0.95}, "missing ['threshold']"),
               ({**good, "method": "mahalanobis"}, "unknown.method"),
@@ -110,19 +116,32 @@ def test_the_card_accepts_a_rule_and_refuses_broken_ones() -> None:
             _card(value)  # type: ignore[arg-type]
 
 
-def _model(task: str = "single_label", means: bool = True) -> torch.nn.Module:
+def _stage_state() -> dict[str, torch.Tensor]:
+    """A stage state fitted on the pooled features of random images."""
+    torch.manual_seed(0)
+    staged = StagedNetwork(build("resnet18", num_classes=len(CLASSES)).eval(), "fc")
+    with torch.no_grad():
+        _, pooled = staged(torch.randn(16, 3, 32, 32))
+    return fit_state([(pooled, torch.arange(16) % len(CLASSES))], pooled, len(CLASSES))
+
+
+def _model(task: str = "single_label", means: bool = True,
+           method: str = COSINE) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build("resnet18", num_classes=len(CLASSES))
-    if means:
+    if means and method == COSINE:
         generator = torch.Generator().manual_seed(1)
         checkpoint.attach_class_means(model, torch.nn.functional.normalize(
             torch.rand(len(CLASSES), 512, generator=generator), dim=1))
+    elif means:
+        checkpoint.attach_unknown_state(model, _stage_state())
     return model
 
 
-def _predictor(unknown: dict | None, task: str = "single_label") -> Predictor:
-    return Predictor(_model(task, means=unknown is not None), _card(unknown, task),
-                     Accelerator.create("cpu"))
+def _predictor(unknown: dict | None, task: str = "single_label", **kw: object) -> Predictor:
+    method = unknown["method"] if unknown else COSINE
+    return Predictor(_model(task, means=unknown is not None, method=method),
+                     _card(unknown, task), Accelerator.create("cpu"), **kw)
 
 
 def _batch(n: int) -> torch.Tensor:
@@ -130,20 +149,22 @@ def _batch(n: int) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(n))
 
 
-def _rule(threshold: float) -> dict:
-    return {"method": "cosine", "threshold": threshold, "acceptance": 0.5}
+def _rule(threshold: float, method: str = COSINE) -> dict:
+    return {"method": method, "threshold": threshold, "acceptance": 0.5}
 
 
+@pytest.mark.parametrize("method", [METHOD, COSINE])
 @pytest.mark.parametrize("task", ["single_label", "multi_label"])
-def test_images_past_the_threshold_are_unknown_and_rejected_only_when_asked(task: str) -> None:
-    probe = _predictor(_rule(0.5), task)
+def test_images_past_the_threshold_are_unknown_and_rejected_only_when_asked(
+        task: str, method: str) -> None:
+    probe = _predictor(_rule(0.5, method), task)
     outputs = probe.outputs(_batch(8))
     scores = probe.unknown_scores(outputs)
     assert outputs.shape == (8, len(CLASSES) + 1) and scores is not None
     plain = _predictor(None, task).outputs(_batch(8))
     torch.testing.assert_close(outputs[:, :len(CLASSES)], plain, atol=1e-4, rtol=1e-4)
     cut = float(scores.median())
-    predictor = _predictor(_rule(cut), task)
+    predictor = _predictor(_rule(cut, method), task)
     kept = predictor.answer(outputs, top_k=2, threshold=0.0)
     rejected = predictor.answer(outputs, top_k=2, threshold=0.0, reject_unknown=True)
     flags = [r.unknown for r in kept]
@@ -154,15 +175,19 @@ def test_images_past_the_threshold_are_unknown_and_rejected_only_when_asked(task
         assert strict.predictions == ([] if plain_result.unknown else plain_result.predictions)
 
 
-def test_the_score_is_computed_from_the_same_forward_pass_by_both_backends() -> None:
+@pytest.mark.parametrize("method", [METHOD, COSINE])
+@pytest.mark.parametrize("task", ["single_label", "multi_label"])
+def test_the_score_is_computed_from_the_same_forward_pass_by_both_backends(
+        task: str, method: str) -> None:
     pytest.importorskip("onnxruntime")
-    rule = _rule(0.5)
-    torch_run = _predictor(rule)
-    onnx_run = Predictor(_model(), _card(rule), Accelerator.create("cpu", "fp32"),
-                         backend="onnxruntime", threads=1)
+    rule = _rule(0.5, method)
+    torch_run = _predictor(rule, task)
+    onnx_run = _predictor(rule, task, backend="onnxruntime", threads=1)
     batch = _batch(5)
-    torch.testing.assert_close(onnx_run.outputs(batch), torch_run.outputs(batch),
-                               atol=1e-4, rtol=1e-4)
+    expected = torch_run.outputs(batch)
+    got = onnx_run.outputs(batch)
+    assert got.shape == (5, len(CLASSES) + 1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_without_a_rule_there_is_no_score_no_verdict_and_no_rejecting() -> None:

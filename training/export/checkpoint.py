@@ -148,7 +148,7 @@ class Exporter:
         reports: dict[str, Callable[[Path], None]] = {
             CURVES_FILE: lambda p: report.plot_curves(p, history, monitor)}
         if rule is not None:
-            checkpoint.attach_class_means(model, rule.class_means)
+            checkpoint.attach_unknown_state(model, rule.state)
             best_metrics["unknown"] = rule.record
             reports[METRICS_FILE] = lambda p: report.write_metrics(p, best_metrics)
         card = self.card(thresholds=best.thresholds, metrics=best.metrics, training=training,
@@ -164,9 +164,9 @@ class Exporter:
 
     def served_model(self, card: ModelCard, rule: UnknownRule | None) -> nn.Module:
         """The best weights as `checkpoint.load` gives them to the server: a fresh model on
-        the CPU, in eval mode, with the rule's class means."""
+        the CPU, in eval mode, with the rule's state."""
         model = build(card.arch, num_classes=card.num_classes, weights=None, stem=card.stem)
         model.load_state_dict(self.best[0])
         if rule is not None:
-            checkpoint.attach_class_means(model, rule.class_means)
+            checkpoint.attach_unknown_state(model, rule.state)
         return model.eval()
