@@ -62,7 +62,7 @@ def test_no_other_table_maps_errors_to_statuses() -> None:
 
 def test_every_error_a_request_meets_is_a_service_error() -> None:
     """The batcher's errors are the service's too: one base, one handler."""
-    from app import batching
+    from app.serving import batching
 
     for name in ("QueueFullError", "DeadlineExceededError", "BatcherClosedError",
                  "BatchFailedError", "BatchOutOfMemoryError"):
