@@ -27,6 +27,7 @@ CALIBRATION_FIELDS = ("temperature", "ece_before", "ece_after", "bins")
 UNKNOWN_FIELDS = ("method", "threshold", "acceptance")
 UNKNOWN_METHODS = ("cosine", "stage_mahalanobis")  # models.unknown.METHODS
 MAX_ECE_BINS = 1000
+PARENT_FIELDS = ("name", "weights_sha256")
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,9 @@ class ModelCard:
     unknown: dict[str, Any] | None = None
     # what the validation images looked like, for drift figures (models.drift)
     drift: dict[str, Any] | None = None
+    # the checkpoint of ours this one was trained from (`fit --weights CHECKPOINT`): its
+    # name and weights_sha256; None for a model trained from ImageNet weights or scratch
+    parent: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -215,6 +219,8 @@ class ModelCard:
             out += _unknown_problems(self.unknown)
         if not classes_problem and self.drift is not None:
             out += drift_reference_problems(self.drift, len(self.classes))
+        if self.parent is not None:
+            out += _parent_problems(self.parent)
         return out
 
     @property
@@ -316,6 +322,24 @@ def _unknown_problems(unknown: object) -> list[str]:
     if not _is_finite_number(acceptance) or not 0.0 < acceptance <= 1.0:
         out.append(f"unknown.acceptance must be a finite number in (0, 1], got "
                    f"{shown_value(acceptance)}")
+    return out
+
+
+def _parent_problems(parent: object) -> list[str]:
+    """What is wrong with a card's `parent` object (empty when valid)."""
+    if not isinstance(parent, dict):
+        return [f"parent must be an object with {' and '.join(PARENT_FIELDS)}, "
+                f"got {shown_value(parent)}"]
+    missing = [k for k in PARENT_FIELDS if k not in parent]
+    if missing:
+        return [f"parent is missing {missing}"]
+    out = []
+    if not is_unicode_text(parent["name"]) or not parent["name"]:
+        out.append(f"parent.name must be a non-empty string of Unicode text, got "
+                   f"{shown_value(parent['name'])}")
+    if not _is_sha256(parent["weights_sha256"]):
+        out.append(f"parent.weights_sha256 must be 64 hex digits, got "
+                   f"{shown_value(parent['weights_sha256'])}")
     return out
 
 

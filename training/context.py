@@ -7,18 +7,20 @@ from dataclasses import dataclass
 from models.device import Accelerator
 from training.config import TrainConfig
 from training.distributed import DistInfo
+from training.parent import Parent
 from training.recipe import Recipe
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """The options, the recipe resolved from them, this process's place in the run, and
-    the device it trains on."""
+    """The options, the recipe resolved from them, this process's place in the run, the
+    device it trains on, and the checkpoint it starts from (--weights CHECKPOINT_DIR)."""
 
     cfg: TrainConfig
     recipe: Recipe
     info: DistInfo
     accelerator: Accelerator
+    parent: Parent | None = None
 
     @property
     def name(self) -> str:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from models.architectures import OWN_STEM, arch_spec
 from training.data.discovery import infer_task
 from training.exceptions import ConfigError
+from training.parent import read_parent_card
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 # From scratch, crops up to this size halve once before layer1: ImageNet's stem quarters them,
 # which leaves small images too little resolution, and stride 1 (--stem small) is far slower.
 STRIDE2_STEM_MAX = 96
+# From one of our checkpoints (--weights CHECKPOINT_DIR) its mean and std are kept: the
+# recipe's `normalize` says so instead of naming a choice of --normalize (training.parent).
+PARENT_NORMALIZE = "parent"
 # Multi-label: any crop may cut an object out of the frame while its label stays on, so the
 # whole image is kept; that alone was the gain measured on real multi-label pictures, where
 # pos_weight made no difference (docs/training-recipe.md, "Multi-label recipe").
@@ -219,9 +223,14 @@ RECIPE_DEFAULTS: dict[str, Default] = {
 def resolve(cfg: TrainConfig) -> Recipe:
     """Fill every unset option of `cfg`: the named recipe's value where it has one, else its
     RECIPE_DEFAULTS entry for this kind of run (the task is --task, else inferred from DATA's
-    layout)."""
+    layout). From one of our checkpoints, its stem, resize/crop ratio and normalisation."""
     multi = infer_task(cfg.data, cfg.task) == "multi_label"
     preset = preset_values(cfg)
+    parent = read_parent_card(cfg.weights)
+    if parent is not None:
+        pre = parent.preprocessing
+        preset = {**preset, "eval_resize_ratio": pre.resize / pre.crop,
+                  "normalize": PARENT_NORMALIZE}
     values = {}
     for name, default in RECIPE_DEFAULTS.items():
         given = getattr(cfg, name)
@@ -236,5 +245,6 @@ def resolve(cfg: TrainConfig) -> Recipe:
     if multi and values["warmup_until_error"] is not None:
         raise ConfigError("--warmup-until-error needs a training error: single-label data "
                           "only, and this data is multi-label")
-    return Recipe(stem=default_stem(cfg) if cfg.stem == "auto" else cfg.stem,
-                  accumulate=cfg.accumulate, name=cfg.recipe_name, **values)
+    stem = (parent.stem if parent is not None else
+            default_stem(cfg) if cfg.stem == "auto" else cfg.stem)
+    return Recipe(stem=stem, accumulate=cfg.accumulate, name=cfg.recipe_name, **values)

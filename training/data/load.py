@@ -119,7 +119,11 @@ class Loaders(NamedTuple):
 
 
 def make_preprocessing(run: RunContext) -> Preprocessing:
-    """The eval preprocessing written to the card (and used for validation)."""
+    """The eval preprocessing written to the card (and used for validation): from one of
+    our checkpoints, with its mean, std and interpolation."""
+    if run.parent is not None:
+        return run.parent.preprocessing(run.cfg.image_size,
+                                        resize_ratio=run.recipe.eval_resize_ratio)
     return Preprocessing.for_crop(run.cfg.image_size, ratio=run.recipe.eval_resize_ratio)
 
 

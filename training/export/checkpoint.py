@@ -105,10 +105,11 @@ class Exporter:
 
     def card(self, **fields: Any) -> ModelCard:
         """This run's card with `fields` (metrics, thresholds, training, ...)."""
-        cfg, data = self.run.cfg, self.data
+        cfg, data, parent = self.run.cfg, self.data, self.run.parent
         return ModelCard(name=self.run.name, arch=cfg.arch, task=data.task,
                          classes=data.classes, preprocessing=data.preprocessing,
-                         stem=self.run.recipe.stem, **fields)
+                         stem=self.run.recipe.stem,
+                         parent=parent.record if parent is not None else None, **fields)
 
     def best_epoch(self, model: nn.Module, validation: CalibratedOutput,
                    thresholds: list[float] | None, *, best_metrics: dict[str, Any],

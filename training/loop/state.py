@@ -77,9 +77,12 @@ class Progress:
 
 def run_identity(run: RunContext, data: TrainingData) -> dict[str, Any]:
     """What a resume state must match: the options marked `identity=True` on TrainConfig (the
-    task as resolved for the data), every value of the resolved recipe, and the split."""
+    task as resolved for the data), every value of the resolved recipe, the split, and the
+    weights of the checkpoint it started from (where it started from one)."""
     options = {name: _plain(getattr(run.cfg, name)) for name in identity_fields(TrainConfig)}
     options["task"] = data.task
+    if run.parent is not None:  # the folder --weights names may hold another model by now
+        options["parent_weights_sha256"] = run.parent.weights_sha256
     return {"options": {**options, **run.recipe.to_dict()}, "split": dict(data.split)}
 
 

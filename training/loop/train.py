@@ -75,8 +75,7 @@ def build_learner(run: RunContext, data: TrainingData, *, micro_batches: int) ->
     """The network for `data`'s classes on the run's device, and its optimizer, schedule
     (over epochs of `micro_batches` loader batches), loss and scaler."""
     cfg, recipe, accelerator = run.cfg, run.recipe, run.accelerator
-    model = accelerator.prepare_model(build(cfg.arch, num_classes=len(data.classes),
-                                            weights=cfg.weights, stem=recipe.stem))
+    model = accelerator.prepare_model(build_model(run, data))
     net: nn.Module = model
     if run.info.enabled:
         net = DistributedDataParallel(
@@ -92,6 +91,19 @@ def build_learner(run: RunContext, data: TrainingData, *, micro_batches: int) ->
         class_weight=loss_class_weights(data), pos_weight=recipe.pos_weight)
     return Learner(model, net, Normalize(data.preprocessing).to(accelerator.device),
                    criterion.to(accelerator.device), optimizer, scheduler, scaler)
+
+
+def build_model(run: RunContext, data: TrainingData) -> nn.Module:
+    """The network for `data`'s classes: from --weights, or carried over from the parent
+    checkpoint (training.parent), which must know none of DATA's classes lacks."""
+    cfg, parent = run.cfg, run.parent
+    if parent is None:
+        return build(cfg.arch, num_classes=len(data.classes), weights=cfg.weights,
+                     stem=run.recipe.stem)
+    parent.check_classes(data.classes, cfg.data)
+    model = build(cfg.arch, num_classes=len(data.classes), weights=None, stem=run.recipe.stem)
+    parent.carry_into(model, data.classes)
+    return model
 
 
 def loss_class_weights(data: TrainingData) -> torch.Tensor | None:
