@@ -347,7 +347,9 @@ def test_any_free_port_and_no_orphans_when_the_supervisor_is_killed(checkpoint_r
         url = f"http://127.0.0.1:{found.group(1)}"
         wait_ready(proc, url, log_path)
         workers = children(proc.pid)
-        assert len(workers) == 2 and predict(url, headers={}).status_code == 200
+        answer = predict(url, headers={})
+        assert len(workers) == 2, workers
+        assert answer.status_code == 200, (answer.text, log_path.read_text()[-3000:])
         proc.kill()  # SIGKILL: the supervisor cannot pass anything on
         proc.wait(10)
         give_up = time.monotonic() + 30

@@ -103,12 +103,14 @@ def _subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_each_option_is_one_field_with_its_help_and_its_default(name):
     config = COMMANDS[name].config
-    required = {f.name: Path("x") for f, _ in option_fields(config)
+    # "x.csv": a path that every required path option takes (predict reads the format from
+    # the output's suffix)
+    required = {f.name: Path("x.csv") for f, _ in option_fields(config)
                 if f.default is MISSING and f.default_factory is MISSING}
     argv = [name]
     for f, spec in option_fields(config):
         if f.name in required:
-            argv += ["x"] if spec.positional else [flag_of(config, f.name), "x"]
+            argv += ["x.csv"] if spec.positional else [flag_of(config, f.name), "x.csv"]
     # The command line and a config made in code agree on every default.
     assert from_args(config, build_parser().parse_args(argv)) == config(**required)
     actions = [a for a in _subcommand_parsers()[name]._actions if a.dest != "help"]
