@@ -35,11 +35,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(command: Sequence[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start `command` with its stdout and stderr in `log`."""
+def start(command: Sequence[str], log: Path, env: dict[str, str],
+          cwd: Path | None = None) -> subprocess.Popen:
+    """Start `command` (in `cwd`: the checkout whose code it runs) with its output in `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
-        return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=cwd)
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
