@@ -16,6 +16,7 @@ from training.data.images import DEFAULT_DECODE_MEMORY_MB, DEFAULT_DECODE_SECOND
 from training.exceptions import ConfigError
 from training.loop.schedule import SCHEDULES
 from training.options import Range, describe_defaults, flag_of, option, range_problems
+from training.parent import names_checkpoint, option_problems, read_parent_card
 from training.recipe import PRESETS, RECIPE_DEFAULTS, STRIDE2_STEM_MAX
 
 # The files a run keeps in its output folder that only training reads (the checkpoint's own
@@ -23,6 +24,8 @@ from training.recipe import PRESETS, RECIPE_DEFAULTS, STRIDE2_STEM_MAX
 RESUME_FILE = "last.pt"  # the resume state, rewritten after every epoch
 SPLIT_FILE = "split.json"  # the train/validation split, re-used by --resume
 
+DEFAULT_ARCH = "resnet50"
+DEFAULT_IMAGE_SIZE = 224
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 4096
 STEM_CHOICES = ("auto", *STEMS)
@@ -64,16 +67,22 @@ class TrainConfig:
                                  help="share of DATA split off for validation without --val")
     task: str | None = option(None, choices=TASK_FLAGS, identity=True,
                               help="override the inferred task")
-    arch: str = option("resnet50", choices=ARCH_CHOICES, identity=True,
-                       help="network architecture (resnet20 ... resnet110: the CIFAR ResNets, "
-                            "option A shortcuts; a b suffix, e.g. resnet20b: option B)")
+    arch: str | None = option(
+        None, choices=ARCH_CHOICES, identity=True,
+        default_text=f"{DEFAULT_ARCH}; with --weights CHECKPOINT_DIR, its architecture",
+        help="network architecture (resnet20 ... resnet110: the CIFAR ResNets, option A "
+             "shortcuts; a b suffix, e.g. resnet20b: option B)")
     weights: str = option("imagenet", identity=True,
-                          help="imagenet | none | path to a .pth/.safetensors state dict")
+                          help="imagenet | none | path to a .pth/.safetensors state dict | "
+                               "a checkpoint folder of ours to continue from (its backbone "
+                               "and head rows kept; the card records it as `parent`)")
     stem: str = option("auto", choices=STEM_CHOICES,
                        help="auto: small-image stem when training from scratch at <= "
                             f"{STRIDE2_STEM_MAX} px")
-    image_size: int = option(224, within=Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), identity=True,
-                             help="training crop size")
+    image_size: int | None = option(
+        None, within=Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), identity=True,
+        default_text=f"{DEFAULT_IMAGE_SIZE}; with --weights CHECKPOINT_DIR, its crop",
+        help="training crop size")
     epochs: int = option(10, within=Range(1, 100_000), identity=True, help="epochs to train")
     freeze_epochs: int = option(0, within=Range(0, 100_000), identity=True,
                                 help="head-only warm-up epochs")
@@ -160,9 +169,22 @@ class TrainConfig:
         if self.resume is not None:
             self.resume = (self.output / RESUME_FILE if str(self.resume) == AUTO_RESUME
                            else Path(self.resume))
-        problems = self.problems()
+        problems = self._take_parent_defaults()
+        problems += self.problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _take_parent_defaults(self) -> list[str]:
+        """--arch and --image-size left out: the --weights checkpoint's (training.parent),
+        else the defaults; the options that contradict that checkpoint."""
+        parent = read_parent_card(self.weights)
+        problems = option_problems(self, parent) if parent is not None else []
+        if self.arch is None:
+            self.arch = parent.arch if parent is not None else DEFAULT_ARCH
+        if self.image_size is None:
+            self.image_size = (parent.preprocessing.crop if parent is not None
+                               else DEFAULT_IMAGE_SIZE)
+        return problems
 
     def problems(self) -> list[str]:
         """What is wrong with these options (empty when they are usable)."""
@@ -221,7 +243,8 @@ class TrainConfig:
         if spec is None:
             return [f"unknown --arch {self.arch!r}; known: {', '.join(ARCHITECTURES)}"]
         out = []
-        if spec.imagenet is None and self.weights != "none":
+        if spec.imagenet is None and self.weights != "none" \
+                and not names_checkpoint(self.weights):
             out.append(f"--arch {self.arch} has no pretrained weights (no ImageNet weights exist "
                        f"for it) and trains from scratch only: pass --weights none, "
                        f"not {self.weights!r}")

@@ -28,6 +28,7 @@ from models.device import Accelerator
 from training import distributed
 from training.config import RESUME_FILE, TrainConfig
 from training.context import RunContext
+from training.data.discovery import infer_task
 from training.data.load import load_data, make_loaders
 from training.distributed import DistInfo, gather_objects
 from training.exceptions import ConfigError, NonFiniteError
@@ -52,6 +53,7 @@ from training.loop.state import (
     save_state,
 )
 from training.loop.train import EpochStats, build_learner, train_one_epoch
+from training.parent import load_parent, names_checkpoint
 from training.recipe import resolve
 from training.storage import check_output, prepare_output, write_atomically
 from training.unknown_rule import fit_unknown_rule
@@ -76,10 +78,13 @@ def prepare(cfg: TrainConfig, info: DistInfo) -> RunContext:
     resolve the recipe, and create the output folder."""
     check_output(cfg)
     check_weights_option(cfg)
+    parent = load_parent(cfg.weights)
+    if parent is not None:
+        parent.check_task(infer_task(cfg.data, cfg.task), cfg.data)
     accelerator = Accelerator.create(_training_device(cfg, info), "auto" if cfg.amp else "fp32")
     distributed.init(info, accelerator.device)
     seed_everything(cfg.seed + info.rank)
-    run = RunContext(cfg, resolve(cfg), info, accelerator)
+    run = RunContext(cfg, resolve(cfg), info, accelerator, parent)
     if info.is_main:
         recipe = run.recipe
         logger.info("recipe%s: %s", f" {recipe.name}" if recipe.name else "",
@@ -232,8 +237,9 @@ class FitRun:
 
 
 def check_weights_option(cfg: TrainConfig) -> None:
-    """A --weights path must name a file (a folder gets a hint at the file inside)."""
-    if cfg.weights in ("imagenet", "none"):
+    """A --weights path must name a file or one of our checkpoint folders (another folder
+    gets a hint at the file inside)."""
+    if cfg.weights in ("imagenet", "none") or names_checkpoint(cfg.weights):
         return
     path = Path(cfg.weights)
     if path.is_dir():

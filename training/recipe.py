@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from models.architectures import OWN_STEM, arch_spec
 from training.data.discovery import infer_task
 from training.exceptions import ConfigError
-from training.parent import read_parent_card
+from training.parent import parent_augmentation, read_parent_card
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -223,14 +223,15 @@ RECIPE_DEFAULTS: dict[str, Default] = {
 def resolve(cfg: TrainConfig) -> Recipe:
     """Fill every unset option of `cfg`: the named recipe's value where it has one, else its
     RECIPE_DEFAULTS entry for this kind of run (the task is --task, else inferred from DATA's
-    layout). From one of our checkpoints, its stem, resize/crop ratio and normalisation."""
+    layout). From one of our checkpoints, its stem, resize/crop ratio, normalisation and
+    augmentation (training.parent)."""
     multi = infer_task(cfg.data, cfg.task) == "multi_label"
     preset = preset_values(cfg)
     parent = read_parent_card(cfg.weights)
     if parent is not None:
         pre = parent.preprocessing
-        preset = {**preset, "eval_resize_ratio": pre.resize / pre.crop,
-                  "normalize": PARENT_NORMALIZE}
+        preset = {**preset, **parent_augmentation(parent),
+                  "eval_resize_ratio": pre.resize / pre.crop, "normalize": PARENT_NORMALIZE}
     values = {}
     for name, default in RECIPE_DEFAULTS.items():
         given = getattr(cfg, name)
