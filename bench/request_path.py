@@ -1,7 +1,7 @@
 """The pure request path: /predict without decoding against the floor of its HTTP stack, A/B.
 
-    python -m bench.request_path [--base REF] [--rounds 3] [--seconds 8] [--concurrency 64]
-                                 [--levels floor,fixed,decode] [--profile-seconds 5]
+    python -m bench.request_path [--base REF [--new-files F ...]] [--rounds 3] [--seconds 8]
+        [--concurrency 64] [--levels floor,fixed,decode] [--profile-seconds 5]
 
 Levels, each one server process (`--workers 1`) loaded by wrk with one JPEG per request:
 
@@ -16,7 +16,9 @@ Per level: requests/s, the server's CPU, requests per CPU-second of the server (
 and the event loop's (main thread's) CPU per request. With `--base REF` the same levels also
 run from a worktree of REF (the code before a change, with this tree's bench/ laid over it),
 alternating base and new each round in turning order, so drift on a shared machine hits both;
-each round's ratios, then their median and range, are reported. `--profile-seconds` adds
+each round's ratios, then their median and range, are reported. `--new-files` runs the new
+side from a worktree too, with only the named files of this tree: one change measured alone
+while other edits are under way in this tree. `--profile-seconds` adds
 one more pass per tree and level under py-spy, splitting the event loop's CPU per request
 by stage (bench.stage_profile). Prints one JSON document and a Markdown summary on stderr.
 """
@@ -137,14 +139,17 @@ def profile(server: Server, script: Path, args: argparse.Namespace) -> dict:
             "top_frames": top_frames(raw, pid), "samples": str(out)}
 
 
-def worktree(ref: str, root: Path) -> Path:
-    """A detached worktree of `ref` with this tree's bench/ laid over it."""
-    place = Path(tempfile.mkdtemp(prefix="request-path-base-"))
+def worktree(ref: str, root: Path, files: list[str] = ()) -> Path:
+    """A detached worktree of `ref` with this tree's bench/ and `files` laid over it."""
+    place = Path(tempfile.mkdtemp(prefix="request-path-"))
     place.rmdir()
     subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(place), ref],
                    check=True, capture_output=True)
     for source in (root / "bench").glob("*.py"):
         shutil.copy2(source, place / "bench" / source.name)
+    for name in files:
+        (place / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, place / name)
     return place
 
 
@@ -211,6 +216,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="a git ref to compare this tree with (A/B)")
+    parser.add_argument("--new-files", nargs="*", default=[],
+                        help="run the new side from a worktree of --base with only these "
+                        "files of this tree laid over it (other edits in this tree left out)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured, per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured, per run")
@@ -228,6 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown := set(args.levels) - set(LEVELS):
         parser.error(f"unknown levels {sorted(unknown)}; choose from {LEVELS}")
     args.trees = ["base", "new"] if args.base else ["new"]
+    if args.new_files and not args.base:
+        parser.error("--new-files needs --base")
     if wrk_binary() is None:
         parser.error("wrk is not installed (Debian: apt-get install wrk)")
     return args
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.top_score = float(FixedProbabilities(load(checkpoint)[1]).row.max())
     body = request_bodies(web_jpegs(), 1)
     script = write_script(args.out_dir / "bodies", body)
-    places = {"new": root}
+    places = {"new": worktree(args.base, root, args.new_files) if args.new_files else root}
     if args.base:
         places["base"] = worktree(args.base, root)
     servers: list[Server] = []
@@ -272,9 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         for server in servers:
             stop(server.process)
-        if args.base:
-            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force",
-                            str(places["base"])], check=False, capture_output=True)
+        for place in places.values():
+            if place != root:
+                subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force",
+                                str(place)], check=False, capture_output=True)
     result = {"env": environment(), "arch": ARCH, "concurrency": args.concurrency,
               "seconds": args.seconds, "rounds": args.rounds, "base": args.base,
               "command": " ".join(["python -m bench.request_path", *(argv or sys.argv[1:])]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -110,12 +111,27 @@ def run_uvicorn(app: FastAPI, settings: Settings, *, share: int = 1,
     from app.main import begin_shutdown
 
     server = _Server(server_config(app, settings, share), lambda: begin_shutdown(app))
+    freeze_startup_objects()
     # uvicorn re-raises the stop signal once it has shut down gracefully; handle it as
     # "done" so a requested stop exits with status 0 instead of dying by the signal
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _already_stopped)
     server.run(sockets=sockets)
     return server.started
+
+
+def freeze_startup_objects() -> None:
+    """Take what start-up left alive out of the cyclic garbage collector's sight.
+
+    The modules, classes and functions that torch, FastAPI and pydantic bring are some 400,000
+    objects that live as long as the process, and every full collection walked them all:
+    about 0.3 s each on a 2-core VM, several a minute under load, a fifth of the event loop's
+    CPU per request. Frozen, they are still freed by reference counting; a cycle among them
+    alone would stay, and they stay for the process's life anyway. Models load later, so a
+    retired one is collected as before."""
+    gc.collect()
+    gc.freeze()
+    logger.debug("%d objects frozen out of the garbage collector", gc.get_freeze_count())
 
 
 def serve(settings: Settings) -> int:
