@@ -3,6 +3,7 @@ images of a kind it does badly on through POST /feedback, retrained from itself 
 `fit --weights CHECKPOINT_DIR`, and reloaded by the same server.
 
     nice -n 19 python -m bench.retrain_loop --workdir /tmp/retrain-loop
+    python -m bench.retrain_loop --workdir loop --data-only   # the image folders alone
 
 The images are scikit-learn's 1,797 handwritten digit scans (8x8 grey, upscaled to 32 px),
 split by a seeded permutation into 800 to train the first model on and 300 held out (the
@@ -217,10 +218,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/retrain-loop"))
     parser.add_argument("--port", type=int, default=8791)
+    parser.add_argument("--data-only", action="store_true",
+                        help="write the image folders into WORKDIR/data and stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    if args.data_only:
+        folders = write_digits(args.workdir / "data")
+        logger.info("%s", ", ".join(f"{p}: {len(labelled(p))} images" for p in folders.values()))
+        return
     result = run(args.workdir.resolve(), args.port)
     before, after = result["before"], result["after"]
     result["gain_on_shifted"] = round(after["shifted-holdout"] - before["shifted-holdout"], 4)
