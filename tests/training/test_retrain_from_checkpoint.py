@@ -21,7 +21,7 @@ from tests.cards import copy_checkpoint
 from tests.serving_helpers import CLASSES, color_image, fast_settings, running_app
 from training.cli import main
 from training.distributed import DistInfo
-from training.exceptions import ConfigError
+from training.exceptions import ConfigError, ResumeError
 from training.fit import FitRun
 from training.recipe import resolve
 
@@ -130,6 +130,35 @@ def test_the_card_names_its_parent_and_loads_in_the_server(tiny_config, colors_d
 
     shown = asyncio.run(listed())
     assert shown["status"] == "loaded" and shown["card"]["parent"] == card.parent
+
+    # the parent folder now holds another model: resuming the run from it is refused
+    model, parent_card = checkpoint.load(served / "colors")
+    with torch.no_grad():
+        model.fc.bias.add_(0.5)
+    checkpoint.save(served / "colors", model, parent_card)
+    again = _run(tiny_config, colors_data, served / "colors-v2", served / "colors", epochs=2,
+                 resume=Path("auto"))
+    with pytest.raises(ResumeError, match="parent-weights-sha256"):
+        again.run()
+
+
+def test_a_multi_label_parent_keeps_its_rows_by_name(tiny_config, checkpoint_root, tmp_path):
+    data = tmp_path / "multi"
+    (data / "images").mkdir(parents=True)
+    rows = ["image,labels"]
+    for seed in range(12):
+        name = CLASSES[seed % 3]
+        color_image(name, seed=seed).save(data / "images" / f"{seed}.png")
+        rows.append(f"images/{seed}.png,{name} {WHITE}" if seed % 4 == 0
+                    else f"images/{seed}.png,{name}")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    parent, card = checkpoint.load(checkpoint_root / "tags")
+    run = _run(tiny_config, data / "labels.csv", tmp_path / "child", checkpoint_root / "tags")
+    assert run.data.task == "multi_label" and WHITE in run.data.classes
+    for row, name in enumerate(run.data.classes):
+        if name in card.classes:
+            assert torch.equal(run.learner.model.fc.weight[row].detach().cpu(),
+                               parent.fc.weight[card.classes.index(name)])
 
 
 def test_a_parent_of_another_task_or_lacking_classes_is_refused(
