@@ -3,7 +3,8 @@
     python -m bench.request_path [--base REF [--new-files F ...]] [--rounds 3] [--seconds 8]
         [--concurrency 64] [--levels floor,fixed,decode] [--profile-seconds 5]
 
-Levels, each one server process (`--workers 1`) loaded by wrk with one JPEG per request:
+Levels, each one server process (`--workers 1`) loaded by wrk with `--images` JPEGs per request
+(default 1):
 
 - `floor`: bench.floor_server, the service's uvicorn configuration serving an ASGI callable
   that reads the body and answers a constant: what any Python server pays per request here;
@@ -85,7 +86,7 @@ def server_command(level: str, checkpoint: Path, port: int, args: argparse.Names
 def measure(server: Server, script: Path, body: bytes, args: argparse.Namespace) -> dict:
     """Warm up, then one measured wrk run with the server's CPU accounted by thread."""
     if server.level != "floor":
-        check_answer(server.base, body, 1, args.top_score)
+        check_answer(server.base, body, args.images, args.top_score)
     run_wrk(f"{server.base}/predict", script, concurrency=args.concurrency,
             seconds=args.warmup)
     pid = server.process.pid
@@ -223,6 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured, per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured, per run")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--images", type=int, default=1, help="JPEGs per request")
     parser.add_argument("--levels", default="floor,fixed",
                         help=f"comma-separated, of {', '.join(LEVELS)}")
     parser.add_argument("--profile-seconds", type=float, default=0.0,
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path.cwd()
     checkpoint = benchmark_checkpoint(ARCH, Path("bench/results/checkpoints") / ARCH).resolve()
     args.top_score = float(FixedProbabilities(load(checkpoint)[1]).row.max())
-    body = request_bodies(web_jpegs(), 1)
+    body = request_bodies(web_jpegs(), args.images)
     script = write_script(args.out_dir / "bodies", body)
     places = {"new": worktree(args.base, root, args.new_files) if args.new_files else root}
     if args.base:
@@ -287,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
                 subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force",
                                 str(place)], check=False, capture_output=True)
     result = {"env": environment(), "arch": ARCH, "concurrency": args.concurrency,
+              "images_per_request": args.images,
               "seconds": args.seconds, "rounds": args.rounds, "base": args.base,
               "command": " ".join(["python -m bench.request_path", *(argv or sys.argv[1:])]),
               "runs": {f"{s.tree}/{s.level}": s.runs for s in servers},

@@ -8,13 +8,9 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
-from app.api.multipart import disposition_with_filename, parse_form
+from app.api.multipart import parse_parts
 from app.config import Settings
 from app.exceptions import (
     ClientDisconnectedError,
@@ -30,6 +26,7 @@ T = TypeVar("T")
 
 FILE_FIELD = "file"
 RAW_FILENAME = "body"
+MAX_FIELDS = 100  # text fields an upload form may carry beside its files
 
 # the request body of the upload routes (/predict, /explain) as OpenAPI describes it
 UPLOAD_BODY: dict[str, Any] = {
@@ -92,73 +89,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def _parse_multipart(request: Request, body: bytes, max_images: int) -> list[Upload]:
-    try:
-        form = await parse_form(request.headers, body, max_files=max_images, max_fields=100)
-    except MultiPartException as exc:
-        # the parser stops at max_images files, among other limits: count them to say which
-        content_type = request.headers.get("content-type", "")
-        if count_file_parts(body, content_type, stop_after=max_images + 1) > max_images:
-            raise PayloadTooLargeError(f"more than {max_images} images in one request") \
-                from None
-        raise MalformedRequestError(f"cannot parse the multipart body: {exc.message}") from None
-    try:
-        items = form.getlist(FILE_FIELD)
-        files = [item for item in items if isinstance(item, UploadFile)]
-        if len(files) != len(items):
-            raise InvalidRequestError(f"the field {FILE_FIELD!r} must hold files, not text")
-        if not files:
-            others = sorted(set(form.keys()))
-            hint = f" (got fields {others})" if others else ""
-            raise InvalidRequestError(f"no image files in the multipart field "
-                                      f"{FILE_FIELD!r}{hint}")
-        return [Upload(f.filename or f"{FILE_FIELD}{i}", await f.read())
-                for i, f in enumerate(files)]
-    finally:
-        await form.close()
-
-
-class _CountReached(Exception):
-    """Stops counting file parts once the count is known to be over the limit."""
-
-
-def count_file_parts(body: bytes, content_type: str, *, stop_after: int) -> int:
-    """Count a multipart body's file parts, stopping at `stop_after` or where it breaks."""
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        return 0
-    count = 0
-    name, value = bytearray(), bytearray()
-    disposition = b""
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        name.extend(data[start:end])
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        value.extend(data[start:end])
-
-    def on_header_end() -> None:
-        nonlocal disposition
-        if bytes(name).lower() == b"content-disposition":
-            disposition = bytes(value)
-        name.clear()
-        value.clear()
-
-    def on_headers_finished() -> None:
-        nonlocal count, disposition
-        if b"filename" in parse_options_header(disposition_with_filename(disposition))[1]:
-            count += 1
-            if count >= stop_after:
-                raise _CountReached
-        disposition = b""
-
-    with contextlib.suppress(FormParserError, _CountReached):
-        parser = MultipartParser(boundary, {
-            "on_header_field": on_header_field, "on_header_value": on_header_value,
-            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished})
-        parser.write(body)
-        parser.finalize()
-    return count
+    parts = parse_parts(body, request.headers.get("content-type", ""), max_files=max_images,
+                        max_fields=MAX_FIELDS)
+    items = [part for part in parts if part.name == FILE_FIELD]
+    files = [part for part in items if part.filename is not None]
+    if len(files) != len(items):
+        raise InvalidRequestError(f"the field {FILE_FIELD!r} must hold files, not text")
+    if not files:
+        others = sorted({part.name for part in parts})
+        hint = f" (got fields {others})" if others else ""
+        raise InvalidRequestError(f"no image files in the multipart field {FILE_FIELD!r}{hint}")
+    return [Upload(part.filename or f"{FILE_FIELD}{i}", part.data)
+            for i, part in enumerate(files)]
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
