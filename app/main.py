@@ -12,13 +12,14 @@ import torch
 from fastapi import FastAPI
 
 from app.api import errors
+from app.api.fast_path import FastPathMiddleware
 from app.api.middleware import (
     ErrorBoundaryMiddleware,
     NoSniffMiddleware,
     RequestIdMiddleware,
     RequestMetricsMiddleware,
 )
-from app.api.routes import all_routers
+from app.api.routes import all_fast_paths, all_routers
 from app.config import Settings
 from app.exceptions import CheckpointFolderError, ShuttingDownError
 from app.metrics import Metrics
@@ -97,8 +98,9 @@ def create_app(settings: Settings | None = None, *,
     errors.install(app)
     for router in all_routers():  # every module of app.api.routes
         app.include_router(router)  # each router declares who may call it (app.api.auth)
-    # the last added runs first: ids for everything, metrics of every answer, then the
-    # boundary that turns whatever escapes into a JSON answer
+    # the last added runs first: ids for everything, metrics of every answer, the boundary
+    # that turns whatever escapes into a JSON answer, then the routes with a fast path
+    app.add_middleware(FastPathMiddleware, paths=all_fast_paths())
     app.add_middleware(ErrorBoundaryMiddleware, stopping=lambda: _stopping(app))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)

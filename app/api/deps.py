@@ -47,7 +47,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ParsersDep = Annotated[ParserPool, Depends(get_parsers)]
+MODEL_NAME_MAX_LENGTH = 128  # ?model= longer than any checkpoint name is a mistake
 # ?model= of the routes that run a model: which checkpoint (None: the default one)
 ModelQuery = Annotated[str | None, Query(
-    max_length=128, description="model name (default: the configured or only model)",
-    examples=["pets"])]
+    max_length=MODEL_NAME_MAX_LENGTH,
+    description="model name (default: the configured or only model)", examples=["pets"])]
