@@ -17,12 +17,15 @@ import logging
 import math
 import mmap
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import resource
 import select
 import signal
 import struct
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import reduction
@@ -203,16 +206,43 @@ def _shared_file() -> int:
 
 
 _context_cache: list[multiprocessing.context.BaseContext] = []
+_context_lock = threading.Lock()
+# a socket path has at most 107 bytes; multiprocessing adds about 35 to its folder's
+MAX_SOCKET_FOLDER = 64
 
 
 def _context() -> multiprocessing.context.BaseContext:
     """The forkserver context; its server imports the decoders once, children fork from it
     (fast, and nothing of the serving process's threads or state is copied)."""
-    if not _context_cache:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(_PRELOAD)
-        _context_cache.append(context)
+    with _context_lock:
+        if not _context_cache:
+            _short_socket_folder()
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(_PRELOAD)
+            _context_cache.append(context)
     return _context_cache[0]
+
+
+def _short_socket_folder() -> None:
+    """Make multiprocessing keep its files (the forkserver's socket among them) where a socket
+    path fits: a Unix socket's path has at most 107 bytes, and under a long TMPDIR the
+    forkserver would fail to start ("AF_UNIX path too long")."""
+    if len(tempfile.gettempdir()) <= MAX_SOCKET_FOLDER:
+        return
+    fallback = next((d for d in ("/tmp", "/dev/shm", "/var/tmp")
+                     if os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)), None)
+    if fallback is None:
+        logger.warning("TMPDIR %s is too long for the decode processes' socket and no short "
+                       "writable folder was found", tempfile.gettempdir())
+        return
+    saved = tempfile.tempdir
+    tempfile.tempdir = fallback
+    try:
+        folder = multiprocessing.util.get_temp_dir()  # made once, kept for the process
+    finally:
+        tempfile.tempdir = saved
+    logger.info("TMPDIR is too long for a socket path; the decode processes' socket is under %s",
+                folder)
 
 
 # ---- in the child ----------------------------------------------------------------------
