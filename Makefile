@@ -3,9 +3,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# one pytest session per core (at most 4), each test file on one of them, so module fixtures
-# (a served app, a real server, a fit) are made once; plain `pytest` still runs in one process
-PARALLEL ?= -n auto --maxprocesses 4 --dist loadfile
+# four pytest sessions, each test file on one of them, so module fixtures (a served app, a
+# real server, a fit) are made once; four even on two cores, since many tests spend their
+# time waiting on a server or a worker process; plain `pytest` still runs in one process
+PARALLEL ?= -n 4 --dist loadfile
 
 .PHONY: setup test test-fast lint demo stop
 

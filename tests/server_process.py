@@ -30,7 +30,8 @@ def serving(checkpoint_dir: Path, log_path: Path, *flags: str, env: dict[str, st
             headers: dict[str, str] | None = None, models: int | None = None,
             timeout: float = 90.0) -> Iterator[str]:
     """Serve `checkpoint_dir` on the CPU with `flags`; yields `http://127.0.0.1:<port>` once
-    /models lists every model (or `models` of them) as loaded."""
+    /models lists every model (or `models` of them) as loaded and /ready says every worker
+    process is."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with log_path.open("w+") as log:
@@ -57,8 +58,9 @@ def _wait_loaded(proc: subprocess.Popen, url: str, log, headers: dict[str, str],
         try:
             found = httpx.get(f"{url}/models", headers=headers, timeout=2).json()["models"]
             if found and all(m["status"] == "loaded" for m in found) \
-                    and (models is None or len(found) == models):
-                return
+                    and (models is None or len(found) == models) \
+                    and httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return  # /ready: every worker process has its models, not only this one
         except (httpx.TransportError, ValueError, KeyError, TypeError):
             pass
         if proc.poll() is not None or time.monotonic() > give_up:
