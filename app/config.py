@@ -115,6 +115,10 @@ class Settings(BaseSettings):
         1000, ge=1, le=1_000_000,
         description="most client connections open at once; beyond it new ones get 503 "
         "(lowered at start-up to the open-file limit minus 128)")
+    http_parser: Literal["httptools", "h11"] = Field(
+        "httptools",
+        description="what parses HTTP requests: httptools (llhttp, in C) or h11 (pure Python, "
+        "about twice the CPU per request); both keep the same deadlines, limits and refusals")
     keepalive_timeout: float = Field(
         5.0, gt=0.0, le=3600.0,
         description="seconds a connection may sit idle (before its first request or between "

@@ -1,12 +1,14 @@
 """Client connections: a deadline on every phase of a request, and a cap on open sockets.
 
-uvicorn's h11 protocol closes an idle connection only after it has answered a request on it:
+uvicorn's protocols close an idle connection only after they have answered a request on it:
 a client that connects and sends nothing, trickles a request head, or trickles a body keeps
 its socket for ever, and enough of them exhaust the process's file descriptors.
-`GuardedH11Protocol` gives each phase its own deadline (idle: `keepalive_timeout`, request
+`GuardedHttpToolsProtocol` (llhttp, uvicorn's C parser; the default) and `GuardedH11Protocol`
+(h11, pure Python) give each phase its own deadline (idle: `keepalive_timeout`, request
 head: `header_timeout`, request body: `body_timeout`, an answer the client does not take:
-`write_timeout`); `ConnectionGuard` caps the connections served below the open-file limit and
-answers the ones over it with a quick 503.
+`write_timeout`) and refuse the same ambiguous requests in the same words; `ConnectionGuard`
+caps the connections served below the open-file limit and answers the ones over it with a
+quick 503.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from http import HTTPStatus
 from typing import Any, Literal
 
 import h11
+import httptools
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.process.http_framing import StrictFraming
 
@@ -40,6 +44,7 @@ REFUSAL_SLOTS = 32  # over-limit connections that may wait for their 503 at once
 FD_RESERVE = 4 * ACCEPT_BATCH + REFUSAL_SLOTS + 32  # the rest: logs, the listener, model files
 REFUSAL_GRACE = 1.0  # seconds a refused connection stays half-open so its 503 is read
 REPORT_INTERVAL = 60.0  # seconds between two log lines about the same condition
+MAX_HEAD_BYTES = 16 * 1024  # the longest request head (h11's own bound, kept for httptools)
 
 Admission = Literal["serve", "refuse", "drop"]
 Phase = Literal["idle", "head", "body", "app"]
@@ -139,20 +144,19 @@ class ConnectionGuard:
             self.served, self.limits.max_connections, count)
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on each phase of a request and a connection cap.
-
-    Use `protocol_for(guard)` to get a subclass bound to a guard for `uvicorn.Config(http=)`.
-    """
+class _GuardedProtocol:
+    """What both parsers' protocols share: admission, the deadline of each phase, the write
+    deadline and the answers (408, 400, 503) in the service's JSON shape. A subclass says
+    which phase its parser is in (`_current_phase`) and why it refused a request."""
 
     guard: ConnectionGuard
-    conn: StrictFraming
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    timeout_keep_alive: float
+    timeout_keep_alive_task: asyncio.TimerHandle | None
+    client: tuple[str, int] | None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        event_limit = self.config.h11_max_incomplete_event_size
-        self.conn = (StrictFraming(h11.SERVER) if event_limit is None
-                     else StrictFraming(h11.SERVER, event_limit))
+    def _start_guarding(self) -> None:
         self._admission: Admission | None = None
         self._phase: Phase = "idle"
         self._deadline: asyncio.TimerHandle | None = None
@@ -161,14 +165,14 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Admit the connection, refuse it with 503, or close it at once."""
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         self._admission = self.guard.admit()
         if self._admission == "serve":  # idle until its first byte: the keep-alive timeout
             # any byte the kernel does not take at once is waiting to leave: pause_writing
             # then starts the write deadline, resume_writing comes once all of it has left
             transport.set_write_buffer_limits(high=0)
             self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)  # type: ignore[attr-defined]
             return
         # answered before its request is read: a client reads the 503 after sending
         transport.write(error_bytes(503, "too many open connections; retry shortly",
@@ -186,14 +190,7 @@ class GuardedH11Protocol(H11Protocol):
         if self._admission is not None:
             self.guard.release(self._admission)
             self._admission = None
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        """Feed the parser, then follow the request into its next phase."""
-        if self._admission != "serve":
-            return  # a refused connection: its answer has gone, its request is dropped
-        super().data_received(data)
-        self._follow_request()
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def on_response_complete(self) -> None:
         """After an answer has left, the next request (possibly pipelined) starts its phases.
@@ -203,35 +200,40 @@ class GuardedH11Protocol(H11Protocol):
         and the write deadline closes its connection."""
         if not self.transport.is_closing() and self.transport.get_write_buffer_size():
             self._answer_waiting = True
-            self.flow.pause_reading()
+            self.flow.pause_reading()  # type: ignore[attr-defined]
             return
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         self._follow_request()
 
     def pause_writing(self) -> None:
         """The client is not taking what is sent: the write deadline starts."""
-        super().pause_writing()
+        super().pause_writing()  # type: ignore[misc]
         if self._admission == "serve" and self._write_deadline is None:
             self._write_deadline = self.loop.call_later(
                 self.guard.limits.write_timeout, self._write_timed_out)
 
     def resume_writing(self) -> None:
         """Everything sent has left; an answer held back lets the next request in."""
-        super().resume_writing()
+        super().resume_writing()  # type: ignore[misc]
         self._disarm_write()
         if self._answer_waiting:
             self._answer_waiting = False
             self.on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
-        """A request h11 or `StrictFraming` refused: the service's JSON 400, then close."""
-        detail = self.conn.refusal or "the request is not valid HTTP/1.1"
-        self.transport.write(error_bytes(400, detail, uuid.uuid4().hex))
+        """A request the parser refused: the service's JSON 400, then close."""
+        self.transport.write(error_bytes(400, self._refusal_reason(), uuid.uuid4().hex))
         self.transport.close()
 
     def _unsupported_upgrade_warning(self) -> None:
         """The service has no websockets: an Upgrade header is ignored, quietly."""
         logger.debug("ignoring an Upgrade request header from %s", _peer(self.client))
+
+    def _refusal_reason(self) -> str:
+        return "the request is not valid HTTP/1.1"
+
+    def _current_phase(self) -> Phase:
+        raise NotImplementedError
 
     def _follow_request(self) -> None:
         if self._admission != "serve":
@@ -239,17 +241,10 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing():
             self._disarm()
             return
-        state = self.conn.their_state
-        if state is h11.IDLE:
-            # h11 keeps the bytes of a head until it is complete (or refuses them)
-            phase: Phase = "head" if self.conn.trailing_data[0] else "idle"
-        elif state is h11.SEND_BODY:
-            phase = "body"
-        else:  # the request is in; request_timeout bounds the answer
-            phase = "app"
+        phase = self._current_phase()
         if phase == "idle" and self.timeout_keep_alive_task is None:
             self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)  # type: ignore[attr-defined]
         if phase == self._phase:
             return
         self._disarm()
@@ -280,7 +275,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._deadline = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or self._current_phase() != "head":
             return
         seconds = self.guard.limits.header_timeout
         self.guard.event("header_timeout")
@@ -292,9 +287,9 @@ class GuardedH11Protocol(H11Protocol):
 
     def _body_timed_out(self) -> None:
         self._deadline = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+        if self.transport.is_closing() or self._current_phase() != "body":
             return
-        cycle, seconds = self.cycle, self.guard.limits.body_timeout
+        cycle, seconds = self.cycle, self.guard.limits.body_timeout  # type: ignore[attr-defined]
         if cycle is not None and not cycle.response_complete:
             if not cycle.response_started:
                 request_id = cycle.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
@@ -307,7 +302,6 @@ class GuardedH11Protocol(H11Protocol):
                      _peer(self.client), seconds)
         self.transport.close()
 
-
     def _write_timed_out(self) -> None:
         self._write_deadline = None
         if not self.transport.get_write_buffer_size():
@@ -319,9 +313,155 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.abort()  # close() would wait for the buffer to drain, which it never does
 
 
-def protocol_for(guard: ConnectionGuard) -> type[GuardedH11Protocol]:
-    """A `GuardedH11Protocol` subclass bound to `guard`, for `uvicorn.Config(http=...)`."""
-    return type("BoundGuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
+class GuardedH11Protocol(_GuardedProtocol, H11Protocol):
+    """uvicorn's h11 protocol (pure Python) with a deadline on each phase of a request and a
+    connection cap; framing a proxy could read differently is refused (`StrictFraming`).
+
+    Use `protocol_for(guard, "h11")` to get a subclass bound to a guard for
+    `uvicorn.Config(http=)`.
+    """
+
+    conn: StrictFraming
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        event_limit = self.config.h11_max_incomplete_event_size
+        self.conn = (StrictFraming(h11.SERVER) if event_limit is None
+                     else StrictFraming(h11.SERVER, event_limit))
+        self._start_guarding()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser, then follow the request into its next phase."""
+        if self._admission != "serve":
+            return  # a refused connection: its answer has gone, its request is dropped
+        super().data_received(data)
+        self._follow_request()
+
+    def _refusal_reason(self) -> str:
+        return self.conn.refusal or "the request is not valid HTTP/1.1"
+
+    def _current_phase(self) -> Phase:
+        state = self.conn.their_state
+        if state is h11.IDLE:  # h11 keeps the bytes of a head until it is complete
+            return "head" if self.conn.trailing_data[0] else "idle"
+        if state is h11.SEND_BODY:
+            return "body"
+        return "app"  # the request is in; request_timeout bounds the answer
+
+
+class GuardedHttpToolsProtocol(_GuardedProtocol, HttpToolsProtocol):
+    """uvicorn's httptools protocol (llhttp, in C) with the same deadlines, cap and answers.
+
+    llhttp refuses what `StrictFraming` refuses for h11 (Content-Length with
+    Transfer-Encoding, a bare LF or lone CR ending a head line), and its reasons are said in
+    the same words. What it does not bound is the head, so a head longer than
+    `MAX_HEAD_BYTES` (h11's own bound) is refused here. A request it cannot parse that
+    follows others on the connection is refused once their answers have left, as h11 reads
+    a pipelined request only when its turn comes.
+
+    Use `protocol_for(guard, "httptools")` to get a subclass bound to a guard.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._start_guarding()
+        self._in_head = False  # a request head has begun and is not complete
+        self._in_body = False  # a request's head is in, the end of its body is not
+        self._head_bytes = 0
+        self._head_limit = self.config.h11_max_incomplete_event_size or MAX_HEAD_BYTES
+        self._refusal: str | None = None  # why the parser refused, once it has
+        self._refusal_due = False  # refused, the 400 waiting for the answers before it
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser, bound the head, then follow the request into its next phase."""
+        if self._admission != "serve" or self._refusal is not None:
+            return  # refused: its answer has gone (or waits), the rest is dropped
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._unsupported_upgrade_warning()  # no websockets: served as a plain request
+        except httptools.HttpParserError as exc:
+            self._refuse(_llhttp_reason(exc))
+            return
+        if self._in_head:
+            self._head_bytes += len(data)  # at most one read more than the head
+            if self._head_bytes > self._head_limit:
+                self._refuse(f"the request head is longer than {self._head_limit:,} bytes")
+                return
+        self._follow_request()
+
+    def on_message_begin(self) -> None:
+        """A request head begins."""
+        super().on_message_begin()
+        self._in_head, self._head_bytes = True, 0
+
+    def on_headers_complete(self) -> None:
+        """The head is in; its body (maybe empty) follows."""
+        self._in_head, self._in_body = False, True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        """The whole request is in."""
+        self._in_body = False
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        """As for h11; a refusal waiting for the answers before it is sent after the last."""
+        super().on_response_complete()
+        if self._refusal_due and not self._answer_waiting and not self._busy():
+            self._refusal_due = False
+            self.send_400_response(self._refusal or "")
+
+    def _refuse(self, reason: str) -> None:
+        self._refusal = reason
+        logger.debug("refusing a request from %s: %s", _peer(self.client), reason)
+        if self._busy():  # answers still owed on this connection: the 400 comes after them
+            self._refusal_due = True
+            self._disarm()
+            self.flow.pause_reading()
+        else:
+            self.send_400_response(reason)
+
+    def _busy(self) -> bool:
+        """Whether a request of this connection is being answered or waits its turn."""
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+
+    def _refusal_reason(self) -> str:
+        return self._refusal or "the request is not valid HTTP/1.1"
+
+    def _current_phase(self) -> Phase:
+        if self.pipeline or self._refusal is not None:
+            return "app"  # requests wait their turn: not read, so no deadline of the client's
+        if self._in_body:  # answered or not, the body must come in within its deadline
+            return "body"
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            return "app"
+        return "head" if self._in_head else "idle"
+
+
+PARSERS: dict[str, type[_GuardedProtocol]] = {
+    "httptools": GuardedHttpToolsProtocol, "h11": GuardedH11Protocol}
+
+
+def protocol_for(guard: ConnectionGuard, parser: str = "httptools") -> type[_GuardedProtocol]:
+    """The protocol of `parser` ("httptools" or "h11"), bound to `guard`, for
+    `uvicorn.Config(http=...)`."""
+    base = PARSERS[parser]
+    return type(f"Bound{base.__name__}", (base,), {"guard": guard})
+
+
+def _llhttp_reason(exc: Exception) -> str:
+    """What llhttp refused, in the words `StrictFraming` uses for the same (else its own)."""
+    message = str(exc)
+    if "Content-Length" in message and "Transfer-Encoding" in message:
+        return ("the request has both Content-Length and Transfer-Encoding; send one of them")
+    if "Expected CRLF" in message or "expected CR" in message or "expected LF" in message:
+        return ("a line of the request head ends in a bare LF or a lone CR; end every line "
+                "with CR LF")
+    return f"the request is not valid HTTP/1.1: {message}"
 
 
 def error_bytes(status: int, detail: str, request_id: str,

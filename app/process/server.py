@@ -87,8 +87,8 @@ def connection_limits(settings: Settings, share: int = 1) -> ConnectionLimits:
 
 
 def server_config(app: FastAPI, settings: Settings, share: int = 1) -> uvicorn.Config:
-    """uvicorn's configuration: our h11 protocol with its connection limits, no websockets,
-    forwarded headers believed only from `forwarded_allow_ips`."""
+    """uvicorn's configuration: our protocol for `settings.http_parser` with its connection
+    limits, no websockets, forwarded headers believed only from `forwarded_allow_ips`."""
     metrics = app.state.metrics
     guard = ConnectionGuard(connection_limits(settings, share),
                             on_event=metrics.connection_hook())
@@ -96,8 +96,8 @@ def server_config(app: FastAPI, settings: Settings, share: int = 1) -> uvicorn.C
     return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None,
         log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_timeout,
-        lifespan="on", server_header=False, http=protocol_for(guard), ws="none",
-        loop="asyncio", backlog=ACCEPT_BATCH,
+        lifespan="on", server_header=False, http=protocol_for(guard, settings.http_parser),
+        ws="none", loop="asyncio", backlog=ACCEPT_BATCH,
         # X-Forwarded-For/-Proto only from the proxies the operator names (uvicorn would
         # believe any local peer), so a client cannot pose as another address or scheme
         proxy_headers=bool(settings.forwarded_allow_ips),

@@ -63,13 +63,15 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="module")
-def quick_server(checkpoint_root: Path, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[tuple[str, int, Path]]:
-    """A server with one-second idle and header deadlines and a two-second body deadline."""
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def quick_server(request: pytest.FixtureRequest, checkpoint_root: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, Path]]:
+    """A server with one-second idle and header deadlines and a two-second body deadline,
+    with each HTTP parser."""
     log_path = tmp_path_factory.mktemp("quick") / "server.log"
     proc, url, port = start_server(checkpoint_root, log_path, "--keepalive-timeout", "1",
-                                   "--header-timeout", "1", "--body-timeout", "2")
+                                   "--header-timeout", "1", "--body-timeout", "2",
+                                   "--http-parser", request.param)
     yield url, port, log_path
     stop(proc)
 

@@ -121,8 +121,9 @@ class StalledTransport(asyncio.Transport):
             name, default)
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
 async def test_an_unread_answer_holds_pipelined_requests_back_until_the_write_deadline(
-        ) -> None:
+        parser: str) -> None:
     import uvicorn
     from uvicorn.server import ServerState
 
@@ -139,7 +140,8 @@ async def test_an_unread_answer_holds_pipelined_requests_back_until_the_write_de
     guard = ConnectionGuard(ConnectionLimits(4, 5.0, 10.0, 30.0, write_timeout=0.3),
                             on_event=events.append)
     config = uvicorn.Config(app, log_config=None, lifespan="off", proxy_headers=False)
-    protocol = protocol_for(guard)(config=config, server_state=ServerState(), app_state={})
+    protocol = protocol_for(guard, parser)(config=config, server_state=ServerState(),
+                                           app_state={})
     transport = StalledTransport(protocol)
     protocol.connection_made(transport)
     protocol.data_received(b"".join(f"GET /{n} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
