@@ -86,6 +86,24 @@ def mean_batch(base: str) -> tuple[float, float] | None:
     return batch_stats(response.text) if response.status_code == 200 else None
 
 
+def event_loop_seconds(snapshot: dict[str, tuple[str, float]]) -> float:
+    """CPU seconds of the server processes' main threads, their event loops: every process
+    of the tree but the decode processes (named resnet-decode) and their fork server."""
+    total = 0.0
+    for key, (_, seconds) in snapshot.items():
+        pid, tid = key.split("/", 1)
+        if pid != tid:
+            continue
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if name != "resnet-decode" and b"forkserver" not in command:
+            total += seconds
+    return total
+
+
 def run_level(base: str, script: Path, body: bytes, *, concurrency: int, images: int,
               args: argparse.Namespace, root: int) -> dict:
     """Warm up, then load one (concurrency, images per request) level and account it."""
@@ -101,6 +119,8 @@ def run_level(base: str, script: Path, body: bytes, *, concurrency: int, images:
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1, batches1 = thread_cpu(root), mean_batch(base)
     by_thread, by_role = cpu_by_name(cpu0, cpu1), cpu_by_role(cpu0, cpu1, root)
+    loop = event_loop_seconds(cpu1) - event_loop_seconds(
+        {key: cpu0.get(key, value) for key, value in cpu1.items()})
     done = wrk.ok * images
     per_image = 1000 / max(1, done)
     batch = None
@@ -118,6 +138,7 @@ def run_level(base: str, script: Path, body: bytes, *, concurrency: int, images:
         "loadgen_cpu_pct": round(100 * loadgen / wrk.seconds, 1),
         "server_cpu_pct": round(100 * sum(by_thread.values()) / wrk.seconds, 1),
         "server_cpu_ms_per_image": round(sum(by_thread.values()) * per_image, 3),
+        "event_loop_ms_per_request": round(1000 * loop / max(1, wrk.ok), 3),
         "server_cpu_ms_per_image_by_thread": {k: round(s * per_image, 3)
                                               for k, s in by_thread.items()},
         "server_cpu_ms_per_image_by_role": {k: round(s * per_image, 3)

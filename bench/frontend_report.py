@@ -67,11 +67,14 @@ def _headline(result: dict, best: dict[Key, dict]) -> dict:
             "best_litserve": best.get(key), "service": service}
 
 
-def _cpu(level: dict) -> str:
+def _cpu(level: dict, *, service: bool) -> str:
     roles = level.get("server_cpu_ms_per_image_by_role", {})
     threads = level.get("server_cpu_ms_per_image_by_thread", {})
     parts = [", ".join(f"{k} {v:.2f}" for k, v in d.items() if v >= 0.005)
              for d in (roles, threads)]
+    loop = level.get("event_loop_ms_per_request")
+    if loop is not None and service:  # LitServe decodes in its processes' main threads
+        parts.insert(0, f"event loop {loop:.2f} ms/req")
     return f"{level['server_cpu_ms_per_image']:.2f} ({'; '.join(p for p in parts if p)})"
 
 
@@ -87,7 +90,7 @@ def _rows(name: str, run: dict) -> list[str]:
             f"{f'{ratio:.2f}x' if ratio is not None else ''} | {lv['p50_ms']:.0f} | "
             f"{lv['p99_ms']:.0f} | {lv['errors']} | "
             f"{lv['mean_batch'] if lv['mean_batch'] is not None else '-'} | "
-            f"{lv['loadgen_cpu_pct']:.0f}% | {_cpu(lv)} |")
+            f"{lv['loadgen_cpu_pct']:.0f}% | {_cpu(lv, service=name.startswith('service'))} |")
     if "error" in run:
         rows.append(f"| {name} | failed after these levels: {run['error']} |")
     return rows

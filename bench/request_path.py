@@ -19,9 +19,10 @@ run from a worktree of REF (the code before a change, with this tree's bench/ la
 alternating base and new each round in turning order, so drift on a shared machine hits both;
 each round's ratios, then their median and range, are reported. `--new-files` runs the new
 side from a worktree too, with only the named files of this tree: one change measured alone
-while other edits are under way in this tree. `--profile-seconds` adds
-one more pass per tree and level under py-spy, splitting the event loop's CPU per request
-by stage (bench.stage_profile). Prints one JSON document and a Markdown summary on stderr.
+while other edits are under way in this tree; `--new REF` runs it from a worktree of REF.
+`--profile-seconds` adds one more pass per tree and level under py-spy, splitting the event
+loop's CPU per request by stage (bench.stage_profile). Prints one JSON document, and a
+Markdown summary on stderr.
 """
 
 from __future__ import annotations
@@ -217,6 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="a git ref to compare this tree with (A/B)")
+    parser.add_argument("--new", help="run the new side from a worktree of this ref instead "
+                        "of this tree")
     parser.add_argument("--new-files", nargs="*", default=[],
                         help="run the new side from a worktree of --base with only these "
                         "files of this tree laid over it (other edits in this tree left out)")
@@ -238,8 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown := set(args.levels) - set(LEVELS):
         parser.error(f"unknown levels {sorted(unknown)}; choose from {LEVELS}")
     args.trees = ["base", "new"] if args.base else ["new"]
-    if args.new_files and not args.base:
-        parser.error("--new-files needs --base")
+    if args.new_files and not (args.base or args.new):
+        parser.error("--new-files needs --base or --new")
     if wrk_binary() is None:
         parser.error("wrk is not installed (Debian: apt-get install wrk)")
     return args
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.top_score = float(FixedProbabilities(load(checkpoint)[1]).row.max())
     body = request_bodies(web_jpegs(), args.images)
     script = write_script(args.out_dir / "bodies", body)
-    places = {"new": worktree(args.base, root, args.new_files) if args.new_files else root}
+    places = {"new": (worktree(args.new or args.base, root, args.new_files)
+                      if args.new or args.new_files else root)}
     if args.base:
         places["base"] = worktree(args.base, root)
     servers: list[Server] = []

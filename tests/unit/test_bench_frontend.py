@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -163,3 +164,12 @@ def test_summarise_computes_the_ratios_and_the_headline() -> None:
     text = table(result)
     assert "no --workers" in text and "failed: server exited" in text
     assert text.count("| service w=1 |") == 2
+
+
+def test_the_event_loop_is_the_main_thread_of_every_process_but_the_decoders() -> None:
+    from bench.frontend import event_loop_seconds
+
+    me = os.getpid()
+    snapshot = {f"{me}/{me}": ("main", 1.5), f"{me}/{me + 1}": ("compute", 2.0),
+                "999999999/999999999": ("main", 4.0)}  # a process that is gone: not counted
+    assert event_loop_seconds(snapshot) == 1.5
