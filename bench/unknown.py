@@ -1,166 +1,246 @@
-"""Which "unknown input" score works on real data: energy, max softmax, or feature distance.
+"""Which "unknown input" score holds across models and data: the bench of the rule.
 
-    python -m bench.unknown build /tmp/unknown-data      # digits 0-4, digits 5-9, textures, photos
-    python -m bench.unknown train /tmp/unknown-data      # `fit` a checkpoint on each known set
-    python -m bench.unknown measure /tmp/unknown-data    # AUROC and rejected shares per score
+    python -m bench.unknown build ROOT      # the image sets (bench.unknown_data)
+    python -m bench.unknown train ROOT      # `fit` every model of bench.unknown_runs
+    python -m bench.unknown measure ROOT    # every candidate score on every pair -> JSON lines
+    python -m bench.unknown table ROOT      # the summary and per-pair tables (markdown)
 
-Known sets (each with `train/` for `fit` and a held-out `test/`):
-
-- digits04: scikit-learn's real handwritten digits 0-4 at 32 px.
-- textures: grey patches of eight scikit-image pictures (bench.recipe_sweep's set).
-
-Other data, never seen in training:
-
-- digits59: the digits 5-9, same scans, same style: "near" inputs, the hard case.
-- textures / digits04: each known set's test images are the other's unknown inputs.
-- photos: 32-128 px crops of scikit-image's colour photographs (cat, rocket, coffee ...).
-
-For every checkpoint and score the bench reports the AUROC of "unknown" against the known
-test images, and the share of each other set rejected at the threshold that accepts 95% of
-the known test images (the rule `fit` stores, set on held-out images of the known kind).
-Scores, higher = more unusual: energy (-logsumexp of the logits), msp (-max softmax), and
-cosine (1 - the largest cosine similarity of the pooled features to the class means of the
-training images; what `fit` stores and the service computes, models.unknown).
+A pair is a known set (the model's own kind: its held-out test images) and another set it
+never saw. For each score, pair and model the bench reports the AUROC of "unknown" between
+the two, `flagged_at_95`: the share of the other images above the score that accepts 95% of
+the known test images (1 - FPR at 95% TPR), and, as the rule ships, the shares of test
+images and other images above the threshold set on the run's own validation images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
-from bench.recipe_sweep import _save, build_textures
-from models import checkpoint
-from models.architectures import arch_spec
-from models.preprocessing import Normalize, eval_transform
-from models.unknown import acceptance_threshold, auroc, class_means, cosine_distance
+from bench.unknown_data import build_all
+from bench.unknown_features import Features, extract
+from bench.unknown_runs import RUNS, Run, train
+from bench.unknown_scores import candidates
+from models.unknown import ACCEPTANCE, acceptance_threshold, auroc
 
-PHOTOS = ["chelsea", "rocket", "coffee", "astronaut", "hubble_deep_field", "immunohistochemistry"]
-KNOWN = ("digits04", "textures")
+logger = logging.getLogger(__name__)
 
-
-def build_digit_sets(out: Path, seed: int = 0) -> None:
-    """digits04 (train/test) and digits59 (test only), from one seeded 75/25 split."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    for rank, i in enumerate(order):
-        label = int(digits.target[i])
-        split = "test" if rank < len(order) // 4 else "train"
-        img = (digits.images[i] * (255 / 16)).clip(0, 255).astype(np.uint8)
-        big = np.asarray(Image.fromarray(img).resize((32, 32), Image.BILINEAR))
-        if label <= 4:
-            _save(big, out / "digits04" / split / str(label) / f"{i:04d}.png")
-        elif split == "test":
-            _save(big, out / "digits59" / "test" / str(label) / f"{i:04d}.png")
+# the other sets each known set is shown; grey was never used to choose a score
+OTHERS = {"digits": ["photos", "textures", "grey"],
+          "digits04": ["digits59", "photos", "textures", "grey"],
+          "textures": ["digits", "photos", "grey"],
+          "mosaics": ["photos", "textures", "grey"]}
+OTHERS.update({"digits-small": OTHERS["digits"], "textures-large": OTHERS["textures"]})
+# near pairs: new classes of the model's own kind. The digits 5-9 for the digits 0-4; the
+# grey crops of other grey pictures for the texture models, whose classes are crops of grey
+# pictures (a camera man, an astronaut, coins ...); every other pair is far
+NEAR = {("digits04", "digits59"), ("textures", "grey"), ("textures-large", "grey")}
+ACCEPTANCES = (0.9, ACCEPTANCE, 0.99)  # the rule as shipped, at the default and two others
 
 
-def build_photos(out: Path, per_photo: int = 60, seed: int = 0) -> None:
-    """Colour crops of scikit-image's photographs at random places and sizes."""
-    import skimage.data
-
-    rng = np.random.default_rng(seed)
-    for name in PHOTOS:
-        img = getattr(skimage.data, name)()[..., :3]
-        h, w = img.shape[:2]
-        for k in range(per_photo):
-            side = int(rng.integers(32, min(128, h, w) + 1))
-            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-            crop = Image.fromarray(img[y:y + side, x:x + side]).resize((32, 32), Image.BILINEAR)
-            _save(np.asarray(crop), out / "photos" / "test" / name / f"{k:03d}.png")
-
-
-def train(root: Path, epochs: int) -> None:
-    """`fit` a resnet18 from scratch on each known set (the defaults, 32 px)."""
-    for name in KNOWN:
-        subprocess.run([sys.executable, "-m", "training", "fit", str(root / name / "train"),
-                        "--output", str(root / "runs" / name), "--arch", "resnet18",
-                        "--weights", "none", "--image-size", "32", "--epochs", str(epochs),
-                        "--no-progress", "--overwrite"], check=True)
+def features(root: Path, run: Run, folder: Path, key: str) -> Features:
+    """The run's features of `folder`, cached under root/features."""
+    cache = root / "features" / run.name / f"{key}.npz"
+    if cache.is_file():
+        data = np.load(cache, allow_pickle=False)
+        count = int(data["n_stages"])
+        targets = data.get("targets")
+        return Features(data["logits"], data["pooled"], [data[f"s{i}"] for i in range(count)],
+                        [data[f"t{i}"] for i in range(count)], targets)
+    out = extract(root / "runs" / run.name, folder)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"logits": out.logits, "pooled": out.pooled, "n_stages": np.array(len(out.stages)),
+              **{f"s{i}": s for i, s in enumerate(out.stages)},
+              **{f"t{i}": s for i, s in enumerate(out.stage_stds)}}
+    if out.targets is not None:
+        arrays["targets"] = out.targets
+    np.savez(cache, **arrays)
+    return out
 
 
-@torch.inference_mode()
-def outputs(run: Path, folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits, pooled features and class indices (folder order) of every image under folder."""
-    model, card = checkpoint.load(run)
-    model.eval()
-    pooled: list[torch.Tensor] = []
-    head = arch_spec(card.arch).head(model)
-    hook = head.register_forward_hook(lambda _m, args, _out: pooled.append(args[0].clone()))
-    transform, normalize = eval_transform(card.preprocessing), Normalize(card.preprocessing)
-    paths = sorted(folder.rglob("*.png"))
-    logits = []
-    for start in range(0, len(paths), 128):
-        chunk = paths[start:start + 128]
-        batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in chunk])
-        logits.append(model(normalize(batch)))
-    hook.remove()
-    names = sorted({p.parent.name for p in paths})
-    labels = np.array([names.index(p.parent.name) for p in paths])
-    return torch.cat(logits).numpy(), torch.cat(pooled).numpy(), labels
+def quality(test: Features) -> float:
+    """Top-1 accuracy (single-label) or the mean per-class average precision (multi-label)."""
+    if test.targets.ndim == 1:
+        return float(np.mean(test.logits.argmax(1) == test.targets))
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(test.targets, test.logits, average="macro"))
 
 
-def scores_of(logits: np.ndarray, features: np.ndarray, means: torch.Tensor
-              ) -> dict[str, np.ndarray]:
-    """Every candidate score of the same images."""
-    tensor = torch.as_tensor(logits)
-    return {"energy": -torch.logsumexp(tensor, dim=1).numpy(),
-            "msp": -torch.softmax(tensor, dim=1).max(dim=1).values.numpy(),
-            "cosine": cosine_distance(torch.as_tensor(features), means).numpy()}
-
-
-def measure(root: Path, known_sets: list[str]) -> list[dict]:
-    """One row per (checkpoint, score, other set)."""
-    others = {"digits04": ["digits59", "textures", "photos"],
-              "textures": ["digits04", "photos"]}
+def measure_run(root: Path, run: Run) -> list[dict]:
+    """One row per (score, other set) of one model."""
+    known = root / run.known
+    train_f = features(root, run, known / "train", "train")
+    val_f = features(root, run, known / "val", "val")
+    test_f = features(root, run, known / "test", "test")
+    others = {o: features(root, run, root / o / "test", o) for o in OTHERS[run.known]}
+    multi = run.known == "mosaics"
+    scorers = candidates(train_f, val_f, train_f.logits.shape[1], multi)
+    base = {**asdict(run), "run": run.name, "quality": round(quality(test_f), 4)}
     rows = []
-    for known in known_sets:
-        run = root / "runs" / known
-        _, train_features, train_labels = outputs(run, root / known / "train")
-        means = class_means(torch.as_tensor(train_features), torch.as_tensor(train_labels),
-                            int(train_labels.max()) + 1)
-        test_logits, test_features, _ = outputs(run, root / known / "test")
-        known_scores = scores_of(test_logits, test_features, means)
-        for other in others[known]:
-            o_logits, o_features, _ = outputs(run, root / other / "test")
-            other_scores = scores_of(o_logits, o_features, means)
-            for score, values in known_scores.items():
-                cut = acceptance_threshold(values)
-                rows.append({"known": known, "other": other, "score": score,
-                             "auroc": round(auroc(values, other_scores[score]), 3),
-                             "rejected_at_95": round(float(np.mean(other_scores[score] > cut)), 3)})
+    for name, scorer in scorers.items():
+        val_s, test_s = scorer(val_f), scorer(test_f)
+        at_test = acceptance_threshold(test_s)
+        shipped = {a: acceptance_threshold(val_s, a) for a in ACCEPTANCES}
+        for other, f in others.items():
+            s = scorer(f)
+            row = {**base, "score": name, "other": other, "near": (run.known, other) in NEAR,
+                   "auroc": round(auroc(test_s, s), 4),
+                   "flagged_at_95": round(float(np.mean(s > at_test)), 4)}
+            for a, cut in shipped.items():
+                suffix = "" if a == ACCEPTANCE else f"_{round(100 * a)}"
+                row[f"test_flagged{suffix}"] = round(float(np.mean(test_s > cut)), 4)
+                row[f"other_flagged{suffix}"] = round(float(np.mean(s > cut)), 4)
+            rows.append(row)
     return rows
+
+
+def measure(root: Path) -> list[dict]:
+    """Every trained run's rows, written to root/unknown.jsonl."""
+    rows = []
+    for run in RUNS:
+        if run.done(root):
+            logger.info("measure %s", run.name)
+            rows += measure_run(root, run)
+    (root / "unknown.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Per score over the far pairs: the worst and mean of each figure, and the near pair."""
+    lines = ["| score | far pairs | AUROC min / mean | flagged at 95% min / mean | shipped: "
+             "other flagged min | test flagged max | near AUROC mean | near flagged mean |",
+             "|---|---|---|---|---|---|---|---|"]
+    scores = sorted({r["score"] for r in rows})
+    for score in scores:
+        far = [r for r in rows if r["score"] == score and not r["near"]]
+        near = [r for r in rows if r["score"] == score and r["near"]]
+        if not far:
+            continue
+        lines.append(
+            f"| {score} | {len(far)} | {min(r['auroc'] for r in far):.3f} / "
+            f"{np.mean([r['auroc'] for r in far]):.3f} | "
+            f"{min(r['flagged_at_95'] for r in far):.3f} / "
+            f"{np.mean([r['flagged_at_95'] for r in far]):.3f} | "
+            f"{min(r['other_flagged'] for r in far):.3f} | "
+            f"{max(r['test_flagged'] for r in far):.3f} | "
+            f"{np.mean([r['auroc'] for r in near]) if near else float('nan'):.3f} | "
+            f"{np.mean([r['flagged_at_95'] for r in near]) if near else float('nan'):.3f} |")
+    return lines
+
+
+MATRIX = ("msp", "max_logit", "energy", "feature_norm", "cosine", "knn5", "knn5@256",
+          "mahalanobis", "knn5+mahalanobis", "mahalanobis+energy", "stage_mahalanobis")
+
+
+def matrix(rows: list[dict], scores: tuple[str, ...] = MATRIX) -> list[str]:
+    """One line per model and other set, one "AUROC / flagged at 95%" cell per score."""
+    cells = {(r["run"], r["other"], r["score"]): r for r in rows}
+    pairs = list(dict.fromkeys((r["run"], r["other"]) for r in rows))
+    lines = ["| model | other | " + " | ".join(scores) + " |",
+             "|---|---|" + "---|" * len(scores)]
+    for run, other in pairs:
+        found = [cells.get((run, other, s)) for s in scores]
+        shown = [f"{r['auroc']:.3f} / {r['flagged_at_95']:.2f}" if r else "" for r in found]
+        lines.append(f"| {run} | {other} | " + " | ".join(shown) + " |")
+    return lines
+
+
+FAR_FLAGGED, OWN_FLAGGED = 0.80, 0.10  # at the default acceptance: the rule's aim
+
+
+def verdict(row: dict) -> str:
+    """Whether the rule as shipped (default acceptance) meets its aim on this pair: at least
+    FAR_FLAGGED of a far-away set flagged, at most OWN_FLAGGED of the model's own test
+    images; a near set is reported, not judged."""
+    if row["near"]:
+        return "near: reported"
+    met = row["other_flagged"] >= FAR_FLAGGED and row["test_flagged"] <= OWN_FLAGGED
+    return "yes" if met else "**no**"
+
+
+def shipped(rows: list[dict], score: str = "stage_mahalanobis") -> list[str]:
+    """The rule as `fit` ships it: per model and other set, the shares flagged at the
+    threshold set on the run's validation images, at each acceptance, and the verdict."""
+    head = " | ".join(f"{round(100 * a)}%: test / other" for a in ACCEPTANCES)
+    lines = [f"| model | quality | other | AUROC | {head} | aim met |",
+             "|---|---|---|---|" + "---|" * len(ACCEPTANCES) + "---|"]
+    for r in rows:
+        if r["score"] != score:
+            continue
+        cells = []
+        for a in ACCEPTANCES:
+            suffix = "" if a == ACCEPTANCE else f"_{round(100 * a)}"
+            cells.append(f"{r['test_flagged' + suffix]:.3f} / {r['other_flagged' + suffix]:.3f}")
+        lines.append(f"| {r['run']} | {r['quality']:.3f} | {r['other']} | {r['auroc']:.3f} | "
+                     + " | ".join(cells) + f" | {verdict(r)} |")
+    return lines
+
+
+def expected(rows: list[dict], score: str = "stage_mahalanobis") -> dict[float, dict]:
+    """What the rule as shipped flagged over every model, at each acceptance: the median and
+    the worst far-away pair and the share of far pairs with at least FAR_FLAGGED flagged, the
+    mean near pair, the mean and worst share of the models' own test images
+    (models.unknown.BENCH_FLAGGED holds these figures)."""
+    out = {}
+    mine = [r for r in rows if r["score"] == score]
+    for a in ACCEPTANCES:
+        suffix = "" if a == ACCEPTANCE else f"_{round(100 * a)}"
+        far = [r["other_flagged" + suffix] for r in mine if not r["near"]]
+        near = [r["other_flagged" + suffix] for r in mine if r["near"]]
+        own = {r["run"]: r["test_flagged" + suffix] for r in mine}
+        out[a] = {"far_median": round(float(np.median(far)), 3), "far_worst": round(min(far), 3),
+                  "far_pairs_80": round(float(np.mean(np.asarray(far) >= FAR_FLAGGED)), 3),
+                  "near_mean": round(float(np.mean(near)), 3) if near else None,
+                  "own_mean": round(float(np.mean(list(own.values()))), 3),
+                  "own_worst": round(max(own.values()), 3)}
+    return out
+
+
+def per_pair(rows: list[dict], score: str) -> list[str]:
+    """One line per model and other set for `score`."""
+    lines = ["| model | quality | other | AUROC | flagged at 95% | shipped: test flagged | "
+             "shipped: other flagged |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["score"] == score:
+            lines.append(f"| {r['run']} | {r['quality']:.3f} | {r['other']} | {r['auroc']:.3f} "
+                         f"| {r['flagged_at_95']:.3f} | {r['test_flagged']:.3f} | "
+                         f"{r['other_flagged']:.3f} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["build", "train", "measure"])
+    parser.add_argument("step", choices=["build", "train", "measure", "table"])
     parser.add_argument("root", type=Path)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--known", nargs="+", default=list(KNOWN), choices=KNOWN)
+    parser.add_argument("--score", action="append", default=[],
+                        help="table: also the per-pair table of this score")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%X")
     if args.step == "build":
-        build_digit_sets(args.root)
-        build_textures(args.root / "textures")
-        build_photos(args.root)
+        build_all(args.root)
     elif args.step == "train":
-        train(args.root, args.epochs)
+        train(args.root, RUNS)
     else:
-        rows = measure(args.root, args.known)
-        print("| known | other | score | AUROC | rejected at 95% acceptance |")
-        print("|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['known']} | {r['other']} | {r['score']} | {r['auroc']:.3f} | "
-                  f"{r['rejected_at_95']:.3f} |")
-        (args.root / "unknown.json").write_text(json.dumps(rows, indent=1))
+        if args.step == "measure":
+            rows = measure(args.root)
+        else:
+            text = (args.root / "unknown.jsonl").read_text().splitlines()
+            rows = [json.loads(line) for line in text]
+        print("\n".join(summary(rows)))
+        print("\n" + "\n".join(matrix(rows)))
+        print("\n" + "\n".join(shipped(rows)))
+        print("\nexpected flagging (models.unknown.BENCH_FLAGGED):")
+        for acceptance, figures in expected(rows).items():
+            print(f"    {acceptance}: {figures},")
+        for score in args.score:
+            print(f"\n{score}\n" + "\n".join(per_pair(rows, score)))
 
 
 if __name__ == "__main__":
