@@ -29,7 +29,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-SHRINKAGE = 0.1  # share of the trace-scaled identity mixed into each covariance
+# share of the trace-scaled identity mixed into each covariance: of 0.01, 0.03, 0.1 and 0.5,
+# the least gave the highest AUROC on every far-away pair of python -m bench.unknown
+SHRINKAGE = 0.01
 STANDARDISE_KEY = "unknown.standardise"
 
 
