@@ -166,7 +166,9 @@ class ModelCard:
     weights_sha256: str | None = None  # of model.safetensors, written by save()
     # temperature scaling fitted on validation: temperature, ece_before, ece_after, bins
     calibration: dict[str, Any] | None = None
-    # the "unknown input" rule fitted on validation: method, threshold, acceptance (+ figures)
+    # the "unknown input" rule fitted on validation: method, threshold, acceptance (+ its
+    # validation figures, and `expected_flagged`: what models.unknown.BENCH_FLAGGED says the
+    # rule flagged in the benchmark at that acceptance)
     unknown: dict[str, Any] | None = None
     # what the validation images looked like, for drift figures (models.drift)
     drift: dict[str, Any] | None = None

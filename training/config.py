@@ -11,6 +11,7 @@ from typing import Any
 from models.architectures import ARCHITECTURES, STEMS
 from models.decoding import DEFAULT_MAX_PIXELS
 from models.device import DEVICE_CHOICES
+from models.unknown import ACCEPTANCE
 from training.data.balance import IMBALANCE_RATIO
 from training.data.images import DEFAULT_DECODE_MEMORY_MB, DEFAULT_DECODE_SECONDS
 from training.exceptions import ConfigError
@@ -149,6 +150,10 @@ class TrainConfig:
     amp: bool = option(True, help=AMP_HELP)
     patience: int | None = option(None, within=Range(1, 100_000),
                                   help="stop after this many epochs without gain")
+    unknown_acceptance: float = option(
+        ACCEPTANCE, within=Range(0.5, 1.0),
+        help="share of the validation images the unknown-input threshold accepts: lower "
+             "flags more new classes and more of your own images (docs/training-recipe.md)")
     resume: Path | None = option(None, nargs="?", const=AUTO_RESUME, metavar="LAST_PT",
                                  help=f"continue from OUTPUT/{RESUME_FILE} (or the given file)")
     overwrite: bool = option(False,

@@ -179,7 +179,8 @@ class FitRun:
         self.export.restore_best(model)
         rule = fit_unknown_rule(model, cfg.arch, self.data, accelerator=self.ctx.accelerator,
                                 normalize=self.learner.normalize,
-                                batch_size=2 * recipe.batch_size, workers=cfg.workers)
+                                batch_size=2 * recipe.batch_size, workers=cfg.workers,
+                                acceptance=cfg.unknown_acceptance)
         self.export.final(model, training=self.training_record(seconds),
                           history=self.progress.history, best_metrics=self.progress.best_metrics,
                           rule=rule)

@@ -5,6 +5,7 @@ training images' features, standardised and thresholded on the validation images
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from training.data.datasets import ImageDataset, make_loader
 from training.data.load import TrainingData
 
 logger = logging.getLogger(__name__)
+
+FEW_VALIDATION_IMAGES = 100  # below this the threshold's acceptance is noticeably noisy
 
 
 @dataclass(frozen=True)
@@ -80,4 +83,9 @@ def fit_unknown_rule(model: nn.Module, arch: str, data: TrainingData, *,
     logger.info("unknown-input rule: stage Mahalanobis score > %.3f is unknown (accepts %.1f%% "
                 "of %d validation images; median %.3f)", record["threshold"],
                 100 * record["val_accepted"], record["val_images"], float(np.median(scores)))
+    if len(scores) < FEW_VALIDATION_IMAGES:
+        spread = 2 * math.sqrt(acceptance * (1 - acceptance) / len(scores))
+        logger.warning("the unknown-input threshold rests on %d validation images: the share of "
+                       "images like them that it accepts may be %.0f%% +- %.0f%%; hold out more "
+                       "for a steadier rule", len(scores), 100 * acceptance, 100 * spread)
     return UnknownRule(record, state)

@@ -245,12 +245,12 @@ def test_torch_and_onnx_runtime_give_the_same_scores(run) -> None:
 
 @pytest.fixture(scope="module")
 def multi_run(tmp_path_factory: pytest.TempPathFactory, multi_data: Path) -> Path:
-    """A one-epoch multi-label run (four shapes, a CSV)."""
+    """A one-epoch multi-label run (four shapes, a CSV), its rule at 90% acceptance."""
     from training.distributed import DistInfo
     from training.fit import FitRun
 
     out = tmp_path_factory.mktemp("unknown-multi") / "ckpt"
-    FitRun(tiny_config(multi_data, out, epochs=1), DistInfo()).run()
+    FitRun(tiny_config(multi_data, out, epochs=1, unknown_acceptance=0.9), DistInfo()).run()
     return out
 
 
@@ -258,6 +258,11 @@ def test_a_multi_label_fit_stores_the_rule_and_both_backends_serve_it(multi_run)
     pytest.importorskip("onnxruntime")
     model, card = checkpoint.load(multi_run)
     assert card.task == "multi_label" and card.unknown["method"] == METHOD
+    # the threshold accepts the fewest validation images that make at least 90%: on a handful
+    # of images that is up to one image more than 90% of them
+    accepted, images = card.unknown["val_accepted"], card.unknown["val_images"]
+    assert card.unknown["acceptance"] == 0.9 and 0.9 <= accepted < 0.9 + 1 / images
+    assert card.unknown["expected_flagged"]["acceptance"] == 0.9
     batch = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(1))
     cpu = Accelerator.create("cpu", "fp32")
@@ -309,3 +314,18 @@ async def test_the_inference_protocol_answers_the_same_unknown_score(run, tmp_pa
     np.testing.assert_allclose(by_name["UNKNOWN_SCORE"], expected, atol=1e-6)
     assert [o["name"] for o in asked.json()["outputs"]] == ["UNKNOWN_SCORE"]
     assert refused.status_code == 400 and "PROBABILITIES only" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("value", ["0.3", "1.5", "nan"])
+def test_an_acceptance_outside_half_to_one_is_a_one_line_error(value: str, tmp_path: Path,
+                                                               caplog) -> None:
+    import logging
+
+    from training.cli import main
+
+    out = tmp_path / "out"
+    code = main(["fit", str(tmp_path), "--output", str(out), "--weights", "none",
+                 "--unknown-acceptance", value])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 1 and not out.exists() and len(errors) == 1
+    assert "--unknown-acceptance must be a finite number in [0.5, 1]" in errors[0]

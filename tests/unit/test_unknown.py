@@ -16,6 +16,8 @@ from models.card import ModelCard, Preprocessing
 from models.device import Accelerator
 from models.predict import Predictor
 from models.unknown import (
+    ACCEPTANCE,
+    BENCH_FLAGGED,
     COSINE,
     METHOD,
     WithFeatures,
@@ -23,6 +25,7 @@ from models.unknown import (
     auroc,
     class_means,
     cosine_distance,
+    expected_flagging,
     unknown_record,
 )
 from models.unknown_stages import StagedNetwork, fit_state
@@ -114,6 +117,22 @@ def test_the_card_accepts_a_rule_and_refuses_broken_ones() -> None:
     for value, message in broken:
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             _card(value)  # type: ignore[arg-type]
+
+
+def test_the_rule_states_what_the_benchmark_flagged_at_its_acceptance() -> None:
+    stated = {a: expected_flagging(a)["expected_flagged"] for a in BENCH_FLAGGED}
+    assert {0.9, ACCEPTANCE, 0.99} <= set(stated)
+    for acceptance, figures in stated.items():
+        assert figures["acceptance"] == acceptance and "bench.unknown" in figures["measured_by"]
+        shares = [v for k, v in figures.items() if k not in ("acceptance", "measured_by")]
+        assert shares and all(0.0 <= v <= 1.0 for v in shares)
+    # a stricter acceptance flags more of everything: far-away, new classes and own images
+    for key in ("far_worst", "near_mean", "own_mean"):
+        assert stated[0.9][key] >= stated[ACCEPTANCE][key] >= stated[0.99][key]
+    assert expected_flagging(0.8) == {}
+    card = _card({**_rule(1.0, METHOD), **expected_flagging(ACCEPTANCE)})
+    again = ModelCard.from_dict(card.to_dict())
+    assert again.unknown["expected_flagged"] == stated[ACCEPTANCE]
 
 
 def _stage_state() -> dict[str, torch.Tensor]:
