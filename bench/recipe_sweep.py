@@ -58,6 +58,17 @@ def build_digits(out: Path, seed: int = 0) -> None:
         _save(big, out / split / str(digits.target[i]) / f"{i:04d}.png")
 
 
+def jittered_patch(img: np.ndarray, rng: np.random.Generator, x: int, y: int, side: int,
+                   size: int) -> np.ndarray:
+    """The square at (x, y) of a grey picture, its contrast and brightness jittered, resized
+    to `size` px (draws gain, then bias, from `rng`)."""
+    patch = img[y:y + side, x:x + side].astype(np.float32)
+    gain, bias = rng.uniform(0.7, 1.3), rng.uniform(-30, 30)
+    patch = ((patch - patch.mean()) * gain + patch.mean() + bias).clip(0, 255)
+    return np.asarray(Image.fromarray(patch.astype(np.uint8)).resize((size, size),
+                                                                     Image.BILINEAR))
+
+
 def _grey(name: str) -> np.ndarray:
     import skimage.data
 
@@ -81,12 +92,8 @@ def build_textures(out: Path, *, train_per_class: int = 150, test_per_class: int
                 side = int(rng.integers(32, min(128, x1 - x0, h) + 1))
                 x = int(rng.integers(x0, x1 - side + 1))
                 y = int(rng.integers(0, h - side + 1))
-                patch = img[y:y + side, x:x + side].astype(np.float32)
-                gain, bias = rng.uniform(0.7, 1.3), rng.uniform(-30, 30)
-                patch = ((patch - patch.mean()) * gain + patch.mean() + bias).clip(0, 255)
-                small = Image.fromarray(patch.astype(np.uint8)).resize((size, size),
-                                                                      Image.BILINEAR)
-                _save(np.asarray(small), out / split / name / f"{k:04d}.png")
+                _save(jittered_patch(img, rng, x, y, side, size),
+                      out / split / name / f"{k:04d}.png")
 
 
 def build_shapes(out: Path) -> None:

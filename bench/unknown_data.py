@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.recipe_sweep import TEXTURES, _grey, _save, build_textures
+from bench.recipe_sweep import TEXTURES, _grey, _save, build_textures, jittered_patch
 
 PHOTOS = ["chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
 GREY = ["cell", "clock", "page", "text"]  # grey pictures, kept apart to check the choice
@@ -165,12 +165,8 @@ def build_large_textures(out: Path, *, counts: dict[str, int] | None = None, siz
             for k in range(count):
                 side = int(rng.integers(min(112, x1 - x0, h), min(320, x1 - x0, h) + 1))
                 x, y = int(rng.integers(x0, x1 - side + 1)), int(rng.integers(0, h - side + 1))
-                patch = img[y:y + side, x:x + side].astype(np.float32)
-                gain, bias = rng.uniform(0.7, 1.3), rng.uniform(-30, 30)
-                patch = ((patch - patch.mean()) * gain + patch.mean() + bias).clip(0, 255)
-                image = Image.fromarray(patch.astype(np.uint8)).resize((size, size),
-                                                                      Image.BILINEAR)
-                _save(np.asarray(image), out / split / name / f"{k:04d}.png")
+                _save(jittered_patch(img, rng, x, y, side, size),
+                      out / split / name / f"{k:04d}.png")
 
 
 def build_all(root: Path) -> None:
