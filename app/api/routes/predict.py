@@ -8,6 +8,7 @@ goes FastAPI's way, which answers it as declared below (and documents the route)
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -89,6 +90,10 @@ def _result(filename: str, answer: ImageResult) -> dict[str, Any]:
     return {"filename": filename, **answer.fields()}
 
 
+# the query parameters' defaults, as the route declares them
+_DEFAULTS = {name: parameter.default
+             for name, parameter in inspect.signature(predict_images).parameters.items()
+             if name in ("model", "top_k", "threshold", "all_scores", "reject_unknown")}
 # the plainest spelling of each parameter; any other is left to FastAPI to read or refuse
 _TOP_K = re.compile(r"[1-9][0-9]{0,4}")
 _SCORE = re.compile(r"[01](?:\.[0-9]{1,16})?")
@@ -110,8 +115,7 @@ def _plain_query(raw: bytes) -> dict[str, Any] | None:
     given: dict[str, str] = {}
     if raw:  # read as Starlette reads it; a repeated parameter's last value counts
         given = dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
-    query: dict[str, Any] = {"model": given.get("model"), "top_k": 5, "threshold": None,
-                             "all_scores": False, "reject_unknown": False}
+    query: dict[str, Any] = {**_DEFAULTS, "model": given.get("model")}
     if query["model"] is not None and len(query["model"]) > MODEL_NAME_MAX_LENGTH:
         return None
     if (top_k := given.get("top_k")) is not None:
