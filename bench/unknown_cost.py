@@ -16,12 +16,11 @@ from dataclasses import replace
 
 import torch
 
-from models import checkpoint
 from models.architectures import arch_spec, build
 from models.card import ModelCard, Preprocessing
 from models.device import Accelerator
 from models.predict import Predictor
-from models.unknown import METHOD
+from models.unknown import METHOD, attach_state
 from models.unknown_stages import (
     STANDARDISE_KEY,
     StagedNetwork,
@@ -55,7 +54,7 @@ def predictors(arch: str, size: int, classes: int, task: str, backend: str
     state = fit_state([(many, targets)], pooled, classes)
     ruled = build(arch, num_classes=classes, stem=card.stem).eval()
     ruled.load_state_dict(model.state_dict())
-    checkpoint.attach_unknown_state(ruled, state)
+    attach_state(ruled, state)
     rule = {"method": METHOD, "threshold": 1.0, "acceptance": 0.95}
     cpu = Accelerator.create("cpu", "fp32")
     kw = {"backend": backend, "threads": torch.get_num_threads()}

@@ -274,11 +274,6 @@ def attach_class_means(model: nn.Module, means: torch.Tensor) -> None:
     attach_state(model, {CLASS_MEANS_KEY: means})
 
 
-def attach_unknown_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give `model` the tensors of its unknown-input rule (saved with its weights)."""
-    attach_state(model, state)
-
-
 def _attach_unknown_state(model: nn.Module, card: ModelCard, state: dict[str, torch.Tensor],
                           path: Path) -> None:
     """Move the rule's tensors out of `state` onto `model`; refuse them missing or malformed

@@ -22,6 +22,7 @@ from models.unknown import (
     METHOD,
     WithFeatures,
     acceptance_threshold,
+    attach_state,
     auroc,
     class_means,
     cosine_distance,
@@ -153,7 +154,7 @@ def _model(task: str = "single_label", means: bool = True,
         checkpoint.attach_class_means(model, torch.nn.functional.normalize(
             torch.rand(len(CLASSES), 512, generator=generator), dim=1))
     elif means:
-        checkpoint.attach_unknown_state(model, _stage_state())
+        attach_state(model, _stage_state())
     return model
 
 

@@ -30,6 +30,7 @@ from models.checkpoint import (
     METRICS_FILE,
     PR_CURVES_FILE,
 )
+from models.unknown import attach_state
 from training.exceptions import DataError
 from training.export import report
 from training.export.drift import drift_reference
@@ -149,7 +150,7 @@ class Exporter:
         reports: dict[str, Callable[[Path], None]] = {
             CURVES_FILE: lambda p: report.plot_curves(p, history, monitor)}
         if rule is not None:
-            checkpoint.attach_unknown_state(model, rule.state)
+            attach_state(model, rule.state)
             best_metrics["unknown"] = rule.record
             reports[METRICS_FILE] = lambda p: report.write_metrics(p, best_metrics)
         card = self.card(thresholds=best.thresholds, metrics=best.metrics, training=training,
@@ -169,5 +170,5 @@ class Exporter:
         model = build(card.arch, num_classes=card.num_classes, weights=None, stem=card.stem)
         model.load_state_dict(self.best[0])
         if rule is not None:
-            checkpoint.attach_unknown_state(model, rule.state)
+            attach_state(model, rule.state)
         return model.eval()
